@@ -1,0 +1,34 @@
+# smtpguard entry points. `make run` and `make test` work on a fresh Debian
+# host as root: both run `make setup` first, which installs what is missing.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+SG     := $(VENV)/bin/smtpguard
+PYTEST ?= -q
+
+.PHONY: setup run test test-unit lint clean-lab help
+
+help:
+	@echo "make setup    install Debian packages, kernel headers, the venv (.venv/)"
+	@echo "make run      lab + agent on the built-in default policy, live table (Ctrl-C ends)"
+	@echo "make test     lint, then unit, BPF and integration tests (root)"
+	@echo "make lint     ruff and mypy"
+	@echo "make clean-lab remove a lab left behind by a killed run"
+
+setup:
+	@scripts/setup.sh
+
+run: setup
+	$(SG) lab demo
+
+lint: setup
+	$(VENV)/bin/ruff check agent tests
+	$(VENV)/bin/mypy
+
+test: lint
+	$(PY) -m pytest $(PYTEST)
+
+test-unit: setup
+	$(PY) -m pytest $(PYTEST) tests/unit
+
+clean-lab: setup
+	$(SG) lab down

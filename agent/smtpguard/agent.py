@@ -1,0 +1,270 @@
+"""The long-lived agent: keep the classifier on every VM-facing interface and
+report what it counts."""
+
+from __future__ import annotations
+
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from smtpguard import logs
+from smtpguard.datapath import attach
+from smtpguard.datapath.interfaces import LinkEvent, LinkMonitor, VmIface, classify, dump_links
+from smtpguard.datapath.loader import Datapath, Sizes, ensure_bpffs
+from smtpguard.datapath.snapshot import Snapshot, take
+from smtpguard.errors import AttachError, SmtpguardError
+from smtpguard.metrics import DatapathCollector, serve
+from smtpguard.policy import Policy, load_policy
+
+DEFAULT_PIN_DIR = Path("/sys/fs/bpf/smtpguard/default")
+DEFAULT_STATE_DIR = Path("/var/lib/smtpguard")
+DEFAULT_METRICS = "127.0.0.1:9725"
+
+
+@dataclass
+class AgentConfig:
+    policy_path: Path | None = None
+    state_dir: Path = DEFAULT_STATE_DIR
+    pin_dir: Path = DEFAULT_PIN_DIR
+    bpffs: Path = Path("/sys/fs/bpf")
+    metrics_addr: str | None = DEFAULT_METRICS
+    tick: float = 1.0
+    log_interval: float = 60.0
+    sizes: Sizes = field(default_factory=Sizes)
+
+
+class Agent:
+    """Discovery, attachment and reporting; everything in the kernel outlives it."""
+
+    def __init__(self, cfg: AgentConfig, policy: Policy,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.policy = policy
+        self.clock = clock
+        self.datapath = Datapath(cfg.pin_dir, cfg.sizes)
+        self.log = logs.get()
+        # Replaced, never mutated: the metrics thread reads it without a lock.
+        self.ifaces: Mapping[int, VmIface] = {}
+        self._ipr: Any = None
+        self._monitor = LinkMonitor()
+        self._forget: set[int] = set()
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._last_logged: dict[int, tuple[int, ...]] = {}
+        self._next_log = 0.0
+        self.metrics_server: Any = None
+
+    # -- lifecycle ---------------------------------------------------------
+    def start(self) -> None:
+        from pyroute2 import IPRoute
+
+        self.cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ensure_bpffs(self.cfg.bpffs)
+        self.datapath.load()
+        self._apply_datapath_policy()
+        self._monitor.start()  # subscribe before the dump: nothing falls between
+        self._ipr = IPRoute()
+        self.reconcile()
+        if self.cfg.metrics_addr:
+            collector = DatapathCollector(self.snapshot, lambda: self.ifaces,
+                                          lambda: self.datapath.bpf is not None)
+            self.metrics_server = serve(self.cfg.metrics_addr, collector)
+            host, port = self.metrics_server.server_address[:2]
+            self.log.info("metrics.serving", addr=host, port=port)
+        self._next_log = self.clock() + self.cfg.log_interval
+        self.log.info("agent.started", interfaces=len(self.ifaces),
+                      pin_dir=str(self.cfg.pin_dir), policy=str(self.cfg.policy_path or "built-in"))
+
+    def run(self) -> None:
+        """Until SIGTERM/SIGINT; SIGHUP reloads the policy."""
+        self.start()
+        try:
+            while not self._stop.is_set():
+                self.step()
+        finally:
+            self.shutdown()
+
+    def install_signals(self) -> None:
+        def stop(signum: int, _frame: FrameType | None) -> None:
+            self._stop.set()
+
+        def hup(signum: int, _frame: FrameType | None) -> None:
+            self._reload.set()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, hup)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def shutdown(self) -> None:
+        """Log final counts and let go; filters and pinned maps stay in the kernel."""
+        try:
+            self.log_counts(final=True)
+        except Exception:
+            self.log.debug("agent.final_counts_failed", exc_info=True)
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+        self.datapath.close()
+        self.log.info("agent.stopped", interfaces=len(self.ifaces))
+
+    # -- the loop ----------------------------------------------------------
+    def step(self) -> None:
+        """Handle link events as they come; housekeeping once a tick."""
+        deadline = self.clock() + self.cfg.tick
+        while not self._stop.is_set():
+            timeout = deadline - self.clock()
+            if timeout <= 0:
+                break
+            try:
+                ev = self._monitor.events.get(timeout=min(timeout, 0.2))
+            except queue.Empty:
+                if self._reload.is_set():
+                    break
+                continue
+            self.on_link(ev)
+        if self._reload.is_set():
+            self._reload.clear()
+            self.reload()
+        try:
+            self._sweep()
+            if self.clock() >= self._next_log:
+                self._next_log = self.clock() + self.cfg.log_interval
+                self.log_counts()
+        except Exception as exc:
+            # Housekeeping failing must not take the agent (and its
+            # attachment of new interfaces) down with it.
+            self.log.error("agent.housekeeping_failed", error=str(exc))
+            self.log.debug("agent.housekeeping_failed", exc_info=True)
+
+    def reload(self) -> None:
+        try:
+            policy = load_policy(self.cfg.policy_path)
+        except SmtpguardError as exc:
+            self.log.error("policy.rejected", errors=str(exc).splitlines())
+            return
+        self.policy = policy
+        self._apply_datapath_policy()
+        self.reconcile()
+        self.log.info("policy.reloaded", interfaces=len(self.ifaces))
+
+    def _apply_datapath_policy(self) -> None:
+        self.datapath.set_ports(self.policy.smtp_ports)
+        self.datapath.set_no_answer(self.policy.datapath.no_answer_after)
+
+    # -- interfaces --------------------------------------------------------
+    def reconcile(self) -> None:
+        """Match the kernel to the interfaces now present: attach where the
+        policy says, detach our filters elsewhere, forget what vanished."""
+        links = dump_links(self._ipr)
+        present = {ev.ifindex for ev in links}
+        for ev in links:
+            self.on_link(ev)
+        gone = set(self.ifaces) - present
+        for ifindex in gone:
+            self._drop(ifindex, "vanished")
+        # Counters of interfaces that vanished while no agent ran.
+        try:
+            snap = self.snapshot()
+            self._forget |= set(snap.ifaces) - present
+        except Exception:
+            self.log.debug("agent.snapshot_failed", exc_info=True)
+
+    def on_link(self, ev: LinkEvent) -> None:
+        if ev.kind == "del":
+            if ev.ifindex in self.ifaces:
+                self._drop(ev.ifindex, "vanished")
+            return
+        pats = self.policy.interfaces
+        vif = classify(ev.ifindex, ev.ifname, ev.ifalias, pats.patterns, pats.vm_from_ifalias)
+        known = self.ifaces.get(ev.ifindex)
+        if vif is None:
+            if known is not None or attach.ours(self._ipr, ev.ifindex):
+                self._detach(ev.ifindex, ev.ifname)
+                if known is not None:
+                    self._drop(ev.ifindex, "no longer matches")
+            return
+        if known == vif:
+            return
+        log = self.log.bind(vm=vif.vm, interface=vif.ifname)
+        try:
+            attach.attach(self._ipr, vif.ifindex, vif.ifname,
+                          self.datapath.ingress_fd, self.datapath.egress_fd)
+        except AttachError as exc:
+            # One interface's failure never stops the others.
+            log.error("iface.attach_failed", error=str(exc))
+            return
+        self.ifaces = {**self.ifaces, vif.ifindex: vif}
+        log.info("iface.attached", ifindex=vif.ifindex, pattern=vif.pattern,
+                 renamed=known is not None)
+
+    def _detach(self, ifindex: int, ifname: str) -> None:
+        try:
+            attach.detach(self._ipr, ifindex, ifname)
+        except AttachError as exc:
+            self.log.error("iface.detach_failed", interface=ifname, error=str(exc))
+
+    def _drop(self, ifindex: int, reason: str) -> None:
+        vif = self.ifaces.get(ifindex)
+        self.ifaces = {k: v for k, v in self.ifaces.items() if k != ifindex}
+        self._forget.add(ifindex)
+        self._last_logged.pop(ifindex, None)
+        if vif is not None:
+            self.log.info("iface.detached", vm=vif.vm, interface=vif.ifname, reason=reason)
+
+    def _sweep(self) -> None:
+        if not self._forget:
+            return
+        doomed, self._forget = self._forget, set()
+        doomed -= set(self.ifaces)
+        removed = self.datapath.forget(doomed)
+        self.log.debug("datapath.forgotten", interfaces=sorted(doomed), entries=removed)
+
+    # -- reporting ---------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        return take(self.datapath.table("smtp_stats"), self.datapath.table("smtp_dests"))
+
+    def log_counts(self, final: bool = False) -> None:
+        """One vm.counts event per interface whose counters moved (all at exit)."""
+        snap = self.snapshot()
+        for ifindex, vif in sorted(self.ifaces.items()):
+            s = snap.ifaces.get(ifindex)
+            if s is None:
+                continue
+            key = tuple(c.attempts + c.completed + c.reset + c.no_answer
+                        for c in s.ports.values())
+            if not final and self._last_logged.get(ifindex) == key:
+                continue
+            self._last_logged[ifindex] = key
+            self.log.info(
+                "vm.counts", vm=vif.vm, interface=vif.ifname, final=final,
+                attempts={str(p): c.attempts for p, c in sorted(s.ports.items())},
+                completed=sum(c.completed for c in s.ports.values()),
+                reset=sum(c.reset for c in s.ports.values()),
+                no_answer=sum(c.no_answer for c in s.ports.values()),
+                destinations=dict(s.destinations),
+            )
+
+
+def cleanup(cfg: AgentConfig) -> int:
+    """Remove every filter we own in this network namespace and our pinned maps."""
+    from pyroute2 import IPRoute
+
+    log = logs.get()
+    removed = 0
+    with IPRoute() as ipr:
+        for ev in dump_links(ipr):
+            if attach.ours(ipr, ev.ifindex):
+                attach.detach(ipr, ev.ifindex, ev.ifname)
+                removed += 1
+                log.info("iface.detached", interface=ev.ifname, reason="cleanup")
+    Datapath(cfg.pin_dir, cfg.sizes).unpin()
+    log.info("agent.cleaned_up", interfaces=removed, pin_dir=str(cfg.pin_dir))
+    return removed

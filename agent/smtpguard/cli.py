@@ -1,0 +1,175 @@
+"""The smtpguard command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from smtpguard import __version__, logs
+from smtpguard.errors import SmtpguardError
+
+EPILOG = "Docs: README.md. Every command exits non-zero with a one-line error on failure."
+
+
+def _parser() -> argparse.ArgumentParser:
+    from smtpguard.agent import DEFAULT_METRICS, DEFAULT_PIN_DIR, DEFAULT_STATE_DIR
+
+    ap = argparse.ArgumentParser(
+        prog="smtpguard", description="Outbound-SMTP abuse guard for hypervisors.",
+        epilog=EPILOG)
+    ap.add_argument("--log-level", default="info",
+                    choices=["debug", "info", "warning", "error"])
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the agent (the systemd service's command)",
+                         description="Attach the SMTP classifier to every VM-facing "
+                         "interface and report per-VM counts. A plain stop leaves filters "
+                         "and pinned maps in the kernel (counting goes on); --cleanup "
+                         "removes them.")
+    run.add_argument("--policy", type=Path, help="policy YAML (default: built-in default)")
+    run.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
+                     help=f"agent state (default {DEFAULT_STATE_DIR})")
+    run.add_argument("--pin-dir", type=Path, default=DEFAULT_PIN_DIR,
+                     help=f"bpffs directory for this agent's maps (default {DEFAULT_PIN_DIR})")
+    run.add_argument("--metrics-addr", default=DEFAULT_METRICS,
+                     help=f"HOST:PORT for /metrics, '' to disable (default {DEFAULT_METRICS})")
+    run.add_argument("--netns", help="run inside this named network namespace (the lab)")
+    run.add_argument("--log-interval", type=float, default=60.0,
+                     help="seconds between per-VM count logs (default 60)")
+    run.add_argument("--conn-table-size", type=int, default=262144,
+                     help="attempts remembered for SYN dedup; size for rate x retry "
+                     "window (default 262144)")
+    run.add_argument("--cleanup", action="store_true",
+                     help="remove every smtpg_* tc filter and the pinned maps, then exit")
+
+    pol = sub.add_parser("policy", help="policy files").add_subparsers(
+        dest="policy_command", required=True, metavar="SUBCOMMAND")
+    check = pol.add_parser("check", help="validate policy files without touching the kernel")
+    check.add_argument("files", type=Path, nargs="+")
+
+    lab = sub.add_parser("lab", help="a hypervisor in network namespaces").add_subparsers(
+        dest="lab_command", required=True, metavar="SUBCOMMAND")
+    for name, helptext in (("up", "build the lab (VMs, bridge, SMTP sink)"),
+                           ("send", "open SMTP connections from a lab VM"),
+                           ("down", "remove every namespace of the lab"),
+                           ("demo", "lab + agent + a good VM and a spam bot, live table")):
+        p = lab.add_parser(name, help=helptext)
+        p.add_argument("--name", default="sglab", help="lab prefix (default sglab)")
+        if name == "up":
+            p.add_argument("--vms", type=int, default=3)
+        if name == "send":
+            p.add_argument("vm", help="vm1, vm2, ...")
+            p.add_argument("--connections", type=int, required=True)
+            p.add_argument("--rate", type=float, default=0.0,
+                           help="new connections a second (default: as fast as possible)")
+            p.add_argument("--destinations", type=int, default=1)
+            p.add_argument("--port", type=int, default=25)
+            p.add_argument("--ipv6", action="store_true")
+            p.add_argument("--dialog", choices=["quit", "mail", "connect"], default="quit")
+            p.add_argument("--timeout", type=float, default=5.0)
+        if name == "demo":
+            p.add_argument("--duration", type=float, default=0.0,
+                           help="stop after this many seconds (default: until Ctrl-C)")
+
+    sub.add_parser("version", help="print the version")
+    return ap
+
+
+def _run(args: argparse.Namespace) -> int:
+    from smtpguard.agent import Agent, AgentConfig, cleanup
+    from smtpguard.datapath.loader import Sizes
+    from smtpguard.policy import load_policy
+
+    if args.netns:
+        from smtpguard.netns import enter
+
+        enter(args.netns)
+    cfg = AgentConfig(
+        policy_path=args.policy, state_dir=args.state_dir, pin_dir=args.pin_dir,
+        metrics_addr=args.metrics_addr or None, log_interval=args.log_interval,
+        sizes=Sizes(conn_table=args.conn_table_size),
+    )
+    if args.cleanup:
+        cleanup(cfg)
+        return 0
+    agent = Agent(cfg, load_policy(args.policy))
+    agent.install_signals()
+    agent.run()
+    return 0
+
+
+def _policy_check(args: argparse.Namespace) -> int:
+    from smtpguard.policy import load_policy
+
+    bad = 0
+    for f in args.files:
+        try:
+            load_policy(f)
+        except SmtpguardError as exc:
+            print(exc, file=sys.stderr)
+            bad += 1
+        else:
+            print(f"{f}: ok")
+    return 1 if bad else 0
+
+
+def _lab(args: argparse.Namespace) -> int:
+    from smtpguard.lab import topology
+
+    lab = topology.Lab(args.name)
+    if args.lab_command == "up":
+        topology.up(lab, args.vms)
+        print(f"lab {lab.prefix}: hypervisor {lab.hv}, sink {lab.sink}, VMs {lab.vms()}")
+    elif args.lab_command == "down":
+        topology.down(lab)
+    elif args.lab_command == "send":
+        from smtpguard.lab.traffic import SendPlan, send
+        from smtpguard.netns import enter
+
+        if args.vm not in lab.vms():
+            raise SmtpguardError(f"no VM {args.vm} in lab {lab.prefix} (have {lab.vms()})")
+        plan = SendPlan(connections=args.connections, rate=args.rate,
+                        destinations=max(1, args.destinations), port=args.port,
+                        family=6 if args.ipv6 else 4, dialog=args.dialog, timeout=args.timeout)
+        enter(lab.vm_ns(args.vm))
+        print(json.dumps({"vm": args.vm, "port": plan.port, "family": plan.family,
+                          "outcomes": asyncio.run(send(plan))}))
+    elif args.lab_command == "demo":
+        from smtpguard.lab.demo import demo
+
+        demo(lab, args.duration)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # Commands that print for people keep stdout for that; logs go to stderr.
+    quiet = args.command in ("policy", "version") or (
+        args.command == "lab" and args.lab_command in ("send", "demo"))
+    logs.configure(args.log_level, sys.stderr if quiet else None)
+    try:
+        if args.command == "version":
+            print(f"smtpguard {__version__}")
+            return 0
+        if args.command == "run":
+            return _run(args)
+        if args.command == "policy":
+            return _policy_check(args)
+        if args.command == "lab":
+            return _lab(args)
+    except SmtpguardError as exc:
+        print(f"smtpguard: {exc}", file=sys.stderr)
+        return 1
+    except PermissionError as exc:
+        print(f"smtpguard: {exc} (run as root)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The kernel side: the BPF classifier, its maps and its tc attachments."""

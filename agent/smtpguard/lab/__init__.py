@@ -1,0 +1,1 @@
+"""A hypervisor in network namespaces: VMs behind a bridge, an SMTP sink."""

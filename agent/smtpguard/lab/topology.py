@@ -1,0 +1,227 @@
+"""Build and tear down the lab with pyroute2: namespaces, veth pairs, a bridge.
+
+    <prefix>-hv     the "hypervisor": bridge br0, one veth-vmN per VM
+                    (ifalias vmN), sink0 to the sink; the agent runs here
+    <prefix>-vmN    a VM: eth0 with 198.18.0.(10+N) and fdac:25::(10+N)
+    <prefix>-sink   speaks SMTP on 25/465/587 for every address in
+                    198.19.0.0/16 and fdac:26::/64 (local routes), so a VM
+                    can fan out to many destinations
+
+Everything is named from the prefix, and only benchmark (198.18.0.0/15) and
+ULA addresses are used: no packet leaves the namespaces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from smtpguard import logs
+from smtpguard.errors import LabError
+from smtpguard.netns import run_in
+
+LAN4 = ipaddress.ip_network("198.18.0.0/24")
+LAN6 = ipaddress.ip_network("fdac:25::/64")
+DEST4 = ipaddress.ip_network("198.19.0.0/16")
+DEST6 = ipaddress.ip_network("fdac:26::/64")
+SINK_HOST = 2
+VM_HOST_BASE = 10
+MAX_VMS = 240
+SINK_PORTS = (25, 465, 587)
+STATE_ROOT = Path("/run/smtpguard-lab")
+IFA_F_NODAD = 0x02
+
+
+def dest_addr(i: int, family: int = 4) -> str:
+    """The i-th destination address (i >= 0) the sink answers for."""
+    net = DEST4 if family == 4 else DEST6
+    return str(net.network_address + 1 + i)
+
+
+def _host(net: ipaddress.IPv4Network | ipaddress.IPv6Network, n: int) -> str:
+    return str(net.network_address + n)
+
+
+@dataclass(frozen=True)
+class Lab:
+    prefix: str = "sglab"
+
+    @property
+    def hv(self) -> str:
+        return f"{self.prefix}-hv"
+
+    @property
+    def sink(self) -> str:
+        return f"{self.prefix}-sink"
+
+    @property
+    def state_dir(self) -> Path:
+        return STATE_ROOT / self.prefix
+
+    def vm_ns(self, vm: str) -> str:
+        return f"{self.prefix}-{vm}"
+
+    def vm_addr(self, n: int, family: int = 4) -> str:
+        return _host(LAN4 if family == 4 else LAN6, VM_HOST_BASE + n)
+
+    def sink_addr(self, family: int = 4) -> str:
+        return _host(LAN4 if family == 4 else LAN6, SINK_HOST)
+
+    def namespaces(self) -> list[str]:
+        from pyroute2 import netns
+
+        return sorted(n for n in netns.listnetns() if n.startswith(f"{self.prefix}-"))
+
+    def vms(self) -> list[str]:
+        head = f"{self.prefix}-vm"
+        return sorted((n[len(self.prefix) + 1:] for n in self.namespaces() if n.startswith(head)),
+                      key=lambda v: int(v[2:]) if v[2:].isdigit() else 0)
+
+    def exists(self) -> bool:
+        return self.hv in self.namespaces()
+
+
+def _sysctl(ns: str, settings: dict[str, str]) -> None:
+    def write() -> None:
+        for key, value in settings.items():
+            Path("/proc/sys", *key.split(".")).write_text(value)
+
+    run_in(ns, write)
+
+
+def up(lab: Lab, vms: int = 3) -> None:
+    """Build the lab (adding VMs to an existing one up to `vms`)."""
+    if not 0 <= vms <= MAX_VMS:
+        raise LabError(f"--vms must be between 0 and {MAX_VMS}")
+    created = not lab.exists()
+    try:
+        _up(lab, vms)
+    except Exception as exc:
+        if created:
+            down(lab)
+        raise LabError(f"building lab {lab.prefix}: {exc}") from exc
+
+
+def _up(lab: Lab, vms: int) -> None:
+    from pyroute2 import IPRoute, netns
+
+    log = logs.get(lab=lab.prefix)
+    if not lab.exists():
+        netns.create(lab.hv)
+        netns.create(lab.sink)
+        _sysctl(lab.hv, {"net.ipv6.conf.all.disable_ipv6": "1",
+                         "net.ipv6.conf.default.disable_ipv6": "1"})
+        with IPRoute(netns=lab.hv) as ipr:
+            ipr.link("add", ifname="br0", kind="bridge")
+            br = ipr.link_lookup(ifname="br0")[0]
+            ipr.link("add", ifname="sink0", kind="veth",
+                     peer={"ifname": "eth0", "net_ns_fd": lab.sink})
+            ipr.link("set", index=ipr.link_lookup(ifname="sink0")[0], master=br, state="up")
+            ipr.link("set", index=br, state="up")
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        _sysctl(lab.sink, {"net.core.somaxconn": "8192",
+                           "net.ipv4.tcp_max_syn_backlog": "8192"})
+        with IPRoute(netns=lab.sink) as ipr:
+            eth = ipr.link_lookup(ifname="eth0")[0]
+            lo = ipr.link_lookup(ifname="lo")[0]
+            ipr.link("set", index=lo, state="up")
+            ipr.addr("add", index=eth, address=lab.sink_addr(4), prefixlen=LAN4.prefixlen)
+            ipr.addr("add", index=eth, address=lab.sink_addr(6), prefixlen=LAN6.prefixlen,
+                     flags=IFA_F_NODAD)
+            ipr.link("set", index=eth, state="up")
+            # AnyIP: the sink owns every destination address.
+            for dst in (DEST4, DEST6):
+                ipr.route("add", dst=str(dst), type="local", oif=lo, table=255, scope=254)
+        _start_sink(lab)
+        log.info("lab.up", namespaces=[lab.hv, lab.sink])
+    have = len(lab.vms())
+    for n in range(have + 1, vms + 1):
+        add_vm(lab, n)
+
+
+def add_vm(lab: Lab, n: int) -> str:
+    """One more VM namespace, plugged into the bridge; returns its name."""
+    from pyroute2 import IPRoute, netns
+
+    vm = f"vm{n}"
+    ns = lab.vm_ns(vm)
+    netns.create(ns)
+    _sysctl(ns, {"net.ipv4.ip_local_port_range": "10000 65000",
+                 "net.ipv4.tcp_tw_reuse": "1"})
+    with IPRoute(netns=ns) as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+    with IPRoute(netns=lab.hv) as ipr:
+        host = f"veth-{vm}"
+        ipr.link("add", ifname=host, kind="veth", peer={"ifname": "eth0", "net_ns_fd": ns})
+        idx = ipr.link_lookup(ifname=host)[0]
+        ipr.link("set", index=idx, ifalias=vm)
+        ipr.link("set", index=idx, master=ipr.link_lookup(ifname="br0")[0], state="up")
+    with IPRoute(netns=ns) as ipr:
+        eth = ipr.link_lookup(ifname="eth0")[0]
+        ipr.addr("add", index=eth, address=lab.vm_addr(n, 4), prefixlen=LAN4.prefixlen)
+        ipr.addr("add", index=eth, address=lab.vm_addr(n, 6), prefixlen=LAN6.prefixlen,
+                 flags=IFA_F_NODAD)
+        ipr.link("set", index=eth, state="up")
+        ipr.route("add", dst=str(DEST4), gateway=lab.sink_addr(4))
+        ipr.route("add", dst=str(DEST6), gateway=lab.sink_addr(6))
+    logs.get(lab=lab.prefix).info("lab.vm_added", vm=vm, interface=f"veth-{vm}")
+    return vm
+
+
+def remove_vm(lab: Lab, vm: str) -> None:
+    """Delete a VM's namespace; its veth pair goes with it."""
+    from pyroute2 import netns
+
+    netns.remove(lab.vm_ns(vm))
+
+
+def _start_sink(lab: Lab) -> None:
+    lab.state_dir.mkdir(parents=True, exist_ok=True)
+    ready = lab.state_dir / "sink.ready"
+    ready.unlink(missing_ok=True)
+    out = open(lab.state_dir / "sink.log", "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "smtpguard.lab.sink", "--netns", lab.sink,
+         "--ready", str(ready), "--ports", ",".join(map(str, SINK_PORTS))],
+        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    out.close()
+    (lab.state_dir / "sink.pid").write_text(str(proc.pid))
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise LabError(f"the SMTP sink did not start; see {lab.state_dir / 'sink.log'}")
+        time.sleep(0.05)
+
+
+def down(lab: Lab) -> list[str]:
+    """Stop the sink and delete every namespace of the lab."""
+    from pyroute2 import netns
+
+    pidfile = lab.state_dir / "sink.pid"
+    with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+        pid = int(pidfile.read_text())
+        os.killpg(pid, signal.SIGTERM)
+        for _ in range(50):
+            os.kill(pid, 0)
+            time.sleep(0.05)
+    removed = []
+    for ns in reversed(lab.namespaces()):
+        with contextlib.suppress(OSError):
+            netns.remove(ns)
+            removed.append(ns)
+    for f in ("sink.pid", "sink.ready", "sink.log"):
+        (lab.state_dir / f).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        lab.state_dir.rmdir()
+    if removed:
+        logs.get(lab=lab.prefix).info("lab.down", namespaces=removed)
+    return removed

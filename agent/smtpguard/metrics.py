@@ -1,0 +1,117 @@
+"""Prometheus metrics, read from the BPF maps at scrape time."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import start_http_server
+from prometheus_client.registry import Collector
+
+from smtpguard import __version__, logs
+from smtpguard.datapath.interfaces import VmIface
+from smtpguard.datapath.snapshot import Snapshot
+
+OUTCOMES = ("completed", "reset", "no_answer")
+
+
+class DatapathCollector(Collector):
+    """Per-VM SMTP counters straight from the kernel's maps. A sample:
+
+        smtpguard_smtp_connection_attempts_total{vm="web1",interface="vnet3",port="25"} 200.0
+        smtpguard_smtp_handshakes_total{vm="web1",interface="vnet3",port="25",
+                                        outcome="completed"} 198.0
+        smtpguard_smtp_destinations{vm="web1",window="1m"} 3.0
+        smtpguard_interfaces_attached 12.0
+        smtpguard_bpf_program_loaded 1.0
+
+    When the maps cannot be read the per-VM families are left out entirely
+    rather than exported half-filled.
+    """
+
+    def __init__(self, snapshot: Callable[[], Snapshot],
+                 ifaces: Callable[[], Mapping[int, VmIface]],
+                 loaded: Callable[[], bool]) -> None:
+        self._snapshot = snapshot
+        self._ifaces = ifaces
+        self._loaded = loaded
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily("smtpguard_build", "Agent build", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+        loaded = GaugeMetricFamily("smtpguard_bpf_program_loaded",
+                                   "1 when the SMTP classifier is loaded")
+        loaded.add_metric([], 1 if self._loaded() else 0)
+        yield loaded
+        ifaces = dict(self._ifaces())
+        attached = GaugeMetricFamily("smtpguard_interfaces_attached",
+                                     "VM-facing interfaces carrying the classifier")
+        attached.add_metric([], len(ifaces))
+        yield attached
+        try:
+            snap = self._snapshot()
+        except Exception:
+            logs.get().debug("metrics.read_failed", exc_info=True)
+            return
+        yield from self._per_vm(snap, ifaces)
+
+    def _per_vm(self, snap: Snapshot, ifaces: Mapping[int, VmIface]) -> Iterator[Metric]:
+        labels = ["vm", "interface", "port"]
+        attempts = CounterMetricFamily(
+            "smtpguard_smtp_connection_attempts",
+            "Distinct SMTP connection attempts (retransmitted SYNs excluded)", labels=labels)
+        retrans = CounterMetricFamily(
+            "smtpguard_smtp_syn_retransmits", "Retransmitted SYNs of counted attempts",
+            labels=labels)
+        handshakes = CounterMetricFamily(
+            "smtpguard_smtp_handshakes", "Attempts by outcome seen on the wire",
+            labels=[*labels, "outcome"])
+        sent = CounterMetricFamily(
+            "smtpguard_smtp_bytes", "Bytes the VM sent to SMTP ports (L2 length)",
+            labels=labels)
+        dests = GaugeMetricFamily(
+            "smtpguard_smtp_destinations",
+            "Distinct SMTP destination addresses (HyperLogLog estimate, 6.5% error)",
+            labels=["vm", "window"])
+        per_vm_dests: dict[tuple[str, str], float] = {}
+        for ifindex, snap_if in sorted(snap.ifaces.items()):
+            vif = ifaces.get(ifindex)
+            if vif is None:
+                continue  # an interface being forgotten
+            for port, c in sorted(snap_if.ports.items()):
+                lv = [vif.vm, vif.ifname, str(port)]
+                attempts.add_metric(lv, c.attempts)
+                retrans.add_metric(lv, c.retransmits)
+                sent.add_metric(lv, c.bytes)
+                for outcome in OUTCOMES:
+                    handshakes.add_metric([*lv, outcome], getattr(c, outcome))
+            for window, n in snap_if.destinations.items():
+                # A VM with several interfaces: the sum bounds the union from above.
+                key = (vif.vm, window)
+                per_vm_dests[key] = per_vm_dests.get(key, 0.0) + n
+        for (vm, window), n in sorted(per_vm_dests.items()):
+            dests.add_metric([vm, window], n)
+        yield from (attempts, retrans, handshakes, sent, dests)
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    """'127.0.0.1:9725', '[::1]:9725' or ':9725' -> (host, port)."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"metrics address {addr!r} is not HOST:PORT")
+    host = host.strip("[]") or "127.0.0.1"
+    ipaddress.ip_address(host)
+    return host, int(port)
+
+
+def serve(addr: str, collector: Collector) -> Any:
+    """Start the /metrics endpoint; returns the HTTP server (its port, for :0)."""
+    host, port = parse_addr(addr)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server

@@ -1,0 +1,88 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * The contract between the tc classifier (smtp_count.c) and the agent.
+ * Every struct here has a ctypes mirror in agent/smtpguard/datapath/maps.py;
+ * tests/bpf/test_layout.py compares their sizes with bcc's Key/Leaf types.
+ *
+ * Sizes that are fixed at load time come in as -D flags from the agent
+ * (datapath/loader.py); the defaults below only keep editors happy.
+ */
+#ifndef SMTP_COMMON_H
+#define SMTP_COMMON_H
+
+#ifndef MAX_STATS
+#define MAX_STATS 32768		/* (interface, SMTP port) pairs */
+#endif
+#ifndef MAX_IFACES
+#define MAX_IFACES 4096		/* VM interfaces with a destination sketch */
+#endif
+#ifndef CONN_TABLE_SIZE
+#define CONN_TABLE_SIZE 262144	/* attempts remembered for SYN dedup (LRU) */
+#endif
+
+/* HyperLogLog sketch of distinct destinations, per VM, in time slots. */
+#define HLL_BITS 8
+#define HLL_REGS (1 << HLL_BITS)	/* standard error 1.04/sqrt(256) = 6.5% */
+#define FINE_SLOTS 8			/* x FINE_SLOT_NS: the minute window */
+#define COARSE_SLOTS 16			/* x COARSE_SLOT_NS: the hour window */
+#define FINE_SLOT_NS 10000000000ULL	/* 10 s */
+#define COARSE_SLOT_NS 300000000000ULL	/* 5 min */
+
+#define FAMILY_V4 4
+#define FAMILY_V6 6
+
+/* Outcome of one attempt; decided once, by the first answer seen. */
+#define CONN_PENDING 0
+#define CONN_COMPLETED 1	/* SYN-ACK sent to the VM */
+#define CONN_RESET 2		/* RST answering the SYN */
+#define CONN_NO_ANSWER 3	/* SYN retransmitted >= no_answer_ns after the first */
+
+struct smtp_key {
+	__u32 ifindex;
+	__u16 port;		/* host order */
+	__u16 pad;
+};
+
+struct smtp_stats {
+	__u64 attempts;		/* distinct connection attempts (SYN with a new ISN) */
+	__u64 retransmits;	/* repeated SYNs of an attempt already counted */
+	__u64 completed;
+	__u64 reset;
+	__u64 no_answer;
+	__u64 packets;		/* every packet the VM sent to this port */
+	__u64 bytes;		/* their length on the wire (L2) */
+	__u64 last_attempt_ns;	/* bpf_ktime_get_ns() of the newest attempt */
+};
+
+/* IPv4 addresses are stored v4-mapped (::ffff:a.b.c.d). */
+struct conn_key {
+	__u32 ifindex;
+	__u32 isn;		/* tells apart attempts that reuse a 4-tuple */
+	__u16 sport;
+	__u16 dport;
+	__u8 family;
+	__u8 pad[3];
+	__u8 saddr[16];
+	__u8 daddr[16];
+};
+
+struct conn_val {
+	__u64 first_ns;
+	__u64 state;		/* 64-bit: cmpxchg needs it without alu32 */
+};
+
+struct hll_slot {
+	__u64 epoch;		/* ktime / slot length; a stale epoch means empty */
+	__u8 reg[HLL_REGS];
+};
+
+struct dest_sketch {
+	struct hll_slot fine[FINE_SLOTS];
+	struct hll_slot coarse[COARSE_SLOTS];
+};
+
+struct smtp_config {
+	__u64 no_answer_ns;
+};
+
+#endif /* SMTP_COMMON_H */

@@ -1,0 +1,444 @@
+// SPDX-License-Identifier: Apache-2.0
+/*
+ * smtpguard datapath: count each VM's outbound SMTP connection attempts.
+ *
+ * Two tc classifiers (clsact, direct action) on every VM-facing interface:
+ *   smtpg_ingress  packets the VM sends: attempts, retransmits, bytes,
+ *                  distinct destinations;
+ *   smtpg_egress   packets sent to the VM: the answer to each attempt
+ *                  (SYN-ACK, RST).
+ * Both only count and always return TC_ACT_UNSPEC, so the next tc filter on
+ * the hook (another tool's) still runs. Enforcement is nftables.
+ *
+ * Load-time settings (-D from the agent): PIN_DIR, MAX_STATS, MAX_IFACES,
+ * CONN_TABLE_SIZE. Run-time settings come from maps: smtp_ports, smtp_config.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/tcp.h>
+
+#include "smtp_common.h"
+
+#ifndef PIN_DIR
+#error "PIN_DIR must name the bpffs directory for this agent's maps"
+#endif
+
+#define VLAN_MAX_DEPTH 2	/* inner tags; the outer one is in skb->vlan_tci */
+#define IPV6_EXT_MAX 6
+#define L3_MAX_OFF 1024		/* headers deeper than this are not parsed */
+#define PULL_LEN 256
+
+/* TCP flags as in byte 13 of the header. */
+#define F_FIN 0x01
+#define F_SYN 0x02
+#define F_RST 0x04
+#define F_ACK 0x10
+
+/* Maps are pinned so a restarted agent adopts its counters and nothing the
+ * VMs did while it was down is lost. */
+BPF_TABLE_PINNED("hash", struct smtp_key, struct smtp_stats, smtp_stats,
+		 MAX_STATS, PIN_DIR "/smtp_stats");
+BPF_TABLE_PINNED("lru_hash", struct conn_key, struct conn_val, smtp_conns,
+		 CONN_TABLE_SIZE, PIN_DIR "/smtp_conns");
+/* 6 KiB a VM, allocated only for VMs that try SMTP. */
+BPF_TABLE_PINNED("hash", __u32, struct dest_sketch, smtp_dests,
+		 MAX_IFACES, PIN_DIR "/smtp_dests", BPF_F_NO_PREALLOC);
+/* Indexed by port; non-zero means SMTP. An array lookup is inlined by the
+ * verifier, which keeps the non-SMTP path to a few instructions. */
+BPF_TABLE_PINNED("array", __u32, __u8, smtp_ports, 65536,
+		 PIN_DIR "/smtp_ports");
+BPF_TABLE_PINNED("array", __u32, struct smtp_config, smtp_config, 1,
+		 PIN_DIR "/smtp_config");
+/* Never written: the zero value a new sketch starts from (too big for the
+ * stack). */
+BPF_PERCPU_ARRAY(sketch_zero, struct dest_sketch, 1);
+
+struct vlan_hdr {
+	__be16 tci;
+	__be16 proto;
+};
+
+struct ipv6_frag {
+	__u8 nexthdr;
+	__u8 reserved;
+	__be16 frag_off;
+	__be32 id;
+};
+
+enum parse_result {
+	PARSE_SKIP,		/* not TCP, malformed, or a non-first fragment */
+	PARSE_SHORT,		/* headers beyond the linear data */
+	PARSE_TCP,
+};
+
+struct l4 {
+	void *ip;
+	struct tcphdr *tcp;
+	__u8 family;
+};
+
+/* Walk L2/L3 to the TCP header. Every read is bounds-checked against
+ * data_end; a header that lies about its length makes the frame PARSE_SKIP,
+ * so malformed frames pass untouched and are never counted. */
+static __always_inline enum parse_result find_tcp(struct __sk_buff *skb,
+						  struct l4 *l)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	__u32 off = sizeof(*eth);
+	__u32 l3_end;
+	__be16 proto;
+
+	if ((void *)(eth + 1) > data_end)
+		return PARSE_SHORT;
+	proto = eth->h_proto;
+#pragma unroll
+	for (int i = 0; i < VLAN_MAX_DEPTH; i++) {
+		struct vlan_hdr *vh;
+
+		if (proto != bpf_htons(ETH_P_8021Q) &&
+		    proto != bpf_htons(ETH_P_8021AD))
+			break;
+		vh = data + off;
+		if ((void *)(vh + 1) > data_end)
+			return PARSE_SHORT;
+		proto = vh->proto;
+		off += sizeof(*vh);
+	}
+
+	if (proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *iph = data + off;
+		__u32 ihl;
+
+		if ((void *)(iph + 1) > data_end)
+			return PARSE_SHORT;
+		if (iph->protocol != IPPROTO_TCP || iph->version != 4)
+			return PARSE_SKIP;
+		/* A later fragment carries no TCP header. A first fragment
+		 * does, and is counted: splitting a SYN must not hide it. */
+		if (iph->frag_off & bpf_htons(0x1fff))
+			return PARSE_SKIP;
+		ihl = iph->ihl * 4;
+		if (ihl < sizeof(*iph))
+			return PARSE_SKIP;
+		l3_end = off + bpf_ntohs(iph->tot_len);
+		l->ip = iph;
+		l->family = FAMILY_V4;
+		off += ihl;
+	} else if (proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = data + off;
+		__u8 nh;
+
+		if ((void *)(ip6 + 1) > data_end)
+			return PARSE_SHORT;
+		if (ip6->version != 6)
+			return PARSE_SKIP;
+		l3_end = off + sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
+		nh = ip6->nexthdr;
+		l->ip = ip6;
+		l->family = FAMILY_V6;
+		off += sizeof(*ip6);
+#pragma unroll
+		for (int i = 0; i < IPV6_EXT_MAX; i++) {
+			struct ipv6_opt_hdr *oh;
+			struct ipv6_frag *fh;
+
+			if (nh == IPPROTO_TCP)
+				break;
+			if (off > L3_MAX_OFF)
+				return PARSE_SKIP;
+			switch (nh) {
+			case IPPROTO_HOPOPTS:
+			case IPPROTO_ROUTING:
+			case IPPROTO_DSTOPTS:
+				oh = data + off;
+				if ((void *)(oh + 1) > data_end)
+					return PARSE_SHORT;
+				nh = oh->nexthdr;
+				off += (oh->hdrlen + 1) * 8;
+				break;
+			case IPPROTO_AH:
+				oh = data + off;
+				if ((void *)(oh + 1) > data_end)
+					return PARSE_SHORT;
+				nh = oh->nexthdr;
+				off += (oh->hdrlen + 2) * 4;
+				break;
+			case IPPROTO_FRAGMENT:
+				fh = data + off;
+				if ((void *)(fh + 1) > data_end)
+					return PARSE_SHORT;
+				if (fh->frag_off & bpf_htons(0xfff8))
+					return PARSE_SKIP;
+				nh = fh->nexthdr;
+				off += sizeof(*fh);
+				break;
+			default:
+				return PARSE_SKIP;
+			}
+		}
+		if (nh != IPPROTO_TCP)
+			return PARSE_SKIP;
+	} else {
+		return PARSE_SKIP;
+	}
+
+	if (off > L3_MAX_OFF)
+		return PARSE_SKIP;
+	l->tcp = data + off;
+	if ((void *)(l->tcp + 1) > data_end)
+		return PARSE_SHORT;
+	/* The TCP header must lie inside the IP packet it claims to be in. */
+	if (l->tcp->doff < 5 || off + l->tcp->doff * 4 > l3_end)
+		return PARSE_SKIP;
+	return PARSE_TCP;
+}
+
+/* Headers normally sit in the linear part of the skb; pull them in when a
+ * driver left them in fragments, and parse once more. */
+static __always_inline enum parse_result parse(struct __sk_buff *skb,
+					       struct l4 *l)
+{
+	enum parse_result r = find_tcp(skb, l);
+
+	if (r != PARSE_SHORT || skb->len <= skb->data_end - skb->data)
+		return r;
+	if (bpf_skb_pull_data(skb, skb->len < PULL_LEN ? skb->len : PULL_LEN))
+		return PARSE_SKIP;
+	r = find_tcp(skb, l);
+	return r == PARSE_TCP ? r : PARSE_SKIP;
+}
+
+static __always_inline int is_smtp_port(__u16 port)
+{
+	__u32 idx = port;
+	__u8 *on = smtp_ports.lookup(&idx);
+
+	return on && *on;
+}
+
+static __always_inline void copy_addrs(struct l4 *l, __u8 *src, __u8 *dst)
+{
+	if (l->family == FAMILY_V4) {
+		struct iphdr *iph = l->ip;
+
+		__builtin_memset(src, 0, 10);
+		__builtin_memset(dst, 0, 10);
+		src[10] = src[11] = dst[10] = dst[11] = 0xff;
+		__builtin_memcpy(src + 12, &iph->saddr, 4);
+		__builtin_memcpy(dst + 12, &iph->daddr, 4);
+	} else {
+		struct ipv6hdr *ip6 = l->ip;
+
+		__builtin_memcpy(src, &ip6->saddr, 16);
+		__builtin_memcpy(dst, &ip6->daddr, 16);
+	}
+}
+
+/* murmur3's finaliser over the address words; the sketch needs only well
+ * spread bits, not a cryptographic hash. */
+static __always_inline __u32 addr_hash(const __u8 *a)
+{
+	const __u32 *w = (const __u32 *)a;
+	__u32 h = w[0] * 0x9e3779b1;
+
+	h = (h ^ w[1]) * 0x85ebca77;
+	h = (h ^ w[2]) * 0xc2b2ae3d;
+	h ^= w[3];
+	h ^= h >> 16;
+	h *= 0x85ebca6b;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35;
+	h ^= h >> 16;
+	return h;
+}
+
+/* Position of the lowest set bit, plus one (BPF has no ctz instruction). */
+static __always_inline __u8 hll_rank(__u32 w)
+{
+	__u8 r = 1;
+
+	if (!w)
+		return 32 - HLL_BITS + 1;
+	if (!(w & 0xffff)) { r += 16; w >>= 16; }
+	if (!(w & 0xff)) { r += 8; w >>= 8; }
+	if (!(w & 0xf)) { r += 4; w >>= 4; }
+	if (!(w & 0x3)) { r += 2; w >>= 2; }
+	if (!(w & 0x1)) { r += 1; }
+	return r;
+}
+
+static __always_inline void hll_add(struct hll_slot *s, __u64 epoch, __u32 h)
+{
+	__u32 idx = h & (HLL_REGS - 1);
+	__u8 rank = hll_rank(h >> HLL_BITS);
+
+	/* Reusing a slot of an old epoch: racy across CPUs, so a register set
+	 * during the reset may be lost, which lowers the estimate by at most
+	 * one destination. */
+	if (s->epoch != epoch) {
+		__u64 *r = (__u64 *)s->reg;
+#pragma unroll
+		for (int i = 0; i < HLL_REGS / 8; i++)
+			r[i] = 0;
+		s->epoch = epoch;
+	}
+	if (rank > s->reg[idx])
+		s->reg[idx] = rank;
+}
+
+static __always_inline void count_destination(__u32 ifindex, const __u8 *daddr,
+					      __u64 now)
+{
+	struct dest_sketch *d = smtp_dests.lookup(&ifindex);
+	__u32 zero = 0;
+	__u64 fine, coarse;
+	__u32 h;
+
+	if (!d) {
+		struct dest_sketch *z = sketch_zero.lookup(&zero);
+
+		if (!z)
+			return;
+		smtp_dests.insert(&ifindex, z);
+		d = smtp_dests.lookup(&ifindex);
+		if (!d)
+			return;	/* map full: attempts still count */
+	}
+	h = addr_hash(daddr);
+	fine = now / FINE_SLOT_NS;
+	coarse = now / COARSE_SLOT_NS;
+	hll_add(&d->fine[fine & (FINE_SLOTS - 1)], fine, h);
+	hll_add(&d->coarse[coarse & (COARSE_SLOTS - 1)], coarse, h);
+}
+
+static __always_inline struct smtp_stats *stats_for(__u32 ifindex, __u16 port)
+{
+	struct smtp_key key = { .ifindex = ifindex, .port = port };
+	struct smtp_stats zero = {};
+
+	return smtp_stats.lookup_or_try_init(&key, &zero);
+}
+
+static __always_inline __u64 no_answer_ns(void)
+{
+	__u32 zero = 0;
+	struct smtp_config *c = smtp_config.lookup(&zero);
+
+	return c && c->no_answer_ns ? c->no_answer_ns : 2000000000ULL;
+}
+
+static __always_inline void count_syn(struct __sk_buff *skb, struct l4 *l,
+				      struct smtp_stats *st, __u16 dport)
+{
+	struct conn_key ck = {};
+	struct conn_val cv = {};
+	struct conn_val *old;
+	__u64 now = bpf_ktime_get_ns();
+
+	ck.ifindex = skb->ifindex;
+	ck.isn = bpf_ntohl(l->tcp->seq);
+	ck.sport = bpf_ntohs(l->tcp->source);
+	ck.dport = dport;
+	ck.family = l->family;
+	copy_addrs(l, ck.saddr, ck.daddr);
+	cv.first_ns = now;
+	cv.state = CONN_PENDING;
+
+	/* BPF_NOEXIST makes the dedup exact across CPUs: exactly one of two
+	 * racing copies of a SYN inserts. */
+	if (smtp_conns.insert(&ck, &cv) == 0) {
+		__sync_fetch_and_add(&st->attempts, 1);
+		st->last_attempt_ns = now;
+		count_destination(ck.ifindex, ck.daddr, now);
+		return;
+	}
+	__sync_fetch_and_add(&st->retransmits, 1);
+	old = smtp_conns.lookup(&ck);
+	if (old && old->state == CONN_PENDING &&
+	    now - old->first_ns >= no_answer_ns() &&
+	    __sync_val_compare_and_swap(&old->state, CONN_PENDING,
+					CONN_NO_ANSWER) == CONN_PENDING)
+		__sync_fetch_and_add(&st->no_answer, 1);
+}
+
+int smtpg_ingress(struct __sk_buff *skb)
+{
+	struct smtp_stats *st;
+	struct l4 l = {};
+	__u16 dport;
+	__u8 flags;
+
+	if (parse(skb, &l) != PARSE_TCP)
+		return TC_ACT_UNSPEC;
+	dport = bpf_ntohs(l.tcp->dest);
+	if (!is_smtp_port(dport))
+		return TC_ACT_UNSPEC;
+
+	st = stats_for(skb->ifindex, dport);
+	if (!st)
+		return TC_ACT_UNSPEC;	/* map full; its fill level is exported */
+	__sync_fetch_and_add(&st->packets, 1);
+	__sync_fetch_and_add(&st->bytes, skb->len);
+
+	flags = ((__u8 *)l.tcp)[13];
+	/* A SYN alone opens an attempt; SYN with RST/FIN/ACK is not one. */
+	if ((flags & (F_SYN | F_ACK | F_RST | F_FIN)) == F_SYN)
+		count_syn(skb, &l, st, dport);
+	return TC_ACT_UNSPEC;
+}
+
+int smtpg_egress(struct __sk_buff *skb)
+{
+	struct conn_key ck = {};
+	struct conn_val *cv;
+	struct smtp_stats *st;
+	struct l4 l = {};
+	__u64 outcome;
+	__u16 sport;
+	__u8 flags;
+
+	if (parse(skb, &l) != PARSE_TCP)
+		return TC_ACT_UNSPEC;
+	sport = bpf_ntohs(l.tcp->source);
+	if (!is_smtp_port(sport))
+		return TC_ACT_UNSPEC;
+
+	/* Only an answer to the SYN acknowledges ISN + 1, so the attempt's key
+	 * can be rebuilt from the reply alone. */
+	flags = ((__u8 *)l.tcp)[13];
+	if (!(flags & F_ACK))
+		return TC_ACT_UNSPEC;
+	if (flags & F_RST)
+		outcome = CONN_RESET;
+	else if (flags & F_SYN)
+		outcome = CONN_COMPLETED;
+	else
+		return TC_ACT_UNSPEC;
+
+	ck.ifindex = skb->ifindex;
+	ck.isn = bpf_ntohl(l.tcp->ack_seq) - 1;
+	ck.sport = bpf_ntohs(l.tcp->dest);
+	ck.dport = sport;
+	ck.family = l.family;
+	copy_addrs(&l, ck.daddr, ck.saddr);
+	cv = smtp_conns.lookup(&ck);
+	if (!cv || cv->state != CONN_PENDING)
+		return TC_ACT_UNSPEC;
+	if (__sync_val_compare_and_swap(&cv->state, CONN_PENDING, outcome) !=
+	    CONN_PENDING)
+		return TC_ACT_UNSPEC;
+	st = stats_for(skb->ifindex, sport);
+	if (!st)
+		return TC_ACT_UNSPEC;
+	if (outcome == CONN_COMPLETED)
+		__sync_fetch_and_add(&st->completed, 1);
+	else
+		__sync_fetch_and_add(&st->reset, 1);
+	return TC_ACT_UNSPEC;
+}

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Install everything smtpguard needs on a fresh Debian host, idempotently.
+# Quiet when nothing is missing; run as root (CI and `make setup` do).
+#
+#   scripts/setup.sh            system packages, kernel headers, venv at .venv/
+#   scripts/setup.sh --system   system packages and kernel headers only
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+VENV=${VENV:-$ROOT/.venv}
+APT_PACKAGES=(
+	python3-bpfcc bpfcc-tools nftables python3-nftables iptables bpftool
+	iproute2 python3-venv python3-pip
+)
+
+say() { printf 'setup: %s\n' "$*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+need_root() {
+	[ "$(id -u)" -eq 0 ] || die "$1 needs root (run: sudo make setup)"
+}
+
+apt_updated=0
+apt_install() {
+	need_root "installing $*"
+	if [ "$apt_updated" -eq 0 ]; then
+		apt-get update -qq >/dev/null
+		apt_updated=1
+	fi
+	say "installing $*"
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/tmp/smtpguard-apt.log 2>&1 ||
+		{ cat /tmp/smtpguard-apt.log >&2; die "apt-get install $* failed"; }
+}
+
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+
+system_packages() {
+	local missing=()
+	for p in "${APT_PACKAGES[@]}"; do
+		installed "$p" || missing+=("$p")
+	done
+	if [ "${#missing[@]}" -gt 0 ]; then
+		apt_install "${missing[@]}"
+	fi
+}
+
+# bcc compiles against /lib/modules/$(uname -r)/build. Hosts running a Debian
+# kernel get the matching headers package; kernels without one (these 6.18
+# machines) get the newest Debian cloud headers, linked in place: tc programs
+# use only stable UAPI structures, so this compiles and loads.
+kernel_headers() {
+	local krel moddir arch pkg ver
+	krel=$(uname -r)
+	moddir=/lib/modules/$krel
+	[ -e "$moddir/build/include/linux/kconfig.h" ] && return 0
+	need_root "installing kernel headers"
+	if [ "$apt_updated" -eq 0 ]; then apt-get update -qq >/dev/null; apt_updated=1; fi
+	if apt-cache show "linux-headers-$krel" >/dev/null 2>&1; then
+		apt_install "linux-headers-$krel"
+		[ -e "$moddir/build/include/linux/kconfig.h" ] && return 0
+	fi
+	arch=$(dpkg --print-architecture)
+	pkg=$(apt-cache search --names-only "^linux-headers-[0-9].*-cloud-$arch\$" |
+		awk '{print $1}' | sort -V | tail -n1)
+	[ -n "$pkg" ] || die "no linux-headers-$krel and no linux-headers-*-cloud-$arch package to fall back on"
+	installed "$pkg" || apt_install "$pkg"
+	ver=${pkg#linux-headers-}
+	ver=${ver%-cloud-$arch}
+	[ -d "/usr/src/linux-headers-$ver-cloud-$arch" ] || die "$pkg installed no /usr/src/linux-headers-$ver-cloud-$arch"
+	mkdir -p "$moddir"
+	ln -sfn "/usr/src/linux-headers-$ver-cloud-$arch" "$moddir/build"
+	ln -sfn "/usr/src/linux-headers-$ver-common" "$moddir/source"
+	say "kernel $krel has no headers package; linked $pkg in $moddir/build"
+}
+
+venv() {
+	local stamp want
+	if [ ! -x "$VENV/bin/python" ]; then
+		say "creating venv at $VENV"
+		/usr/bin/python3 -m venv --system-site-packages "$VENV"
+	fi
+	# Reinstall only when the dependency list changed.
+	want=$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)
+	stamp=$VENV/.smtpguard-deps
+	if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ ! -x "$VENV/bin/smtpguard" ]; then
+		say "installing Python dependencies into $VENV"
+		"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[dev]"
+		echo "$want" >"$stamp"
+	fi
+	"$VENV/bin/python" -c 'import bcc, nftables' 2>/dev/null ||
+		die "the venv cannot import bcc/nftables (Debian python3-bpfcc, python3-nftables)"
+}
+
+system_packages
+kernel_headers
+[ "${1:-}" = "--system" ] || venv

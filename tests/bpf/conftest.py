@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from smtpguard.datapath.loader import Datapath, Sizes, ensure_bpffs
+
+PORTS = (25, 465, 587, 2525)
+
+
+def clear(dp: Datapath) -> None:
+    for name in ("smtp_stats", "smtp_conns", "smtp_dests"):
+        dp.table(name).clear()
+
+
+@pytest.fixture(scope="session")
+def loaded() -> Iterator[Datapath]:
+    ensure_bpffs(Path("/sys/fs/bpf"))
+    dp = Datapath(Path(f"/sys/fs/bpf/smtpguard-test/bpf-{uuid.uuid4().hex[:8]}"),
+                  Sizes(max_stats=1024, max_ifaces=64, conn_table=1024))
+    try:
+        dp.load()
+        dp.set_ports(PORTS)
+        dp.set_no_answer(2.0)
+        yield dp
+    finally:
+        dp.close()
+        dp.unpin()
+
+
+@pytest.fixture
+def dp(loaded: Datapath) -> Datapath:
+    clear(loaded)
+    return loaded
