@@ -17,14 +17,17 @@ EPILOG = "Docs: README.md. Every command exits non-zero with a one-line error on
 def _parser() -> argparse.ArgumentParser:
     from smtpguard.agent import DEFAULT_METRICS, DEFAULT_PIN_DIR, DEFAULT_STATE_DIR
 
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default=argparse.SUPPRESS,
+                        choices=["debug", "info", "warning", "error"],
+                        help="log level (default info)")
     ap = argparse.ArgumentParser(
         prog="smtpguard", description="Outbound-SMTP abuse guard for hypervisors.",
-        epilog=EPILOG)
-    ap.add_argument("--log-level", default="info",
-                    choices=["debug", "info", "warning", "error"])
+        epilog=EPILOG, parents=[common])
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the agent (the systemd service's command)",
+                         parents=[common],
                          description="Attach the SMTP classifier to every VM-facing "
                          "interface and report per-VM counts. A plain stop leaves filters "
                          "and pinned maps in the kernel (counting goes on); --cleanup "
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     # Commands that print for people keep stdout for that; logs go to stderr.
     quiet = args.command in ("policy", "version") or (
         args.command == "lab" and args.lab_command in ("send", "demo"))
-    logs.configure(args.log_level, sys.stderr if quiet else None)
+    logs.configure(getattr(args, "log_level", "info"), sys.stderr if quiet else None)
     try:
         if args.command == "version":
             print(f"smtpguard {__version__}")

@@ -37,6 +37,9 @@ MAX_VMS = 240
 SINK_PORTS = (25, 465, 587)
 STATE_ROOT = Path("/run/smtpguard-lab")
 IFA_F_NODAD = 0x02
+# Sinks started by this process, reaped by down() (a lab built by another
+# process is found through its pid file).
+_SINKS: dict[str, subprocess.Popen[bytes]] = {}
 
 
 def dest_addr(i: int, family: int = 4) -> str:
@@ -194,6 +197,7 @@ def _start_sink(lab: Lab) -> None:
         start_new_session=True,
     )
     out.close()
+    _SINKS[lab.prefix] = proc
     (lab.state_dir / "sink.pid").write_text(str(proc.pid))
     deadline = time.monotonic() + 30
     while not ready.exists():
@@ -207,10 +211,17 @@ def down(lab: Lab) -> list[str]:
     from pyroute2 import netns
 
     pidfile = lab.state_dir / "sink.pid"
+    proc = _SINKS.pop(lab.prefix, None)
     with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
         pid = int(pidfile.read_text())
         os.killpg(pid, signal.SIGTERM)
-        for _ in range(50):
+        if proc is not None:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for _ in range(100):
             os.kill(pid, 0)
             time.sleep(0.05)
     removed = []

@@ -1,0 +1,163 @@
+"""A lab (namespaces, bridge, SMTP sink) and a real agent running in it.
+
+Everything is named from a unique prefix and torn down even when a test
+fails: the agent is stopped and cleaned up (--cleanup), then the lab goes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from smtpguard.lab import topology
+from smtpguard.netns import run_in
+
+ROOT = Path(__file__).resolve().parents[2]
+SG = [sys.executable, "-m", "smtpguard.cli"]
+METRICS = "127.0.0.1:9725"
+
+
+def unique(prefix: str = "sgt") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:5]}"
+
+
+class AgentProc:
+    """One `smtpguard run` inside the lab's hypervisor namespace."""
+
+    def __init__(self, lab: topology.Lab, tmp: Path) -> None:
+        self.lab = lab
+        self.pin_dir = Path(f"/sys/fs/bpf/smtpguard-test/{lab.prefix}")
+        self.state_dir = tmp / "state"
+        self.log_path = tmp / "agent.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._offset = 0
+
+    def args(self) -> list[str]:
+        return [*SG, "run", "--netns", self.lab.hv, "--pin-dir", str(self.pin_dir),
+                "--state-dir", str(self.state_dir), "--metrics-addr", METRICS,
+                "--log-interval", "3600", "--log-level", "debug"]
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(self.args(), stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+        self.wait_event("agent.started", timeout=60)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def cleanup(self) -> None:
+        subprocess.run([*SG, "run", "--cleanup", "--netns", self.lab.hv, "--pin-dir",
+                        str(self.pin_dir)], capture_output=True, check=False)
+        shutil.rmtree(self.pin_dir, ignore_errors=True)
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                ev = json.loads(line)
+                if name is None or ev.get("event") == name:
+                    out.append(ev)
+        return out
+
+    def wait_event(self, name: str, timeout: float = 10, **fields: Any) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for ev in self.events(name):
+                if all(ev.get(k) == v for k, v in fields.items()):
+                    return ev
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"agent exited:\n{self.log_path.read_text()[-3000:]}")
+            time.sleep(0.05)
+        raise AssertionError(f"no {name} {fields} in {timeout}s:\n"
+                             f"{self.log_path.read_text()[-3000:]}")
+
+    def metrics(self) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+        """name -> {sorted label pairs: value}, scraped inside the lab."""
+        def fetch() -> str:
+            with urllib.request.urlopen(f"http://{METRICS}/metrics", timeout=5) as r:
+                return str(r.read().decode())
+
+        out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+        for fam in text_string_to_metric_families(run_in(self.lab.hv, fetch)):
+            for s in fam.samples:
+                out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+        return out
+
+    def counter(self, name: str, **labels: str) -> float:
+        """Sum of a metric's samples whose labels include these."""
+        fam = self.metrics().get(name, {})
+        return sum(v for k, v in fam.items() if all(p in k for p in labels.items()))
+
+
+def send(lab: topology.Lab, vm: str, connections: int, port: int = 25, ipv6: bool = False,
+         destinations: int = 1, rate: float = 0.0, dialog: str = "quit",
+         timeout: float = 5.0) -> dict[str, int]:
+    """`smtpguard lab send`, the real CLI; returns outcome -> count."""
+    args = [*SG, "lab", "send", vm, "--name", lab.prefix, "--connections", str(connections),
+            "--port", str(port), "--destinations", str(destinations), "--rate", str(rate),
+            "--dialog", dialog, "--timeout", str(timeout)]
+    if ipv6:
+        args.append("--ipv6")
+    out = subprocess.run(args, capture_output=True, text=True, check=True, timeout=120)
+    result: dict[str, int] = json.loads(out.stdout)["outcomes"]
+    return result
+
+
+def require_root() -> None:
+    """Module fixtures run before the per-test gate: apply the same rule."""
+    if os.geteuid() == 0:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail("privileged test needs root, and CI=true forbids skipping it")
+    pytest.skip("needs root (BPF, namespaces)")
+
+
+@contextlib.contextmanager
+def lab_with_agent(tmp: Path, vms: int) -> Iterator[tuple[topology.Lab, AgentProc]]:
+    lab = topology.Lab(unique())
+    agent = AgentProc(lab, tmp)
+    try:
+        topology.up(lab, vms)
+        agent.start()
+        yield lab, agent
+    finally:
+        agent.stop()
+        agent.cleanup()
+        topology.down(lab)
+
+
+@pytest.fixture(scope="module")
+def shared_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
+        tuple[topology.Lab, AgentProc]]:
+    require_root()
+    with lab_with_agent(tmp_path_factory.mktemp("lab"), 3) as pair:
+        yield pair
+
+
+@pytest.fixture
+def own_lab(tmp_path: Path) -> Iterator[tuple[topology.Lab, AgentProc]]:
+    require_root()
+    with lab_with_agent(tmp_path, 2) as pair:
+        yield pair
