@@ -44,7 +44,7 @@ class AgentProc:
         self.state_dir = tmp / "state"
         self.log_path = tmp / "agent.log"
         self.proc: subprocess.Popen[bytes] | None = None
-        self._offset = 0
+        self._mark = 0  # events before this index belong to earlier runs
 
     def args(self) -> list[str]:
         return [*SG, "run", "--netns", self.lab.hv, "--pin-dir", str(self.pin_dir),
@@ -52,6 +52,7 @@ class AgentProc:
                 "--log-interval", "3600", "--log-level", "debug"]
 
     def start(self) -> None:
+        self._mark = len(self.events()) if self.log_path.exists() else 0
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(self.args(), stdout=out, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL)
@@ -82,9 +83,12 @@ class AgentProc:
         return out
 
     def wait_event(self, name: str, timeout: float = 10, **fields: Any) -> dict[str, Any]:
+        """The first matching event of the current run."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for ev in self.events(name):
+            for ev in self.events()[self._mark:]:
+                if ev.get("event") != name:
+                    continue
                 if all(ev.get(k) == v for k, v in fields.items()):
                     return ev
             if self.proc is not None and self.proc.poll() is not None:

@@ -119,3 +119,51 @@ def test_non_smtp_traffic_changes_no_smtp_counter(shared_lab: Pair) -> None:
     assert run_in(lab.vm_ns("vm3"), blast) == 10_000
     time.sleep(0.2)
     assert smtp_series(agent) == before
+
+
+def test_injected_frames_on_a_live_link(shared_lab: Pair) -> None:
+    """Frames written raw by a VM, as a hostile guest could: tagged SYNs are
+    counted (the outer tag arrives in skb->vlan_tci, the inner one in the data),
+    truncated or malformed frames pass and are never counted."""
+    import frames as f
+
+    lab, agent = shared_lab
+    port = 465
+    syn = f.tcp(40000, port, f.SYN)
+    v4 = f.ipv4(lab.vm_addr(1), topology.dest_addr(0), syn)
+    cases = [
+        (f.eth(f.ipv4(lab.vm_addr(1), topology.dest_addr(0), f.tcp(40001, port, f.SYN, seq=1)),
+               f.ETH_P_IP), True),
+        (f.eth(f.ipv4(lab.vm_addr(1), topology.dest_addr(0), f.tcp(40002, port, f.SYN, seq=2)),
+               f.ETH_P_IP, vlans=((f.ETH_P_8021Q, 7),)), True),
+        (f.eth(f.ipv4(lab.vm_addr(1), topology.dest_addr(0), f.tcp(40003, port, f.SYN, seq=3)),
+               f.ETH_P_IP, vlans=((f.ETH_P_8021AD, 7), (f.ETH_P_8021Q, 8))), True),
+        (f.eth(f.ipv4(lab.vm_addr(1), topology.dest_addr(0), f.tcp(40004, port, f.SYN, seq=4)),
+               f.ETH_P_IP, vlans=((f.ETH_P_8021AD, 7), (f.ETH_P_8021Q, 8), (f.ETH_P_8021Q, 9))),
+         True),  # the outer tag in skb->vlan_tci, two parsed in the data
+        (f.eth(f.ipv4(lab.vm_addr(1), topology.dest_addr(0), f.tcp(40006, port, f.SYN, seq=6)),
+               f.ETH_P_IP, vlans=((f.ETH_P_8021AD, 7), (f.ETH_P_8021Q, 8), (f.ETH_P_8021Q, 9),
+                                  (f.ETH_P_8021Q, 10))),
+         False),  # three tags left in the data: deeper than we parse
+        (f.eth(b"", f.ETH_P_IP), False),
+        (f.eth(v4[:10], f.ETH_P_IP), False),
+        (f.eth(v4[:20 + 12], f.ETH_P_IP), False),
+        (f.eth(f.ipv6(lab.vm_addr(1, 6), topology.dest_addr(0, 6), syn)[:40 + 8],
+               f.ETH_P_IPV6), False),
+        (f.eth(f.ipv4(lab.vm_addr(1), topology.dest_addr(0), syn, frag=0x0020), f.ETH_P_IP),
+         False),
+        (f.eth(f.ipv6(lab.vm_addr(1, 6), topology.dest_addr(0, 6), f.tcp(40005, port, f.SYN)),
+               f.ETH_P_IPV6), True),
+    ]
+
+    def inject() -> None:
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+            s.bind(("eth0", 0))
+            for frame, _ in cases:
+                s.send(frame.ljust(14, b"\0"))
+
+    before = agent.counter(ATTEMPTS, vm="vm1", port=str(port))
+    run_in(lab.vm_ns("vm1"), inject)
+    time.sleep(0.2)
+    counted = agent.counter(ATTEMPTS, vm="vm1", port=str(port)) - before
+    assert counted == sum(1 for _, c in cases if c)
