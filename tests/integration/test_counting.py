@@ -9,7 +9,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from conftest import AgentProc, send
-
 from smtpguard.lab import topology
 from smtpguard.netns import run_in
 

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 from conftest import AgentProc, send
-
 from smtpguard.datapath import attach
 from smtpguard.datapath.interfaces import dump_links
 from smtpguard.lab import topology
