@@ -249,7 +249,7 @@ static __always_inline __u32 addr_hash(const __u8 *a)
 
 	h = (h ^ w[1]) * 0x85ebca77;
 	h = (h ^ w[2]) * 0xc2b2ae3d;
-	h ^= w[3];
+	h = (h ^ w[3]) * 0x27d4eb2f;
 	h ^= h >> 16;
 	h *= 0x85ebca6b;
 	h ^= h >> 13;
@@ -276,18 +276,23 @@ static __always_inline __u8 hll_rank(__u32 w)
 static __always_inline void hll_add(struct hll_slot *s, __u64 epoch, __u32 h)
 {
 	__u32 idx = h & (HLL_REGS - 1);
+	__u32 bit = (h >> (32 - 11)) & (LC_BITS - 1);
 	__u8 rank = hll_rank(h >> HLL_BITS);
 
-	/* Reusing a slot of an old epoch: racy across CPUs, so a register set
-	 * during the reset may be lost, which lowers the estimate by at most
-	 * one destination. */
+	/* Reusing a slot of an old epoch: racy across CPUs, so a bit or
+	 * register set during the reset may be lost, which lowers the estimate
+	 * by at most one destination. */
 	if (s->epoch != epoch) {
 		__u64 *r = (__u64 *)s->reg;
+#pragma unroll
+		for (int i = 0; i < LC_WORDS; i++)
+			s->bits[i] = 0;
 #pragma unroll
 		for (int i = 0; i < HLL_REGS / 8; i++)
 			r[i] = 0;
 		s->epoch = epoch;
 	}
+	__sync_fetch_and_or(&s->bits[bit / 64], 1ULL << (bit % 64));
 	if (rank > s->reg[idx])
 		s->reg[idx] = rank;
 }

@@ -28,7 +28,7 @@ from frames import (
     syn6,
     tcp,
 )
-from smtpguard.datapath import hll, maps
+from smtpguard.datapath import distinct, maps
 from smtpguard.datapath.loader import Datapath
 from smtpguard.datapath.snapshot import take
 from smtpguard.datapath.testrun import test_run as run_prog
@@ -200,18 +200,19 @@ def test_no_answer_is_judged_on_retransmission(dp: Datapath) -> None:
 
 
 def test_destination_sketch_matches_the_model(dp: Datapath) -> None:
-    """The kernel's HyperLogLog registers equal the Python model's for the same
-    destinations (so the model's measured accuracy, tests/unit/test_hll.py, is
-    the kernel's), and both windows report the model's estimate."""
-    regs = [0] * maps.HLL_REGS
+    """The kernel's sketch (bitmap and registers) equals the Python model's for
+    the same destinations, so the model's measured accuracy
+    (tests/unit/test_distinct.py) is the kernel's; both windows report it."""
+    model = distinct.Sketch()
     for i in range(300):
         dst = f"198.19.{i // 200}.{i % 200 + 1}"
         ingress(dp, syn4(dst=dst, seq=i))
-        hll.add(regs, hll.addr_hash(maps.addr_bytes(dst)))
+        distinct.add(model, distinct.addr_hash(maps.addr_bytes(dst)))
     ((_, sketch),) = dp.table("smtp_dests").items()
-    live = [s for s in sketch.fine if s.epoch]
-    assert hll.merge(list(s.reg) for s in live) == regs
-    assert hll.merge(list(s.reg) for s in sketch.coarse if s.epoch) == regs
+    for tier in (sketch.fine, sketch.coarse):
+        got = distinct.merge(distinct.from_slot(s) for s in tier if s.epoch)
+        assert (got.bits, got.regs) == (model.bits, model.regs)
     (snap,) = take(dp.table("smtp_stats"), dp.table("smtp_dests")).ifaces.values()
-    assert snap.destinations["1m"] == snap.destinations["1h"] == round(hll.estimate(regs), 1)
-    assert abs(snap.destinations["1m"] - 300) <= 300 * 3 * 0.065
+    want = round(distinct.estimate(model), 1)
+    assert snap.destinations["1m"] == snap.destinations["1h"] == want
+    assert abs(want - 300) <= 300 * 3 * 0.02

@@ -11,6 +11,8 @@ import ipaddress
 
 HLL_BITS = 8
 HLL_REGS = 1 << HLL_BITS
+LC_BITS = 2048
+LC_WORDS = LC_BITS // 64
 FINE_SLOTS = 8
 COARSE_SLOTS = 16
 FINE_SLOT_NS = 10_000_000_000
@@ -65,7 +67,11 @@ class ConnVal(ctypes.Structure):
 
 # Must stay in sync with struct hll_slot in bpf/smtp_common.h
 class HllSlot(ctypes.Structure):
-    _fields_ = [("epoch", ctypes.c_uint64), ("reg", ctypes.c_uint8 * HLL_REGS)]
+    _fields_ = [
+        ("epoch", ctypes.c_uint64),
+        ("bits", ctypes.c_uint64 * LC_WORDS),
+        ("reg", ctypes.c_uint8 * HLL_REGS),
+    ]
 
 
 # Must stay in sync with struct dest_sketch in bpf/smtp_common.h

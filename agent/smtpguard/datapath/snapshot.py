@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from smtpguard.datapath import hll
+from smtpguard.datapath import distinct
+from smtpguard.datapath.distinct import Sketch
 from smtpguard.datapath.maps import COARSE_SLOT_NS, FINE_SLOT_NS
 
 # window name -> (which tier, slot length, slots merged)
@@ -34,6 +35,8 @@ class IfaceSnapshot:
     ifindex: int
     ports: Mapping[int, PortCounts] = field(default_factory=dict)
     destinations: Mapping[str, float] = field(default_factory=dict)
+    # window -> sketch merged over its slots, so interfaces of one VM can be united
+    sketches: Mapping[str, Sketch] = field(default_factory=dict, repr=False)
 
     @property
     def attempts(self) -> int:
@@ -64,14 +67,27 @@ def read_ports(table: Any) -> dict[int, dict[int, PortCounts]]:
     return out
 
 
-def destinations(sketch: Any, now_ns: int) -> dict[str, float]:
-    """Distinct destinations per window from one VM's sketch."""
+def window_sketches(sketch: Any, now_ns: int) -> dict[str, Sketch]:
+    """One interface's sketch, merged over the slots inside each window."""
     out = {}
     for window, (tier, slot_ns, n) in WINDOWS.items():
         cur = now_ns // slot_ns
-        slots = [list(s.reg) for s in getattr(sketch, tier) if cur - n < s.epoch <= cur]
-        out[window] = round(hll.estimate(hll.merge(slots)), 1) if slots else 0.0
+        out[window] = distinct.merge(distinct.from_slot(s) for s in getattr(sketch, tier)
+                                     if cur - n < s.epoch <= cur)
     return out
+
+
+def estimates(sketches: Mapping[str, Sketch]) -> dict[str, float]:
+    return {w: round(distinct.estimate(s), 1) for w, s in sketches.items()}
+
+
+def union(snaps: Iterable[IfaceSnapshot]) -> dict[str, float]:
+    """Distinct destinations of several interfaces together (one VM's)."""
+    merged: dict[str, list[Sketch]] = {}
+    for s in snaps:
+        for w, sk in s.sketches.items():
+            merged.setdefault(w, []).append(sk)
+    return {w: round(distinct.estimate(distinct.merge(r)), 1) for w, r in merged.items()}
 
 
 def take(stats: Any, dests: Any, clock: Callable[[], int] = time.monotonic_ns) -> Snapshot:
@@ -79,9 +95,9 @@ def take(stats: Any, dests: Any, clock: Callable[[], int] = time.monotonic_ns) -
     now = clock()
     ports = read_ports(stats)
     sketches = {k if isinstance(k, int) else k.value: v for k, v in _rows(dests)}
-    ifaces = {
-        i: IfaceSnapshot(i, ports.get(i, {}), destinations(sketches[i], now) if i in sketches
-                         else {w: 0.0 for w in WINDOWS})
-        for i in set(ports) | set(sketches)
-    }
+    ifaces = {}
+    for i in set(ports) | set(sketches):
+        regs = window_sketches(sketches[i], now) if i in sketches else {
+            w: Sketch() for w in WINDOWS}
+        ifaces[i] = IfaceSnapshot(i, ports.get(i, {}), estimates(regs), regs)
     return Snapshot(now, ifaces)
