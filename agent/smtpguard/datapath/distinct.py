@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from smtpguard.datapath.maps import HLL_BITS, HLL_REGS, LC_BITS
 
