@@ -73,7 +73,7 @@ class Agent:
         self.reconcile()
         if self.cfg.metrics_addr:
             collector = DatapathCollector(self.snapshot, lambda: self.ifaces,
-                                          lambda: self.datapath.bpf is not None)
+                                          lambda: self.datapath.loaded)
             self.metrics_server = serve(self.cfg.metrics_addr, collector)
             host, port = self.metrics_server.server_address[:2]
             self.log.info("metrics.serving", addr=host, port=port)

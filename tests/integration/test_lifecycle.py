@@ -78,7 +78,8 @@ def test_new_interface_counted_from_first_connection_and_removed_cleanly(own_lab
 
 def test_restart_adopts_filters_and_loses_nothing(own_lab: Pair) -> None:
     """Attempts made while the agent is down are counted (filters and pinned
-    maps stay in the kernel); a restart replaces filters, never duplicates them."""
+    maps stay in the kernel); a restart reuses the pinned build, replaces
+    filters, never duplicates them."""
     lab, agent = own_lab
     assert send(lab, "vm1", 3) == {"completed": 3}
     agent.stop()
@@ -89,6 +90,7 @@ def test_restart_adopts_filters_and_loses_nothing(own_lab: Pair) -> None:
     assert agent.counter(ATTEMPTS, vm="vm1") == 7
     loaded = agent.events("bpf.loaded")
     assert [e["adopted"] for e in loaded] == [False, True]
+    assert [e["compiled"] for e in loaded] == [True, False]  # same build: no recompile
     agent.stop(9)  # a crash: same outcome
     assert send(lab, "vm1", 2) == {"completed": 2}
     agent.start()

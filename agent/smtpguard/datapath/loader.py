@@ -1,14 +1,19 @@
-"""Compile and load the classifier with bcc, its maps pinned in bpffs."""
+"""Load the classifier: pinned programs and maps, compiled only when needed.
+
+A build is named by a tag (sources, flags, kernel). When programs of that tag
+are pinned beside the maps, the agent just opens them: no compile, no LLVM.
+Otherwise a child process compiles with bcc and pins them (compile.py).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import ctypes.util
-import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -17,12 +22,12 @@ from typing import Any
 
 from smtpguard import logs
 from smtpguard.datapath import maps
+from smtpguard.datapath.bpfsys import PinnedMap, map_info, obj_get
+from smtpguard.datapath.compile import BPF_SOURCE, PROGRAMS, build_tag, cflags, prog_pin
 from smtpguard.errors import BpfLoadError
 
-BPF_SOURCE = "smtp_count.c"
-PINNED_MAPS = ("smtp_stats", "smtp_conns", "smtp_dests", "smtp_ports", "smtp_config")
-# Clang warnings from the (foreign-version) kernel headers, not from our code.
-QUIET = ["-Wno-duplicate-decl-specifier", "-Wno-ignored-attributes", "-Wno-macro-redefined"]
+PINNED_MAPS: dict[str, tuple[type[Any], type[Any]]] = {
+    **maps.MIRRORS, "smtp_ports": (ctypes.c_uint32, ctypes.c_uint8)}
 
 
 def default_bpf_dir() -> Path:
@@ -42,18 +47,9 @@ class Sizes:
     max_ifaces: int = 4096
     conn_table: int = 262144
 
-    def expected(self) -> dict[str, tuple[int, int, int]]:
-        """map name -> (key size, value size, max entries)."""
-        m = maps.MIRRORS
-        return {
-            "smtp_stats": (ctypes.sizeof(m["smtp_stats"][0]), ctypes.sizeof(m["smtp_stats"][1]),
-                           self.max_stats),
-            "smtp_conns": (ctypes.sizeof(m["smtp_conns"][0]), ctypes.sizeof(m["smtp_conns"][1]),
-                           self.conn_table),
-            "smtp_dests": (4, ctypes.sizeof(maps.DestSketch), self.max_ifaces),
-            "smtp_ports": (4, 1, 65536),
-            "smtp_config": (4, ctypes.sizeof(maps.SmtpConfig), 1),
-        }
+    def max_entries(self) -> dict[str, int]:
+        return {"smtp_stats": self.max_stats, "smtp_conns": self.conn_table,
+                "smtp_dests": self.max_ifaces, "smtp_ports": 65536, "smtp_config": 1}
 
 
 def ensure_bpffs(root: Path) -> None:
@@ -74,37 +70,31 @@ def _fstype(path: Path) -> str | None:
         for line in f:
             parts = line.split()
             mnt = parts[1].replace("\\040", " ")
-            if (str(path) == mnt or str(path).startswith(mnt.rstrip("/") + "/")) and len(
-                mnt
-            ) >= len(best):
+            inside = str(path) == mnt or str(path).startswith(mnt.rstrip("/") + "/")
+            if inside and len(mnt) >= len(best):
                 best, kind = mnt, parts[2]
     return kind
-
-
-def pinned_map_info(path: Path) -> dict[str, Any] | None:
-    """bpftool's view of a pinned map, or None when nothing is pinned there."""
-    if not path.exists():
-        return None
-    out = subprocess.run(
-        ["bpftool", "-j", "map", "show", "pinned", str(path)],
-        capture_output=True, text=True, check=False,
-    )
-    if out.returncode != 0:
-        return None
-    info: dict[str, Any] = json.loads(out.stdout)
-    return info
 
 
 def stale_pins(pin_dir: Path, sizes: Sizes) -> list[str]:
     """Pinned maps whose shape differs from what this build would create."""
     stale = []
-    for name, (ksz, vsz, n) in sizes.expected().items():
-        info = pinned_map_info(pin_dir / name)
-        if info is None:
+    for name, n in sizes.max_entries().items():
+        path = pin_dir / name
+        if not path.exists():
             continue
-        if (info.get("bytes_key"), info.get("bytes_value"), info.get("max_entries")) != (
-            ksz, vsz, n,
-        ):
+        key, leaf = PINNED_MAPS[name]
+        try:
+            fd = obj_get(str(path))
+        except OSError:
+            stale.append(name)
+            continue
+        try:
+            info = map_info(fd)
+        finally:
+            os.close(fd)
+        if (info.key_size, info.value_size, info.max_entries) != (
+                ctypes.sizeof(key), ctypes.sizeof(leaf), n):
             stale.append(name)
     return stale
 
@@ -117,70 +107,77 @@ class Datapath:
         self.pin_dir = pin_dir
         self.sizes = sizes or Sizes()
         self.bpf_dir = bpf_dir or default_bpf_dir()
-        self.bpf: Any = None
         self.ingress_fd = -1
         self.egress_fd = -1
         self.compile_seconds = 0.0
-        self._tables: dict[str, Any] = {}
+        self.tables: dict[str, PinnedMap] = {}
+
+    @property
+    def loaded(self) -> bool:
+        return self.ingress_fd >= 0
 
     def load(self) -> None:
-        """Compile, load and adopt (or create) the pinned maps."""
+        """Open (compiling first if needed) the programs and the pinned maps."""
         log = logs.get(pin_dir=str(self.pin_dir))
-        try:
-            from bcc import BPF
-        except ImportError as exc:
-            raise BpfLoadError(
-                "bcc is not importable (install Debian's python3-bpfcc: make setup)"
-            ) from exc
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         stale = stale_pins(self.pin_dir, self.sizes)
-        adopted = not stale and (self.pin_dir / "smtp_stats").exists()
         if stale:
-            # The counters cannot be carried into maps of another shape.
+            # Counters cannot be carried into maps of another shape.
             for name in PINNED_MAPS:
                 with contextlib.suppress(FileNotFoundError):
                     (self.pin_dir / name).unlink()
             log.warning("datapath.maps_recreated", changed=stale)
-        cflags = [
-            f"-I{self.bpf_dir}",
-            f'-DPIN_DIR="{self.pin_dir}"',
-            f"-DMAX_STATS={self.sizes.max_stats}",
-            f"-DMAX_IFACES={self.sizes.max_ifaces}",
-            f"-DCONN_TABLE_SIZE={self.sizes.conn_table}",
-            *QUIET,
-        ]
-        t0 = time.monotonic()
+        adopted = all((self.pin_dir / n).exists() for n in PINNED_MAPS)
+        flags = cflags(self.bpf_dir, self.pin_dir, self.sizes.max_stats,
+                       self.sizes.max_ifaces, self.sizes.conn_table)
+        tag = build_tag(self.bpf_dir, flags)
+        compiled = False
+        if not adopted or not all(prog_pin(self.pin_dir, p, tag).exists() for p in PROGRAMS):
+            self._compile(flags, tag)
+            compiled = True
         try:
-            self.bpf = BPF(src_file=str(self.bpf_dir / BPF_SOURCE).encode(), cflags=cflags)
-            self.ingress_fd = self.bpf.load_func(b"smtpg_ingress", BPF.SCHED_CLS).fd
-            self.egress_fd = self.bpf.load_func(b"smtpg_egress", BPF.SCHED_CLS).fd
-        except Exception as exc:
-            if not Path(f"/lib/modules/{os.uname().release}/build").exists():
-                raise BpfLoadError(
-                    f"compiling {BPF_SOURCE}: no kernel headers at "
-                    f"/lib/modules/{os.uname().release}/build (run: make setup)"
-                ) from exc
-            raise BpfLoadError(f"compiling and loading {BPF_SOURCE}: {exc}") from exc
-        self.compile_seconds = time.monotonic() - t0
-        log.info("bpf.loaded", compile_seconds=round(self.compile_seconds, 3),
-                 adopted=adopted)
+            self.ingress_fd, self.egress_fd = (
+                obj_get(str(prog_pin(self.pin_dir, p, tag))) for p in PROGRAMS)
+            self.tables = {name: PinnedMap(str(self.pin_dir / name), key, leaf)
+                           for name, (key, leaf) in PINNED_MAPS.items()}
+        except OSError as exc:
+            self.close()
+            raise BpfLoadError(f"opening pinned objects in {self.pin_dir}: {exc}") from exc
+        log.info("bpf.loaded", build=tag, compiled=compiled, adopted=adopted,
+                 compile_seconds=round(self.compile_seconds, 3))
 
-    def table(self, name: str) -> Any:
-        if name not in self._tables:
-            self._tables[name] = self.bpf.get_table(name.encode())
-        return self._tables[name]
+    def _compile(self, flags: list[str], tag: str) -> None:
+        t0 = time.monotonic()
+        out = subprocess.run(
+            [sys.executable, "-m", "smtpguard.datapath.compile", "--bpf-dir",
+             str(self.bpf_dir), "--pin-dir", str(self.pin_dir), "--tag", tag, "--", *flags],
+            capture_output=True, text=True, check=False)
+        self.compile_seconds = time.monotonic() - t0
+        if out.returncode == 0:
+            return
+        last = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
+        if not Path(f"/lib/modules/{os.uname().release}/build").exists():
+            raise BpfLoadError(
+                f"compiling {BPF_SOURCE}: no kernel headers at "
+                f"/lib/modules/{os.uname().release}/build (run: make setup)")
+        if "No module named 'bcc'" in out.stderr:
+            raise BpfLoadError("bcc is not importable (Debian's python3-bpfcc: make setup)")
+        logs.get().debug("bpf.compile_output", stderr=out.stderr[-4000:])
+        raise BpfLoadError(f"compiling {BPF_SOURCE}: {last}")
+
+    def table(self, name: str) -> PinnedMap:
+        return self.tables[name]
 
     def set_ports(self, ports: Iterable[int]) -> None:
         """Mark exactly these ports as SMTP, in one batch update."""
         wanted = set(ports)
-        table = self.table("smtp_ports")
-        keys = (table.Key * 65536)(*range(65536))
-        values = (table.Leaf * 65536)(*(1 if p in wanted else 0 for p in range(65536)))
-        table.items_update_batch(keys, values)
+        keys = (ctypes.c_uint32 * 65536)(*range(65536))
+        values = (ctypes.c_uint8 * 65536)(*(1 if p in wanted else 0 for p in range(65536)))
+        self.table("smtp_ports").update_batch(keys, values)
 
     def set_no_answer(self, seconds: float) -> None:
-        table = self.table("smtp_config")
-        table[table.Key(0)] = maps.SmtpConfig(no_answer_ns=int(seconds * 1e9))
+        self.table("smtp_config")[ctypes.c_uint32(0)] = maps.SmtpConfig(
+            no_answer_ns=int(seconds * 1e9))
 
     def forget(self, ifindexes: set[int]) -> int:
         """Delete every map entry of these interfaces; returns how many."""
@@ -189,7 +186,7 @@ class Datapath:
         removed = 0
         for name in ("smtp_stats", "smtp_conns"):
             table = self.table(name)
-            doomed = [k for k in table.keys() if k.ifindex in ifindexes]
+            doomed = [k for k, _ in table.items() if k.ifindex in ifindexes]
             for k in doomed:
                 with contextlib.suppress(KeyError):
                     del table[k]
@@ -197,17 +194,20 @@ class Datapath:
         dests = self.table("smtp_dests")
         for ifindex in ifindexes:
             with contextlib.suppress(KeyError):
-                del dests[dests.Key(ifindex)]
+                del dests[ctypes.c_uint32(ifindex)]
                 removed += 1
         return removed
 
     def close(self) -> None:
-        """Drop our fds; pinned maps and attached filters stay in the kernel."""
-        if self.bpf is not None:
-            self.bpf.cleanup()
-            self.bpf = None
-            self._tables = {}
+        """Drop our fds; pinned objects and attached filters stay in the kernel."""
+        for fd in (self.ingress_fd, self.egress_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.ingress_fd = self.egress_fd = -1
+        for t in self.tables.values():
+            t.close()
+        self.tables = {}
 
     def unpin(self) -> None:
-        """Remove the pinned maps (for --cleanup)."""
+        """Remove the pinned maps and programs (for --cleanup)."""
         shutil.rmtree(self.pin_dir, ignore_errors=True)

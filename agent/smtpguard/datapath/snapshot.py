@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,17 +49,9 @@ class Snapshot:
     ifaces: Mapping[int, IfaceSnapshot]
 
 
-def _rows(table: Any) -> Iterator[tuple[Any, Any]]:
-    """All entries, in one batch syscall where the kernel allows it."""
-    try:
-        yield from table.items_lookup_batch()
-    except Exception:  # older kernels: no batch ops on this map type
-        yield from table.items()
-
-
 def read_ports(table: Any) -> dict[int, dict[int, PortCounts]]:
     out: dict[int, dict[int, PortCounts]] = {}
-    for k, v in _rows(table):
+    for k, v in table.items():
         out.setdefault(k.ifindex, {})[k.port] = PortCounts(
             v.attempts, v.retransmits, v.completed, v.reset, v.no_answer,
             v.packets, v.bytes, v.last_attempt_ns,
@@ -94,7 +86,7 @@ def take(stats: Any, dests: Any, clock: Callable[[], int] = time.monotonic_ns) -
     """Read both maps once. The clock must be CLOCK_MONOTONIC, like bpf_ktime_get_ns."""
     now = clock()
     ports = read_ports(stats)
-    sketches = {k if isinstance(k, int) else k.value: v for k, v in _rows(dests)}
+    sketches = {k if isinstance(k, int) else k.value: v for k, v in dests.items()}
     ifaces = {}
     for i in set(ports) | set(sketches):
         regs = window_sketches(sketches[i], now) if i in sketches else {

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import ctypes
-import os
 from dataclasses import dataclass
 
-_NR_BPF = 321  # x86_64
-_BPF_PROG_TEST_RUN = 10
+from smtpguard.datapath.bpfsys import PROG_TEST_RUN, bpf
 
 
 class _TestAttr(ctypes.Structure):
-    # The test member of union bpf_attr (uapi/linux/bpf.h), padded.
+    # The test member of union bpf_attr (uapi/linux/bpf.h).
     _fields_ = [
         ("prog_fd", ctypes.c_uint32),
         ("retval", ctypes.c_uint32),
@@ -28,7 +26,6 @@ class _TestAttr(ctypes.Structure):
         ("flags", ctypes.c_uint32),
         ("cpu", ctypes.c_uint32),
         ("batch_size", ctypes.c_uint32),
-        ("_pad", ctypes.c_uint8 * 68),
     ]
 
 
@@ -36,10 +33,6 @@ class _TestAttr(ctypes.Structure):
 class RunResult:
     retval: int
     duration_ns: int  # mean per run, as the kernel measured it
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 
 
 def test_run(prog_fd: int, frame: bytes, repeat: int = 1) -> RunResult:
@@ -51,8 +44,5 @@ def test_run(prog_fd: int, frame: bytes, repeat: int = 1) -> RunResult:
         data_in=ctypes.addressof(buf_in), data_out=ctypes.addressof(buf_out),
         repeat=repeat,
     )
-    rc = _libc.syscall(_NR_BPF, _BPF_PROG_TEST_RUN, ctypes.byref(attr), ctypes.sizeof(attr))
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)}")
+    bpf(PROG_TEST_RUN, attr)
     return RunResult(ctypes.c_int32(attr.retval).value, attr.duration)
