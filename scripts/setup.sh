@@ -52,12 +52,12 @@ kernel_headers() {
 	local krel moddir arch pkg ver
 	krel=$(uname -r)
 	moddir=/lib/modules/$krel
-	[ -e "$moddir/build/include/linux/kconfig.h" ] && return 0
+	[ -e "$moddir/build/Makefile" ] && return 0
 	need_root "installing kernel headers"
 	if [ "$apt_updated" -eq 0 ]; then apt-get update -qq >/dev/null; apt_updated=1; fi
 	if apt-cache show "linux-headers-$krel" >/dev/null 2>&1; then
 		apt_install "linux-headers-$krel"
-		[ -e "$moddir/build/include/linux/kconfig.h" ] && return 0
+		[ -e "$moddir/build/Makefile" ] && return 0
 	fi
 	arch=$(dpkg --print-architecture)
 	pkg=$(apt-cache search --names-only "^linux-headers-[0-9].*-cloud-$arch\$" |
