@@ -5,13 +5,14 @@ PY     := $(VENV)/bin/python
 SG     := $(VENV)/bin/smtpguard
 PYTEST ?= -q
 
-.PHONY: setup run test test-unit lint clean-lab help
+.PHONY: setup run test test-unit lint bench clean-lab help
 
 help:
 	@echo "make setup    install Debian packages, kernel headers, the venv (.venv/)"
 	@echo "make run      lab + agent on the built-in default policy, live table (Ctrl-C ends)"
 	@echo "make test     lint, then unit, BPF and integration tests (root)"
 	@echo "make lint     ruff and mypy"
+	@echo "make bench    classifier cost per packet, start-up time and memory (root)"
 	@echo "make clean-lab remove a lab left behind by a killed run"
 
 setup:
@@ -21,7 +22,7 @@ run: setup
 	$(SG) lab demo
 
 lint: setup
-	$(VENV)/bin/ruff check agent tests
+	$(VENV)/bin/ruff check agent tests bench
 	$(VENV)/bin/mypy
 
 test: lint
@@ -32,3 +33,6 @@ test-unit: setup
 
 clean-lab: setup
 	$(SG) lab down
+
+bench: setup
+	$(PY) bench/run.py

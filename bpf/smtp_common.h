@@ -27,10 +27,12 @@
 #define HLL_REGS (1 << HLL_BITS)
 #define LC_BITS 2048
 #define LC_WORDS (LC_BITS / 64)
-#define FINE_SLOTS 8			/* x FINE_SLOT_NS: the minute window */
-#define COARSE_SLOTS 16			/* x COARSE_SLOT_NS: the hour window */
-#define FINE_SLOT_NS 10000000000ULL	/* 10 s */
-#define COARSE_SLOT_NS 300000000000ULL	/* 5 min */
+/* Slot lengths are powers of two nanoseconds: a shift, not a division, on
+ * the per-attempt path. */
+#define FINE_SLOTS 8			/* the minute window: 7 slots */
+#define COARSE_SLOTS 16			/* the hour window: 13 slots */
+#define FINE_SLOT_SHIFT 33		/* 2^33 ns = 8.6 s */
+#define COARSE_SLOT_SHIFT 38		/* 2^38 ns = 4.6 min */
 
 #define FAMILY_V4 4
 #define FAMILY_V6 6

@@ -316,8 +316,8 @@ static __always_inline void count_destination(__u32 ifindex, const __u8 *daddr,
 			return;	/* map full: attempts still count */
 	}
 	h = addr_hash(daddr);
-	fine = now / FINE_SLOT_NS;
-	coarse = now / COARSE_SLOT_NS;
+	fine = now >> FINE_SLOT_SHIFT;
+	coarse = now >> COARSE_SLOT_SHIFT;
 	hll_add(&d->fine[fine & (FINE_SLOTS - 1)], fine, h);
 	hll_add(&d->coarse[coarse & (COARSE_SLOTS - 1)], coarse, h);
 }
@@ -355,16 +355,21 @@ static __always_inline void count_syn(struct __sk_buff *skb, struct l4 *l,
 	cv.first_ns = now;
 	cv.state = CONN_PENDING;
 
-	/* BPF_NOEXIST makes the dedup exact across CPUs: exactly one of two
-	 * racing copies of a SYN inserts. */
-	if (smtp_conns.insert(&ck, &cv) == 0) {
-		__sync_fetch_and_add(&st->attempts, 1);
-		st->last_attempt_ns = now;
-		count_destination(ck.ifindex, ck.daddr, now);
-		return;
+	/* A retransmission finds its attempt with a lookup. A new attempt is
+	 * inserted with BPF_NOEXIST, which keeps the dedup exact when two CPUs
+	 * race on copies of one SYN: exactly one insert wins. (Inserting first
+	 * would cost an LRU node allocation on every retransmission.) */
+	old = smtp_conns.lookup(&ck);
+	if (!old) {
+		if (smtp_conns.insert(&ck, &cv) == 0) {
+			__sync_fetch_and_add(&st->attempts, 1);
+			st->last_attempt_ns = now;
+			count_destination(ck.ifindex, ck.daddr, now);
+			return;
+		}
+		old = smtp_conns.lookup(&ck);
 	}
 	__sync_fetch_and_add(&st->retransmits, 1);
-	old = smtp_conns.lookup(&ck);
 	if (old && old->state == CONN_PENDING &&
 	    now - old->first_ns >= no_answer_ns() &&
 	    __sync_val_compare_and_swap(&old->state, CONN_PENDING,

@@ -171,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        # Start-up failures end in one line; the traceback is for --log-level debug.
+        logs.get().debug("cli.crashed", exc_info=True)
+        print(f"smtpguard: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     return 2
 
 

@@ -9,12 +9,13 @@ from typing import Any
 
 from smtpguard.datapath import distinct
 from smtpguard.datapath.distinct import Sketch
-from smtpguard.datapath.maps import COARSE_SLOT_NS, FINE_SLOT_NS
+from smtpguard.datapath.maps import COARSE_SLOT_SHIFT, FINE_SLOT_SHIFT
 
-# window name -> (which tier, slot length, slots merged)
+# window name -> (which tier, slot length as a shift of ns, slots merged):
+# the current slot and the full ones before it, 51-60 s and 55-60 min.
 WINDOWS: dict[str, tuple[str, int, int]] = {
-    "1m": ("fine", FINE_SLOT_NS, 6),
-    "1h": ("coarse", COARSE_SLOT_NS, 12),
+    "1m": ("fine", FINE_SLOT_SHIFT, 7),
+    "1h": ("coarse", COARSE_SLOT_SHIFT, 13),
 }
 
 
@@ -62,8 +63,8 @@ def read_ports(table: Any) -> dict[int, dict[int, PortCounts]]:
 def window_sketches(sketch: Any, now_ns: int) -> dict[str, Sketch]:
     """One interface's sketch, merged over the slots inside each window."""
     out = {}
-    for window, (tier, slot_ns, n) in WINDOWS.items():
-        cur = now_ns // slot_ns
+    for window, (tier, shift, n) in WINDOWS.items():
+        cur = now_ns >> shift
         out[window] = distinct.merge(distinct.from_slot(s) for s in getattr(sketch, tier)
                                      if cur - n < s.epoch <= cur)
     return out
