@@ -20,7 +20,8 @@ class PolicyErrors(PolicyError):
         self.errors = errors
 
 
-def _node_at(root: yaml.Node | None, loc: tuple[int | str, ...]) -> yaml.Node | None:
+def _node_at(root: yaml.Node | None, loc: tuple[int | str, ...],
+             at_key: bool = False) -> yaml.Node | None:
     node = root
     for part in loc:
         if isinstance(node, yaml.MappingNode):
@@ -29,7 +30,7 @@ def _node_at(root: yaml.Node | None, loc: tuple[int | str, ...]) -> yaml.Node | 
                 if k.value == part:
                     nxt = v
                     # An unknown key is best shown at the key itself.
-                    if part == loc[-1]:
+                    if at_key and part == loc[-1]:
                         nxt = k
             if nxt is None:
                 return node
@@ -62,7 +63,7 @@ def load_text(text: str, name: str = "<policy>") -> Policy:
         errors = []
         for err in exc.errors():
             loc = tuple(err["loc"])
-            node = _node_at(root, loc)
+            node = _node_at(root, loc, at_key=err["type"] == "extra_forbidden")
             line, col = (node.start_mark.line + 1, node.start_mark.column + 1) if node else (1, 1)
             field = ".".join(str(p) for p in loc) or "policy"
             msg = err["msg"]
