@@ -19,8 +19,10 @@ from smtpguard.datapath.interfaces import LinkEvent, LinkMonitor, VmIface, class
 from smtpguard.datapath.loader import Datapath, Sizes, ensure_bpffs
 from smtpguard.datapath.snapshot import Snapshot, take
 from smtpguard.errors import AttachError, SmtpguardError
-from smtpguard.metrics import DatapathCollector, serve
-from smtpguard.policy import Policy, load_policy
+from smtpguard.metrics import DatapathCollector, Health, serve
+from smtpguard.policy import LoadedPolicy, Policy, load_path
+from smtpguard.policy.membership import VmFacts, place
+from smtpguard.policy.watch import PolicyWatcher
 
 DEFAULT_PIN_DIR = Path("/sys/fs/bpf/smtpguard/default")
 DEFAULT_STATE_DIR = Path("/var/lib/smtpguard")
@@ -42,11 +44,14 @@ class AgentConfig:
 class Agent:
     """Discovery, attachment and reporting; everything in the kernel outlives it."""
 
-    def __init__(self, cfg: AgentConfig, policy: Policy,
+    def __init__(self, cfg: AgentConfig, loaded: LoadedPolicy,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
-        self.policy = policy
+        self.loaded = loaded
+        self.generation = 1
+        self.reloads = {"applied": 0, "rejected": 0}
         self.clock = clock
+        self._watcher: PolicyWatcher | None = None
         self.datapath = Datapath(cfg.pin_dir, cfg.sizes)
         self.log = logs.get()
         # Replaced, never mutated: the metrics thread reads it without a lock.
@@ -73,13 +78,29 @@ class Agent:
         self.reconcile()
         if self.cfg.metrics_addr:
             collector = DatapathCollector(self.snapshot, lambda: self.ifaces,
-                                          lambda: self.datapath.loaded)
+                                          lambda: self.datapath.loaded, self.health)
             self.metrics_server = serve(self.cfg.metrics_addr, collector)
             host, port = self.metrics_server.server_address[:2]
             self.log.info("metrics.serving", addr=host, port=port)
+        if self.cfg.policy_path is not None:
+            self._watcher = PolicyWatcher(self.cfg.policy_path, self._reload.set)
+            try:
+                self._watcher.start()
+            except OSError as exc:
+                self._watcher = None
+                self.log.warning("policy.watch_unavailable", error=str(exc),
+                                 hint="reload with SIGHUP")
         self._next_log = self.clock() + self.cfg.log_interval
         self.log.info("agent.started", interfaces=len(self.ifaces),
-                      pin_dir=str(self.cfg.pin_dir), policy=str(self.cfg.policy_path or "built-in"))
+                      pin_dir=str(self.cfg.pin_dir), policy=self._policy_name(),
+                      policy_digest=self.loaded.digest, policy_generation=self.generation)
+
+    @property
+    def policy(self) -> Policy:
+        return self.loaded.policy
+
+    def _policy_name(self) -> str:
+        return str(self.cfg.policy_path) if self.cfg.policy_path else "built-in default"
 
     def run(self) -> None:
         """Until SIGTERM/SIGINT; SIGHUP reloads the policy."""
@@ -110,6 +131,8 @@ class Agent:
             self.log_counts(final=True)
         except Exception:
             self.log.debug("agent.final_counts_failed", exc_info=True)
+        if self._watcher is not None:
+            self._watcher.stop()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
         self.datapath.close()
@@ -145,15 +168,22 @@ class Agent:
             self.log.debug("agent.housekeeping_failed", exc_info=True)
 
     def reload(self) -> None:
+        """Swap in the policy on disk if it is valid; keep the running one if not."""
         try:
-            policy = load_policy(self.cfg.policy_path)
+            loaded = load_path(self.cfg.policy_path)
         except SmtpguardError as exc:
-            self.log.error("policy.rejected", errors=str(exc).splitlines())
+            self.reloads["rejected"] += 1
+            self.log.error("policy.rejected", policy=self._policy_name(),
+                           errors=str(exc).splitlines(), policy_generation=self.generation,
+                           kept_digest=self.loaded.digest)
             return
-        self.policy = policy
+        self.loaded = loaded
+        self.generation += 1
+        self.reloads["applied"] += 1
         self._apply_datapath_policy()
         self.reconcile()
-        self.log.info("policy.reloaded", interfaces=len(self.ifaces))
+        self.log.info("policy.reloaded", policy=self._policy_name(), digest=loaded.digest,
+                      policy_generation=self.generation, interfaces=len(self.ifaces))
 
     def _apply_datapath_policy(self) -> None:
         self.datapath.set_ports(self.policy.smtp_ports)
@@ -202,8 +232,9 @@ class Agent:
             log.error("iface.attach_failed", error=str(exc))
             return
         self.ifaces = {**self.ifaces, vif.ifindex: vif}
+        placed = place(self.policy, VmFacts(vif.vm, vif.ifname, tenant=vif.tenant))
         log.info("iface.attached", ifindex=vif.ifindex, pattern=vif.pattern,
-                 renamed=known is not None)
+                 renamed=known is not None, tenant=vif.tenant, vm_class=placed.cls)
 
     def _detach(self, ifindex: int, ifname: str) -> None:
         try:
@@ -228,6 +259,9 @@ class Agent:
         self.log.debug("datapath.forgotten", interfaces=sorted(doomed), entries=removed)
 
     # -- reporting ---------------------------------------------------------
+    def health(self) -> Health:
+        return Health(self.generation, dict(self.reloads))
+
     def snapshot(self) -> Snapshot:
         return take(self.datapath.table("smtp_stats"), self.datapath.table("smtp_dests"))
 

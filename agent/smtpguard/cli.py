@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
                          "interface and report per-VM counts. A plain stop leaves filters "
                          "and pinned maps in the kernel (counting goes on); --cleanup "
                          "removes them.")
-    run.add_argument("--policy", type=Path, help="policy YAML (default: built-in default)")
+    run.add_argument("--policy", type=Path, help="policy YAML file or directory (default: "
+                     "the built-in default); reloaded on SIGHUP and when it changes")
     run.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
                      help=f"agent state (default {DEFAULT_STATE_DIR})")
     run.add_argument("--pin-dir", type=Path, default=DEFAULT_PIN_DIR,
@@ -50,8 +51,21 @@ def _parser() -> argparse.ArgumentParser:
 
     pol = sub.add_parser("policy", help="policy files").add_subparsers(
         dest="policy_command", required=True, metavar="SUBCOMMAND")
-    check = pol.add_parser("check", help="validate policy files without touching the kernel")
-    check.add_argument("files", type=Path, nargs="+")
+    check = pol.add_parser("check", help="validate policy files without touching the kernel",
+                           description="Exit 0 when every FILE (or directory) is valid, 1 "
+                           "otherwise, printing FILE:LINE:COL: field: message per error.")
+    check.add_argument("files", type=Path, nargs="+", metavar="FILE")
+    expl = pol.add_parser("explain", help="the effective policy for one VM, and why",
+                          description="Print the class a VM gets, which rule placed it "
+                          "there, and what that class allows.")
+    expl.add_argument("file", type=Path, metavar="FILE", help="policy file or directory")
+    expl.add_argument("--vm", required=True, help="VM name")
+    expl.add_argument("--interface", help="its interface name")
+    expl.add_argument("--ip", action="append", default=[], help="an address it uses "
+                      "(repeatable)")
+    expl.add_argument("--mac", help="its MAC address")
+    expl.add_argument("--tenant", help="its tenant label")
+    expl.add_argument("--json", action="store_true", help="machine-readable output")
 
     lab = sub.add_parser("lab", help="a hypervisor in network namespaces").add_subparsers(
         dest="lab_command", required=True, metavar="SUBCOMMAND")
@@ -84,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     from smtpguard.agent import Agent, AgentConfig, cleanup
     from smtpguard.datapath.loader import Sizes
-    from smtpguard.policy import load_policy
+    from smtpguard.policy import load_path
 
     if args.netns:
         from smtpguard.netns import enter
@@ -98,19 +112,34 @@ def _run(args: argparse.Namespace) -> int:
     if args.cleanup:
         cleanup(cfg)
         return 0
-    agent = Agent(cfg, load_policy(args.policy))
+    agent = Agent(cfg, load_path(args.policy))
     agent.install_signals()
     agent.run()
     return 0
 
 
-def _policy_check(args: argparse.Namespace) -> int:
-    from smtpguard.policy import load_policy
+def _policy(args: argparse.Namespace) -> int:
+    from smtpguard.policy import load_path
 
+    if args.policy_command == "explain":
+        import ipaddress
+
+        from smtpguard.policy.explain import explain, render
+        from smtpguard.policy.membership import VmFacts
+
+        for ip in args.ip:
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError as exc:
+                raise SmtpguardError(f"--ip {ip}: not an IP address") from exc
+        e = explain(load_path(args.file), VmFacts(args.vm, args.interface, args.mac,
+                                                  tuple(args.ip), args.tenant))
+        print(json.dumps(e, indent=2) if args.json else render(e))
+        return 0
     bad = 0
     for f in args.files:
         try:
-            load_policy(f)
+            load_path(f)
         except SmtpguardError as exc:
             print(exc, file=sys.stderr)
             bad += 1
@@ -160,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return _run(args)
         if args.command == "policy":
-            return _policy_check(args)
+            return _policy(args)
         if args.command == "lab":
             return _lab(args)
     except SmtpguardError as exc:

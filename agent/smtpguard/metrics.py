@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -23,6 +24,12 @@ from smtpguard.datapath.snapshot import IfaceSnapshot, Snapshot, union
 OUTCOMES = ("completed", "reset", "no_answer")
 
 
+@dataclass(frozen=True)
+class Health:
+    policy_generation: int = 1
+    reloads: Mapping[str, int] = field(default_factory=dict)
+
+
 class DatapathCollector(Collector):
     """Per-VM SMTP counters straight from the kernel's maps. A sample:
 
@@ -32,6 +39,8 @@ class DatapathCollector(Collector):
         smtpguard_smtp_destinations{vm="web1",window="1m"} 3.0
         smtpguard_interfaces_attached 12.0
         smtpguard_bpf_program_loaded 1.0
+        smtpguard_policy_generation 3.0
+        smtpguard_policy_reloads_total{result="rejected"} 1.0
 
     When the maps cannot be read the per-VM families are left out entirely
     rather than exported half-filled.
@@ -39,10 +48,12 @@ class DatapathCollector(Collector):
 
     def __init__(self, snapshot: Callable[[], Snapshot],
                  ifaces: Callable[[], Mapping[int, VmIface]],
-                 loaded: Callable[[], bool]) -> None:
+                 loaded: Callable[[], bool],
+                 health: Callable[[], Health] = Health) -> None:
         self._snapshot = snapshot
         self._ifaces = ifaces
         self._loaded = loaded
+        self._health = health
 
     def collect(self) -> Iterator[Metric]:
         yield InfoMetricFamily("smtpguard_build", "Agent build", value={"version": __version__})
@@ -50,6 +61,16 @@ class DatapathCollector(Collector):
                                    "1 when the SMTP classifier is loaded")
         loaded.add_metric([], 1 if self._loaded() else 0)
         yield loaded
+        h = self._health()
+        gen = GaugeMetricFamily("smtpguard_policy_generation",
+                                "Increases by one each time a reloaded policy is applied")
+        gen.add_metric([], h.policy_generation)
+        yield gen
+        reloads = CounterMetricFamily("smtpguard_policy_reloads",
+                                      "Policy reloads by result", labels=["result"])
+        for result in ("applied", "rejected"):
+            reloads.add_metric([result], h.reloads.get(result, 0))
+        yield reloads
         ifaces = dict(self._ifaces())
         attached = GaugeMetricFamily("smtpguard_interfaces_attached",
                                      "VM-facing interfaces carrying the classifier")

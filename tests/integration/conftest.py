@@ -38,8 +38,9 @@ def unique(prefix: str = "sgt") -> str:
 class AgentProc:
     """One `smtpguard run` inside the lab's hypervisor namespace."""
 
-    def __init__(self, lab: topology.Lab, tmp: Path) -> None:
+    def __init__(self, lab: topology.Lab, tmp: Path, policy: Path | None = None) -> None:
         self.lab = lab
+        self.policy = policy
         self.pin_dir = Path(f"/sys/fs/bpf/smtpguard-test/{lab.prefix}")
         self.state_dir = tmp / "state"
         self.log_path = tmp / "agent.log"
@@ -49,7 +50,8 @@ class AgentProc:
     def args(self) -> list[str]:
         return [*SG, "run", "--netns", self.lab.hv, "--pin-dir", str(self.pin_dir),
                 "--state-dir", str(self.state_dir), "--metrics-addr", METRICS,
-                "--log-interval", "3600", "--log-level", "debug"]
+                "--log-interval", "3600", "--log-level", "debug",
+                *(["--policy", str(self.policy)] if self.policy else [])]
 
     def start(self) -> None:
         self._mark = len(self.events()) if self.log_path.exists() else 0
@@ -139,9 +141,10 @@ def require_root() -> None:
 
 
 @contextlib.contextmanager
-def lab_with_agent(tmp: Path, vms: int) -> Iterator[tuple[topology.Lab, AgentProc]]:
+def lab_with_agent(tmp: Path, vms: int, policy: Path | None = None
+                   ) -> Iterator[tuple[topology.Lab, AgentProc]]:
     lab = topology.Lab(unique())
-    agent = AgentProc(lab, tmp)
+    agent = AgentProc(lab, tmp, policy)
     try:
         topology.up(lab, vms)
         agent.start()

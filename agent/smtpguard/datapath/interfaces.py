@@ -22,6 +22,7 @@ class VmIface:
     ifname: str
     vm: str
     pattern: str
+    tenant: str | None = None
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,24 @@ def classify(
         vm = ifname
         if "vm" in m.groupdict() and m.group("vm"):
             vm = m.group("vm")
-        alias = (ifalias or "").strip()
-        if vm_from_ifalias and alias and _VM_NAME.match(alias):
-            vm = alias
-        return VmIface(ifindex, ifname, vm, p.pattern)
+        alias = parse_ifalias(ifalias) if vm_from_ifalias else {}
+        return VmIface(ifindex, ifname, alias.get("vm", vm), p.pattern, alias.get("tenant"))
     return None
+
+
+def parse_ifalias(ifalias: str | None) -> dict[str, str]:
+    """'web1' -> {vm: web1}; 'vm=web1 tenant=acme' -> both; anything else -> {}."""
+    text = (ifalias or "").strip()
+    if not text:
+        return {}
+    if "=" not in text:
+        return {"vm": text} if _VM_NAME.match(text) else {}
+    out = {}
+    for part in text.split():
+        key, _, value = part.partition("=")
+        if key in ("vm", "tenant") and _VM_NAME.match(value):
+            out[key] = value
+    return out
 
 
 def link_event(msg: Any) -> LinkEvent | None:

@@ -1,36 +1,77 @@
-"""The policy schema (version 1). Strict: unknown keys are errors."""
+"""The policy schema, version 1. Strict: unknown keys, wrong types and
+impossible or overlapping values are errors. policies/default.yaml documents
+every field."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    field_validator,
+    model_validator,
+)
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
+from smtpguard.policy.units import Rate, format_duration, parse_duration, parse_rate
+
+# A ValueError whose message starts with "@a.b: " is reported at that sub-path
+# of the object that raised it (policy/load.py), so cross-field errors point
+# at the field that is wrong, not at the whole object.
+AT = "@"
+
+Duration = Annotated[float, BeforeValidator(parse_duration),
+                     PlainSerializer(format_duration, return_type=str)]
+RateField = Annotated[Rate, BeforeValidator(parse_rate), PlainSerializer(str, return_type=str)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Metric = Literal["attempts", "destinations", "blocked_attempts", "failed_handshakes"]
+Action = Literal["flag", "throttle", "block"]
+Port25Mode = Literal["block", "limit", "allow"]
+
+_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+MAX_WINDOW = 86400.0
+MIN_WINDOW = 10.0
+MAX_DEST_WINDOW = 3600.0  # the datapath's destination sketches cover an hour
 
 
-def parse_duration(value: object) -> float:
-    """'90s', '5m', '1.5h', '1d' or a number of seconds -> seconds."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration like 30s, 5m, 1h, 1d")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and (m := _DURATION.match(value)):
-        seconds = float(m.group(1)) * _UNITS[m.group(2)]
-    else:
-        raise ValueError(f"{value!r} is not a duration like 30s, 5m, 1h, 1d")
-    if seconds <= 0:
-        raise ValueError("a duration must be positive")
-    return seconds
+def _network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not an address or CIDR")
+    try:
+        return ipaddress.ip_network(value, strict=True)
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not an address or CIDR with host bits clear "
+                         f"({exc})") from None
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_network),
+                    PlainSerializer(str, return_type=str)]
+
+
+def _mac(value: object) -> str:
+    if not isinstance(value, str) or not _MAC.match(value.lower().replace("-", ":")):
+        raise ValueError(f"{value!r} is not a MAC address like 52:54:00:12:34:56")
+    return value.lower().replace("-", ":")
+
+
+def _name(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError(f"{value!r}: names are lower-case letters, digits, _ and -")
+    return value
+
+
+Name = Annotated[str, AfterValidator(_name)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class InterfacePattern(Strict):
@@ -69,25 +110,194 @@ DEFAULT_PATTERNS = (
 
 
 class Interfaces(Strict):
-    patterns: tuple[InterfacePattern, ...] = DEFAULT_PATTERNS
+    patterns: tuple[InterfacePattern, ...] = Field(default=DEFAULT_PATTERNS, min_length=1)
     vm_from_ifalias: bool = True
+
+    @field_validator("patterns")
+    @classmethod
+    def _distinct(cls, v: tuple[InterfacePattern, ...]) -> tuple[InterfacePattern, ...]:
+        seen = [p.pattern for p in v]
+        for i, p in enumerate(seen):
+            if p in seen[:i]:
+                raise ValueError(f"{AT}{i}.pattern: {p!r} is listed twice")
+        return v
 
 
 class Datapath(Strict):
     no_answer_after: Duration = 2.0
 
 
+class Ceiling(Strict):
+    """New connections allowed: a rate and a burst."""
+
+    rate: RateField
+    burst: int = Field(ge=1, le=100_000)
+
+
+class Threshold(Strict):
+    name: Name | None = None
+    metric: Metric
+    window: Duration
+    at_least: int = Field(ge=1, le=10_000_000)
+    action: Action
+    duration: Duration | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Threshold:
+        if not MIN_WINDOW <= self.window <= MAX_WINDOW:
+            raise ValueError(f"{AT}window: must be between 10s and 1d")
+        if self.metric == "destinations" and self.window > MAX_DEST_WINDOW:
+            raise ValueError(f"{AT}window: destinations are counted over at most 1h")
+        if self.action == "block" and self.duration is None:
+            raise ValueError(f"{AT}duration: a block needs a duration (e.g. 1h)")
+        if self.action == "flag" and self.duration is not None:
+            raise ValueError(f"{AT}duration: a flag has no duration")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.metric}_{format_duration(self.window)}"
+
+
+class Escalation(Strict):
+    """Repeat offenders: each new block lasts `factor` times the previous one,
+    up to `max`; offences older than `forget_after` no longer count."""
+
+    factor: float = Field(default=2.0, ge=1.0, le=10.0)
+    max: Duration = 7 * 86400.0
+    forget_after: Duration = 30 * 86400.0
+
+
+DEFAULT_THRESHOLDS = (
+    Threshold(name="fanout", metric="destinations", window=60, at_least=100, action="block",
+              duration=3600),
+    Threshold(name="hammering", metric="blocked_attempts", window=600, at_least=500,
+              action="block", duration=6 * 3600),
+    Threshold(name="burst", metric="attempts", window=60, at_least=300, action="throttle",
+              duration=3600),
+    Threshold(name="volume", metric="attempts", window=60, at_least=60, action="flag"),
+    Threshold(name="blocked_port", metric="blocked_attempts", window=600, at_least=50,
+              action="flag"),
+    Threshold(name="refused", metric="failed_handshakes", window=600, at_least=50,
+              action="flag"),
+)
+
+
+class VmClass(Strict):
+    port25: Port25Mode = "block"
+    limit: Ceiling | None = Ceiling(rate=Rate(20, 60), burst=10)
+    limited_ports: tuple[Port, ...] = (465, 587, 2525)
+    throttle: Ceiling = Ceiling(rate=Rate(5, 60), burst=5)
+    thresholds: tuple[Threshold, ...] = DEFAULT_THRESHOLDS
+    escalation: Escalation = Escalation()
+
+    @model_validator(mode="after")
+    def _check(self) -> VmClass:
+        if 25 in self.limited_ports:
+            raise ValueError(f"{AT}limited_ports: port 25 is governed by port25:, not listed here")
+        if len(set(self.limited_ports)) != len(self.limited_ports):
+            raise ValueError(f"{AT}limited_ports: ports are listed more than once")
+        if self.limit is None and (self.port25 == "limit" or self.limited_ports):
+            raise ValueError(f"{AT}limit: port25: limit and limited_ports need a limit")
+        if self.limit and self.throttle.rate.per_second >= self.limit.rate.per_second:
+            raise ValueError(f"{AT}throttle.rate: {self.throttle.rate} must be tighter than "
+                             f"the limit, {self.limit.rate}")
+        labels = [t.label for t in self.thresholds]
+        keys = [(t.metric, t.window, t.at_least, t.action) for t in self.thresholds]
+        for i, t in enumerate(self.thresholds):
+            if labels[i] in labels[:i]:
+                raise ValueError(f"{AT}thresholds.{i}.name: {labels[i]!r} is used twice")
+            if keys[i] in keys[:i]:
+                raise ValueError(f"{AT}thresholds.{i}: repeats thresholds.{keys.index(keys[i])}")
+            if t.duration is not None and t.duration > self.escalation.max:
+                raise ValueError(f"{AT}thresholds.{i}.duration: longer than escalation.max "
+                                 f"({format_duration(self.escalation.max)})")
+        return self
+
+
+class Member(Strict):
+    """One class-membership rule; every criterion given must match."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    cls: Name = Field(alias="class")
+    vm: str | None = Field(default=None, min_length=1)
+    interface: str | None = Field(default=None, min_length=1)
+    mac: Annotated[str, BeforeValidator(_mac)] | None = None
+    ip: Network | None = None
+    tenant: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _some_criterion(self) -> Member:
+        if not any((self.vm, self.interface, self.mac, self.ip, self.tenant)):
+            raise ValueError("a rule needs at least one of vm, interface, mac, ip, tenant "
+                             "(default_class covers everyone else)")
+        return self
+
+
+class Webhook(Strict):
+    url: str
+    events: tuple[Literal["flagged", "throttled", "blocked", "released"], ...] = (
+        "flagged", "throttled", "blocked", "released")
+    timeout: Duration = 5.0
+    queue: int = Field(default=1000, ge=1, le=100_000)
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        if not re.match(r"^https?://[^\s/]+", v):
+            raise ValueError(f"{v!r} is not an http:// or https:// URL")
+        return v
+
+
+def _default_classes() -> dict[str, VmClass]:
+    return {"default": VmClass()}
+
+
 class Policy(Strict):
-    version: int = Field(default=1, ge=1, le=1)
-    smtp_ports: tuple[Annotated[int, Field(ge=1, le=65535)], ...] = (25, 465, 587, 2525)
+    version: Literal[1] = 1
+    smtp_ports: tuple[Port, ...] = (25, 465, 587, 2525)
+    relays: tuple[Network, ...] = ()
     interfaces: Interfaces = Interfaces()
     datapath: Datapath = Datapath()
+    classes: dict[Name, VmClass] = Field(default_factory=_default_classes, min_length=1)
+    default_class: Name = "default"
+    members: tuple[Member, ...] = ()
+    webhook: Webhook | None = None
 
     @field_validator("smtp_ports")
     @classmethod
-    def _distinct(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+    def _ports(cls, v: tuple[int, ...]) -> tuple[int, ...]:
         if not v:
             raise ValueError("at least one SMTP port is needed")
         if len(set(v)) != len(v):
             raise ValueError("ports are listed more than once")
         return v
+
+    @field_validator("relays")
+    @classmethod
+    def _no_overlap(cls, v: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+                    ) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        for i, a in enumerate(v):
+            for j, b in enumerate(v[:i]):
+                if a.version == b.version and a.overlaps(b):
+                    raise ValueError(f"{AT}{i}: {a} overlaps relays.{j} ({b})")
+        return v
+
+    @model_validator(mode="after")
+    def _references(self) -> Policy:
+        if self.default_class not in self.classes:
+            raise ValueError(f"{AT}default_class: no class {self.default_class!r} "
+                             f"(have {', '.join(sorted(self.classes))})")
+        for i, m in enumerate(self.members):
+            if m.cls not in self.classes:
+                raise ValueError(f"{AT}members.{i}.class: no class {m.cls!r}")
+        for name, c in self.classes.items():
+            for j, p in enumerate(c.limited_ports):
+                if p not in self.smtp_ports:
+                    raise ValueError(f"{AT}classes.{name}.limited_ports.{j}: {p} is not in "
+                                     "smtp_ports")
+        return self
+
+    def vm_class(self, name: str) -> VmClass:
+        return self.classes[name]
