@@ -18,8 +18,9 @@ from smtpguard.datapath import attach
 from smtpguard.datapath.interfaces import LinkEvent, LinkMonitor, VmIface, classify, dump_links
 from smtpguard.datapath.loader import Datapath, Sizes, ensure_bpffs
 from smtpguard.datapath.snapshot import Snapshot, take
+from smtpguard.enforce.keeper import Keeper
 from smtpguard.errors import AttachError, SmtpguardError
-from smtpguard.metrics import DatapathCollector, Health, serve
+from smtpguard.metrics import DatapathCollector, EnforcementCollector, Health, serve
 from smtpguard.policy import LoadedPolicy, Policy, load_path
 from smtpguard.policy.membership import VmFacts, place
 from smtpguard.policy.watch import PolicyWatcher
@@ -39,6 +40,7 @@ class AgentConfig:
     tick: float = 1.0
     log_interval: float = 60.0
     sizes: Sizes = field(default_factory=Sizes)
+    enforce: bool = True
 
 
 class Agent:
@@ -52,6 +54,7 @@ class Agent:
         self.reloads = {"applied": 0, "rejected": 0}
         self.clock = clock
         self._watcher: PolicyWatcher | None = None
+        self.keeper: Keeper | None = None
         self.datapath = Datapath(cfg.pin_dir, cfg.sizes)
         self.log = logs.get()
         # Replaced, never mutated: the metrics thread reads it without a lock.
@@ -76,10 +79,16 @@ class Agent:
         self._monitor.start()  # subscribe before the dump: nothing falls between
         self._ipr = IPRoute()
         self.reconcile()
+        collectors: list[Any] = [DatapathCollector(
+            self.snapshot, lambda: self.ifaces, lambda: self.datapath.loaded, self.health)]
+        if self.cfg.enforce:
+            from smtpguard.enforce.nftables import NftablesEnforcer
+
+            self.keeper = Keeper(NftablesEnforcer(), self.policy, self.clock)
+            self.keeper.start(self.ifaces)
+            collectors.append(EnforcementCollector(self.keeper.enforcer, lambda: self.ifaces))
         if self.cfg.metrics_addr:
-            collector = DatapathCollector(self.snapshot, lambda: self.ifaces,
-                                          lambda: self.datapath.loaded, self.health)
-            self.metrics_server = serve(self.cfg.metrics_addr, collector)
+            self.metrics_server = serve(self.cfg.metrics_addr, *collectors)
             host, port = self.metrics_server.server_address[:2]
             self.log.info("metrics.serving", addr=host, port=port)
         if self.cfg.policy_path is not None:
@@ -153,11 +162,14 @@ class Agent:
                     break
                 continue
             self.on_link(ev)
+            self._enforce_vms()
         if self._reload.is_set():
             self._reload.clear()
             self.reload()
         try:
             self._sweep()
+            if self.keeper is not None:
+                self.keeper.repair()
             if self.clock() >= self._next_log:
                 self._next_log = self.clock() + self.cfg.log_interval
                 self.log_counts()
@@ -166,6 +178,16 @@ class Agent:
             # attachment of new interfaces) down with it.
             self.log.error("agent.housekeeping_failed", error=str(exc))
             self.log.debug("agent.housekeeping_failed", exc_info=True)
+
+    def _enforce_vms(self) -> None:
+        if self.keeper is None:
+            return
+        try:
+            self.keeper.ifaces_changed(self.ifaces)
+            self.keeper.flush()
+        except SmtpguardError as exc:
+            # The interface is still covered by the default class (wildcards).
+            self.log.error("enforce.update_failed", error=str(exc))
 
     def reload(self) -> None:
         """Swap in the policy on disk if it is valid; keep the running one if not."""
@@ -182,6 +204,8 @@ class Agent:
         self.reloads["applied"] += 1
         self._apply_datapath_policy()
         self.reconcile()
+        if self.keeper is not None:
+            self.keeper.policy_changed(self.policy, self.ifaces)
         self.log.info("policy.reloaded", policy=self._policy_name(), digest=loaded.digest,
                       policy_generation=self.generation, interfaces=len(self.ifaces))
 
@@ -300,5 +324,12 @@ def cleanup(cfg: AgentConfig) -> int:
                 removed += 1
                 log.info("iface.detached", interface=ev.ifname, reason="cleanup")
     Datapath(cfg.pin_dir, cfg.sizes).unpin()
-    log.info("agent.cleaned_up", interfaces=removed, pin_dir=str(cfg.pin_dir))
+    tables = False
+    if cfg.enforce:
+        from smtpguard.enforce.desired import Capabilities
+        from smtpguard.enforce.nftables import NftablesEnforcer
+
+        tables = NftablesEnforcer(Capabilities()).remove()
+    log.info("agent.cleaned_up", interfaces=removed, pin_dir=str(cfg.pin_dir),
+             nft_tables_removed=tables)
     return removed

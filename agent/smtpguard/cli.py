@@ -47,7 +47,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="attempts remembered for SYN dedup; size for rate x retry "
                      "window (default 262144)")
     run.add_argument("--cleanup", action="store_true",
-                     help="remove every smtpg_* tc filter and the pinned maps, then exit")
+                     help="turn everything off: remove every smtpg_* tc filter, the pinned "
+                     "maps and the smtpguard nftables tables, then exit")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print the nftables ruleset the policy gives (nft -f syntax), exit")
+    run.add_argument("--no-enforce", action="store_true",
+                     help="count and report only; leave nftables alone")
 
     pol = sub.add_parser("policy", help="policy files").add_subparsers(
         dest="policy_command", required=True, metavar="SUBCOMMAND")
@@ -76,7 +81,9 @@ def _parser() -> argparse.ArgumentParser:
         p = lab.add_parser(name, help=helptext)
         p.add_argument("--name", default="sglab", help="lab prefix (default sglab)")
         if name == "up":
-            p.add_argument("--vms", type=int, default=3)
+            p.add_argument("--vms", type=int, default=3, help="VMs on the bridge (vm1..)")
+            p.add_argument("--routed", type=int, default=0,
+                           help="VMs on routed taps (rvm1..)")
         if name == "send":
             p.add_argument("vm", help="vm1, vm2, ...")
             p.add_argument("--connections", type=int, required=True)
@@ -107,10 +114,16 @@ def _run(args: argparse.Namespace) -> int:
     cfg = AgentConfig(
         policy_path=args.policy, state_dir=args.state_dir, pin_dir=args.pin_dir,
         metrics_addr=args.metrics_addr or None, log_interval=args.log_interval,
-        sizes=Sizes(conn_table=args.conn_table_size),
+        sizes=Sizes(conn_table=args.conn_table_size), enforce=not args.no_enforce,
     )
     if args.cleanup:
         cleanup(cfg)
+        return 0
+    if args.dry_run:
+        from smtpguard.enforce.desired import Desired
+        from smtpguard.enforce.nftables import dry_run, probe
+
+        sys.stdout.write(dry_run(Desired(load_path(args.policy).policy), probe()))
         return 0
     agent = Agent(cfg, load_path(args.policy))
     agent.install_signals()
@@ -153,16 +166,18 @@ def _lab(args: argparse.Namespace) -> int:
 
     lab = topology.Lab(args.name)
     if args.lab_command == "up":
-        topology.up(lab, args.vms)
-        print(f"lab {lab.prefix}: hypervisor {lab.hv}, sink {lab.sink}, VMs {lab.vms()}")
+        topology.up(lab, args.vms, args.routed)
+        print(f"lab {lab.prefix}: hypervisor {lab.hv}, sink {lab.sink}, "
+              f"VMs {lab.vms() + lab.vms('rvm')}")
     elif args.lab_command == "down":
         topology.down(lab)
     elif args.lab_command == "send":
         from smtpguard.lab.traffic import SendPlan, send
         from smtpguard.netns import enter
 
-        if args.vm not in lab.vms():
-            raise SmtpguardError(f"no VM {args.vm} in lab {lab.prefix} (have {lab.vms()})")
+        have = lab.vms() + lab.vms("rvm")
+        if args.vm not in have:
+            raise SmtpguardError(f"no VM {args.vm} in lab {lab.prefix} (have {have})")
         plan = SendPlan(connections=args.connections, rate=args.rate,
                         destinations=max(1, args.destinations), port=args.port,
                         family=6 if args.ipv6 else 4, dialog=args.dialog, timeout=args.timeout)

@@ -121,6 +121,60 @@ class DatapathCollector(Collector):
         yield from (attempts, retrans, handshakes, sent, dests)
 
 
+class EnforcementCollector(Collector):
+    """What nftables rejected, from the counters in our tables. A sample:
+
+        smtpguard_smtp_blocked_attempts_total{vm="web1",interface="vnet3",port="25",
+                                              reason="port25"} 12.0
+        smtpguard_nft_set_elements{family="bridge",set="seen4"} 12.0
+        smtpguard_nft_set_size{family="bridge",set="seen4"} 131072.0
+        smtpguard_nft_overflow_total 0.0
+
+    Blocked attempts are distinct attempts: a retransmitted SYN is not counted
+    again. Nothing is exported when the tables cannot be read.
+    """
+
+    def __init__(self, enforcer: Any, ifaces: Callable[[], Mapping[int, VmIface]]) -> None:
+        self._enforcer = enforcer
+        self._ifaces = ifaces
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            counts = self._enforcer.blocked_counts()
+            fill = self._enforcer.fill()
+            overflow = self._enforcer.overflows()
+        except Exception:
+            logs.get().debug("metrics.nft_read_failed", exc_info=True)
+            return
+        vm_of = {v.ifname: v.vm for v in self._ifaces().values()}
+        blocked = CounterMetricFamily(
+            "smtpguard_smtp_blocked_attempts",
+            "SMTP connection attempts rejected by the enforcement, by reason",
+            labels=["vm", "interface", "port", "reason"])
+        totals: dict[tuple[str, str, str, str], int] = {}
+        for c in counts:
+            key = (vm_of.get(c.ifname, c.ifname), c.ifname, str(c.port), c.reason)
+            totals[key] = totals.get(key, 0) + c.packets
+        for key, n in sorted(totals.items()):
+            blocked.add_metric(list(key), n)
+        yield blocked
+        elements = GaugeMetricFamily("smtpguard_nft_set_elements",
+                                     "Elements in each sized nftables set of ours",
+                                     labels=["family", "set"])
+        size = GaugeMetricFamily("smtpguard_nft_set_size", "Capacity of each sized set",
+                                 labels=["family", "set"])
+        for (fam, name), (n, cap) in sorted(fill.items()):
+            elements.add_metric([fam, name], n)
+            size.add_metric([fam, name], cap)
+        yield elements
+        yield size
+        over = CounterMetricFamily(
+            "smtpguard_nft_overflow",
+            "Attempts rejected without dedup or per-VM count because a set was full")
+        over.add_metric([], overflow)
+        yield over
+
+
 def parse_addr(addr: str) -> tuple[str, int]:
     """'127.0.0.1:9725', '[::1]:9725' or ':9725' -> (host, port)."""
     host, sep, port = addr.rpartition(":")
@@ -131,10 +185,11 @@ def parse_addr(addr: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def serve(addr: str, collector: Collector) -> Any:
+def serve(addr: str, *collectors: Collector) -> Any:
     """Start the /metrics endpoint; returns the HTTP server (its port, for :0)."""
     host, port = parse_addr(addr)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
+    for collector in collectors:
+        registry.register(collector)
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return server

@@ -38,9 +38,11 @@ def unique(prefix: str = "sgt") -> str:
 class AgentProc:
     """One `smtpguard run` inside the lab's hypervisor namespace."""
 
-    def __init__(self, lab: topology.Lab, tmp: Path, policy: Path | None = None) -> None:
+    def __init__(self, lab: topology.Lab, tmp: Path, policy: Path | None = None,
+                 enforce: bool = False) -> None:
         self.lab = lab
         self.policy = policy
+        self.enforce = enforce
         self.pin_dir = Path(f"/sys/fs/bpf/smtpguard-test/{lab.prefix}")
         self.state_dir = tmp / "state"
         self.log_path = tmp / "agent.log"
@@ -51,7 +53,8 @@ class AgentProc:
         return [*SG, "run", "--netns", self.lab.hv, "--pin-dir", str(self.pin_dir),
                 "--state-dir", str(self.state_dir), "--metrics-addr", METRICS,
                 "--log-interval", "3600", "--log-level", "debug",
-                *(["--policy", str(self.policy)] if self.policy else [])]
+                *(["--policy", str(self.policy)] if self.policy else []),
+                *([] if self.enforce else ["--no-enforce"])]
 
     def start(self) -> None:
         self._mark = len(self.events()) if self.log_path.exists() else 0
@@ -71,6 +74,7 @@ class AgentProc:
         self.proc = None
 
     def cleanup(self) -> None:
+        """Everything off: filters, pins, and our nftables tables."""
         subprocess.run([*SG, "run", "--cleanup", "--netns", self.lab.hv, "--pin-dir",
                         str(self.pin_dir)], capture_output=True, check=False)
         shutil.rmtree(self.pin_dir, ignore_errors=True)
@@ -141,12 +145,12 @@ def require_root() -> None:
 
 
 @contextlib.contextmanager
-def lab_with_agent(tmp: Path, vms: int, policy: Path | None = None
-                   ) -> Iterator[tuple[topology.Lab, AgentProc]]:
+def lab_with_agent(tmp: Path, vms: int, policy: Path | None = None, routed: int = 0,
+                   enforce: bool = False) -> Iterator[tuple[topology.Lab, AgentProc]]:
     lab = topology.Lab(unique())
-    agent = AgentProc(lab, tmp, policy)
+    agent = AgentProc(lab, tmp, policy, enforce)
     try:
-        topology.up(lab, vms)
+        topology.up(lab, vms, routed)
         agent.start()
         yield lab, agent
     finally:

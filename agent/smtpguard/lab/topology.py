@@ -29,6 +29,10 @@ from smtpguard.netns import run_in
 
 LAN4 = ipaddress.ip_network("198.18.0.0/24")
 LAN6 = ipaddress.ip_network("fdac:25::/64")
+ROUTED4 = ipaddress.ip_network("198.18.1.0/24")
+ROUTED6 = ipaddress.ip_network("fdac:27::/64")
+GW4, GW6 = "169.254.0.1", "fe80::1"  # what a routed VM's tap answers as
+HV_HOST = 1
 DEST4 = ipaddress.ip_network("198.19.0.0/16")
 DEST6 = ipaddress.ip_network("fdac:26::/64")
 SINK_HOST = 2
@@ -74,6 +78,9 @@ class Lab:
     def vm_addr(self, n: int, family: int = 4) -> str:
         return _host(LAN4 if family == 4 else LAN6, VM_HOST_BASE + n)
 
+    def routed_addr(self, n: int, family: int = 4) -> str:
+        return _host(ROUTED4 if family == 4 else ROUTED6, n)
+
     def sink_addr(self, family: int = 4) -> str:
         return _host(LAN4 if family == 4 else LAN6, SINK_HOST)
 
@@ -82,10 +89,12 @@ class Lab:
 
         return sorted(n for n in netns.listnetns() if n.startswith(f"{self.prefix}-"))
 
-    def vms(self) -> list[str]:
-        head = f"{self.prefix}-vm"
-        return sorted((n[len(self.prefix) + 1:] for n in self.namespaces() if n.startswith(head)),
-                      key=lambda v: int(v[2:]) if v[2:].isdigit() else 0)
+    def vms(self, kind: str = "vm") -> list[str]:
+        """Bridged VMs (vm1, vm2, ...) or, with kind="rvm", routed ones."""
+        head = f"{self.prefix}-{kind}"
+        names = [n[len(self.prefix) + 1:] for n in self.namespaces() if n.startswith(head)]
+        return sorted((v for v in names if v[len(kind):].isdigit()),
+                      key=lambda v: int(v[len(kind):]))
 
     def exists(self) -> bool:
         return self.hv in self.namespaces()
@@ -99,28 +108,31 @@ def _sysctl(ns: str, settings: dict[str, str]) -> None:
     run_in(ns, write)
 
 
-def up(lab: Lab, vms: int = 3) -> None:
+def up(lab: Lab, vms: int = 3, routed: int = 0) -> None:
     """Build the lab (adding VMs to an existing one up to `vms`)."""
     if not 0 <= vms <= MAX_VMS:
         raise LabError(f"--vms must be between 0 and {MAX_VMS}")
+    if not 0 <= routed <= MAX_VMS:
+        raise LabError(f"--routed must be between 0 and {MAX_VMS}")
     created = not lab.exists()
     try:
-        _up(lab, vms)
+        _up(lab, vms, routed)
     except Exception as exc:
         if created:
             down(lab)
         raise LabError(f"building lab {lab.prefix}: {exc}") from exc
 
 
-def _up(lab: Lab, vms: int) -> None:
+def _up(lab: Lab, vms: int, routed: int) -> None:
     from pyroute2 import IPRoute, netns
 
     log = logs.get(lab=lab.prefix)
     if not lab.exists():
         netns.create(lab.hv)
         netns.create(lab.sink)
-        _sysctl(lab.hv, {"net.ipv6.conf.all.disable_ipv6": "1",
-                         "net.ipv6.conf.default.disable_ipv6": "1"})
+        # The hypervisor routes for routed VMs; bridged ones talk to the sink directly.
+        _sysctl(lab.hv, {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1",
+                         "net.ipv6.conf.default.accept_dad": "0"})
         with IPRoute(netns=lab.hv) as ipr:
             ipr.link("add", ifname="br0", kind="bridge")
             br = ipr.link_lookup(ifname="br0")[0]
@@ -129,6 +141,11 @@ def _up(lab: Lab, vms: int) -> None:
             ipr.link("set", index=ipr.link_lookup(ifname="sink0")[0], master=br, state="up")
             ipr.link("set", index=br, state="up")
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+            ipr.addr("add", index=br, address=_host(LAN4, HV_HOST), prefixlen=LAN4.prefixlen)
+            ipr.addr("add", index=br, address=_host(LAN6, HV_HOST), prefixlen=LAN6.prefixlen,
+                     flags=IFA_F_NODAD)
+            ipr.route("add", dst=str(DEST4), gateway=lab.sink_addr(4))
+            ipr.route("add", dst=str(DEST6), gateway=lab.sink_addr(6))
         _sysctl(lab.sink, {"net.core.somaxconn": "8192",
                            "net.ipv4.tcp_max_syn_backlog": "8192"})
         with IPRoute(netns=lab.sink) as ipr:
@@ -142,11 +159,14 @@ def _up(lab: Lab, vms: int) -> None:
             # AnyIP: the sink owns every destination address.
             for dst in (DEST4, DEST6):
                 ipr.route("add", dst=str(dst), type="local", oif=lo, table=255, scope=254)
+            ipr.route("add", dst=str(ROUTED4), gateway=_host(LAN4, HV_HOST))
+            ipr.route("add", dst=str(ROUTED6), gateway=_host(LAN6, HV_HOST))
         _start_sink(lab)
         log.info("lab.up", namespaces=[lab.hv, lab.sink])
-    have = len(lab.vms())
-    for n in range(have + 1, vms + 1):
+    for n in range(len(lab.vms()) + 1, vms + 1):
         add_vm(lab, n)
+    for n in range(len(lab.vms("rvm")) + 1, routed + 1):
+        add_routed_vm(lab, n)
 
 
 def add_vm(lab: Lab, n: int) -> str:
@@ -175,6 +195,37 @@ def add_vm(lab: Lab, n: int) -> str:
         ipr.route("add", dst=str(DEST4), gateway=lab.sink_addr(4))
         ipr.route("add", dst=str(DEST6), gateway=lab.sink_addr(6))
     logs.get(lab=lab.prefix).info("lab.vm_added", vm=vm, interface=f"veth-{vm}")
+    return vm
+
+
+def add_routed_vm(lab: Lab, n: int) -> str:
+    """A VM on a routed tap (no bridge): /32 and /128 addresses, the host's
+    side of the veth is its gateway, the hypervisor routes it."""
+    from pyroute2 import IPRoute, netns
+
+    vm = f"rvm{n}"
+    ns = lab.vm_ns(vm)
+    netns.create(ns)
+    host = f"veth-{vm}"
+    with IPRoute(netns=lab.hv) as ipr:
+        ipr.link("add", ifname=host, kind="veth", peer={"ifname": "eth0", "net_ns_fd": ns})
+        idx = ipr.link_lookup(ifname=host)[0]
+        ipr.link("set", index=idx, ifalias=vm, state="up")
+        ipr.addr("add", index=idx, address=GW4, prefixlen=32)
+        ipr.addr("add", index=idx, address=GW6, prefixlen=64, flags=IFA_F_NODAD)
+        ipr.route("add", dst=f"{lab.routed_addr(n, 4)}/32", oif=idx)
+        ipr.route("add", dst=f"{lab.routed_addr(n, 6)}/128", oif=idx)
+    with IPRoute(netns=ns) as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        eth = ipr.link_lookup(ifname="eth0")[0]
+        ipr.addr("add", index=eth, address=lab.routed_addr(n, 4), prefixlen=32)
+        ipr.addr("add", index=eth, address=lab.routed_addr(n, 6), prefixlen=128,
+                 flags=IFA_F_NODAD)
+        ipr.link("set", index=eth, state="up")
+        ipr.route("add", dst=f"{GW4}/32", oif=eth, scope=253)
+        ipr.route("add", dst="0.0.0.0/0", gateway=GW4, oif=eth)
+        ipr.route("add", dst="::/0", gateway=GW6, oif=eth)
+    logs.get(lab=lab.prefix).info("lab.vm_added", vm=vm, interface=host, routed=True)
     return vm
 
 

@@ -1,0 +1,1 @@
+"""Enforcement in the kernel: nftables tables rendered from the policy."""

@@ -1,0 +1,115 @@
+"""Keeps the kernel's enforcement equal to the desired state: the policy,
+the VM interfaces the agent knows (and their classes), the blocks and
+throttles in force. Full applies on start, reload and repair; elements only
+for per-VM changes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from smtpguard import logs
+from smtpguard.datapath.interfaces import VmIface
+from smtpguard.enforce import render
+from smtpguard.enforce.desired import Action, Capabilities, Desired
+from smtpguard.errors import EnforcerError
+from smtpguard.policy.membership import VmFacts, place
+from smtpguard.policy.model import Policy
+
+
+class Enforcer(Protocol):
+    """What a backend does; NftablesEnforcer implements it (iptables will)."""
+
+    name: str
+    caps: Capabilities
+
+    def apply(self, desired: Desired) -> None: ...
+    def set_vms(self, desired: Desired) -> None: ...
+    def actions(self) -> dict[str, Action]: ...
+    def observe(self) -> dict[str, dict[str, Any] | None]: ...
+    def forget(self, ifnames: Any) -> None: ...
+
+
+class Keeper:
+    def __init__(self, enforcer: Enforcer, policy: Policy,
+                 clock: Callable[[], float] = time.monotonic, repair_every: float = 10.0) -> None:
+        self.enforcer = enforcer
+        self.policy = policy
+        self.classes: dict[str, str] = {}
+        self.actions: dict[str, Action] = {}
+        self.clock = clock
+        self.repair_every = repair_every
+        self._dirty = False
+        self._next_repair = 0.0
+        self.log = logs.get(backend=enforcer.name)
+
+    def desired(self) -> Desired:
+        return Desired(self.policy, dict(self.classes), dict(self.actions))
+
+    def start(self, ifaces: Mapping[int, VmIface]) -> None:
+        """Adopt the blocks and throttles already in the kernel, then apply."""
+        self.actions = self.enforcer.actions()
+        self.classes = self._classes(ifaces)
+        self.enforcer.apply(self.desired())
+        self._next_repair = self.clock() + self.repair_every
+        self.log.info("enforce.applied", reason="start", vms=len(self.classes),
+                      adopted_actions=len(self.actions), reject_bridge=self.enforcer.caps
+                      .reject_bridge, reject_inet=self.enforcer.caps.reject_inet)
+
+    def _classes(self, ifaces: Mapping[int, VmIface]) -> dict[str, str]:
+        return {v.ifname: place(self.policy, VmFacts(v.vm, v.ifname, tenant=v.tenant)).cls
+                for v in ifaces.values()}
+
+    def policy_changed(self, policy: Policy, ifaces: Mapping[int, VmIface]) -> None:
+        self.policy = policy
+        self.classes = self._classes(ifaces)
+        self.enforcer.apply(self.desired())
+        self._dirty = False
+        self.log.info("enforce.applied", reason="policy", vms=len(self.classes))
+
+    def ifaces_changed(self, ifaces: Mapping[int, VmIface]) -> None:
+        classes = self._classes(ifaces)
+        gone = set(self.classes) - set(classes)
+        if classes != self.classes:
+            self.classes = classes
+            self._dirty = True
+        if gone:
+            try:
+                self.enforcer.forget(gone)
+            except EnforcerError as exc:
+                self.log.error("enforce.forget_failed", error=str(exc))
+
+    def set_action(self, ifnames: list[str], action: Action | None) -> None:
+        for ifname in ifnames:
+            if action is None:
+                self.actions.pop(ifname, None)
+            else:
+                self.actions[ifname] = action
+        self._dirty = True
+        self.flush()
+
+    def flush(self) -> None:
+        """Push pending per-VM changes (elements only)."""
+        now = time.time()
+        expired = [k for k, a in self.actions.items() if a.until is not None and a.until <= now]
+        for k in expired:
+            del self.actions[k]
+        if not self._dirty:
+            return
+        self.enforcer.set_vms(self.desired())
+        self._dirty = False
+
+    def repair(self) -> None:
+        """Periodically: if our tables were flushed or deleted behind our
+        back, put them back."""
+        if self.clock() < self._next_repair:
+            return
+        self._next_repair = self.clock() + self.repair_every
+        observed = self.enforcer.observe()
+        want = self.desired()
+        missing = [fam for fam, t in observed.items() if t is None or t.get("rules", 0) != sum(
+            len(r) for r in render.chains(want, fam, self.enforcer.caps).values())]
+        if missing:
+            self.enforcer.apply(self.desired())
+            self.log.warning("enforce.repaired", missing=missing)

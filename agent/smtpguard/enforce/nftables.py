@@ -1,0 +1,267 @@
+"""The nftables backend: our two tables (`bridge smtpguard`, `inet smtpguard`)
+applied through libnftables' JSON API, each change one atomic transaction."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from smtpguard import logs
+from smtpguard.enforce import render
+from smtpguard.enforce.desired import Action, Capabilities, Desired
+from smtpguard.errors import EnforcerError
+
+T = TypeVar("T")
+CLONE_NEWNET = 0x40000000
+
+
+def _nft() -> Any:
+    try:
+        import nftables
+    except ImportError as exc:
+        raise EnforcerError("python3-nftables is not importable (make setup)") from exc
+    n = nftables.Nftables()
+    n.set_json_output(True)
+    n.set_handle_output(False)
+    return n
+
+
+def in_scratch_netns(fn: Callable[[], T]) -> T:
+    """Run fn in a thread of its own inside a fresh, empty network namespace
+    (gone when the thread ends): for probing and dry runs."""
+    box: dict[str, T] = {}
+    err: list[BaseException] = []
+
+    def target() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        try:
+            if libc.unshare(CLONE_NEWNET) != 0:
+                raise EnforcerError(f"unshare(CLONE_NEWNET): errno {ctypes.get_errno()}")
+            box["r"] = fn()
+        except BaseException as exc:  # handed back to the caller
+            err.append(exc)
+
+    t = threading.Thread(target=target, name="nft-scratch")
+    t.start()
+    t.join()
+    if err:
+        raise err[0]
+    return box["r"]
+
+
+def probe() -> Capabilities:
+    """Which families can reject (TCP reset) from prerouting on this kernel."""
+    def run() -> Capabilities:
+        n = _nft()
+        ok = {}
+        for fam in render.FAMILIES:
+            rc, _, _ = n.cmd(f"add table {fam} p; add chain {fam} p c {{ type filter hook "
+                             f"prerouting priority -300; }}; add rule {fam} p c meta l4proto "
+                             "tcp reject with tcp reset")
+            ok[fam] = rc == 0
+        return Capabilities(reject_bridge=ok["bridge"], reject_inet=ok["inet"])
+
+    return in_scratch_netns(run)
+
+
+@dataclass(frozen=True)
+class BlockedCount:
+    family: str
+    reason: str
+    ifname: str
+    port: int
+    packets: int
+
+
+class NftablesEnforcer:
+    """Idempotent: apply() brings our tables to the desired state whatever
+    they hold (nothing, an older ruleset, a half-deleted one)."""
+
+    name = "nftables"
+
+    def __init__(self, caps: Capabilities | None = None) -> None:
+        self.n = _nft()
+        self.caps = caps if caps is not None else probe()
+        self._lock = threading.Lock()  # one libnftables context, two threads
+
+    # -- low level ---------------------------------------------------------
+    def _json(self, cmds: list[dict[str, Any]], what: str) -> None:
+        with self._lock:
+            rc, _out, err = self.n.json_cmd({"nftables": cmds})
+        if rc != 0:
+            raise EnforcerError(f"{what}: {err.strip() or rc}")
+
+    def _list(self, family: str) -> dict[str, Any] | None:
+        with self._lock:
+            rc, out, _err = self.n.cmd(f"list table {family} {render.TABLE}")
+        if rc != 0:
+            return None
+        result: dict[str, Any] = {"sets": {}, "chains": set(), "counters": {}, "rules": 0}
+        for obj in json.loads(out)["nftables"]:
+            for kind in ("set", "map"):
+                if kind in obj:
+                    result["sets"][obj[kind]["name"]] = obj[kind]
+            if "chain" in obj:
+                result["chains"].add(obj["chain"]["name"])
+            if "counter" in obj:
+                result["counters"][obj["counter"]["name"]] = obj["counter"]
+            if "rule" in obj:
+                result["rules"] += 1
+        return result
+
+    def observe(self) -> dict[str, dict[str, Any] | None]:
+        return {fam: self._list(fam) for fam in render.FAMILIES}
+
+    # -- the backend interface ---------------------------------------------
+    def apply(self, desired: Desired) -> None:
+        """Both tables to the desired state, in one transaction."""
+        observed = self.observe()
+        self._typeof_sets(observed)
+        observed = self.observe()
+        cmds: list[dict[str, Any]] = []
+        now = time.time()
+        for fam in render.FAMILIES:
+            cmds += render.table_commands(fam, desired, self.caps, observed[fam], now)
+            if not (observed[fam] or {}).get("counters", {}).get("overflow"):
+                cmds.insert(len(cmds) - _rules_count(cmds, fam),
+                            {"add": {"counter": {"family": fam, "table": render.TABLE,
+                                                 "name": "overflow"}}})
+        self._json(cmds, "applying the smtpguard tables")
+
+    def set_vms(self, desired: Desired) -> None:
+        """Per-VM changes (classes, blocks, throttles): elements only."""
+        cmds: list[dict[str, Any]] = []
+        now = time.time()
+        for fam in render.FAMILIES:
+            cmds += render.element_commands(fam, desired, ("vm_class", "vm_state"), now)
+        self._json(cmds, "updating VM elements")
+
+    def actions(self) -> dict[str, Action]:
+        """Blocks and throttles in the kernel now (the bridge table is the reference)."""
+        now = time.time()
+        out: dict[str, Action] = {}
+        for fam in render.FAMILIES:
+            table = self._list(fam)
+            if table is None:
+                continue
+            for elem in table["sets"].get("vm_state", {}).get("elem", []):
+                key, verdict = elem
+                if isinstance(key, dict):
+                    ifname = key["elem"]["val"]
+                    until = now + float(key["elem"].get("expires", 0))
+                else:
+                    ifname, until = key, None
+                target = verdict.get("jump", {}).get("target", "")
+                kind = "block" if target == "block" else "throttle"
+                out.setdefault(ifname, Action(kind, until))  # type: ignore[arg-type]
+        return out
+
+    def blocked_counts(self) -> list[BlockedCount]:
+        out = []
+        for fam in render.FAMILIES:
+            table = self._list(fam)
+            if table is None:
+                continue
+            for reason in render.REASONS:
+                for elem in table["sets"].get(f"cnt_{reason}", {}).get("elem", []):
+                    e = elem.get("elem", elem) if isinstance(elem, dict) else elem
+                    val = e["val"]["concat"] if isinstance(e, dict) else e["concat"]
+                    packets = e.get("counter", {}).get("packets", 0) if isinstance(e, dict) else 0
+                    out.append(BlockedCount(fam, reason, str(val[0]), int(val[1]), int(packets)))
+        return out
+
+    def fill(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(family, set) -> (elements, size) for every sized set."""
+        out = {}
+        for fam in render.FAMILIES:
+            table = self._list(fam)
+            if table is None:
+                continue
+            for name, s in table["sets"].items():
+                if s.get("size"):
+                    out[(fam, name)] = (len(s.get("elem", [])), int(s["size"]))
+        return out
+
+    def overflows(self) -> int:
+        total = 0
+        for fam in render.FAMILIES:
+            table = self._list(fam)
+            if table is not None:
+                total += int(table["counters"].get("overflow", {}).get("packets", 0))
+        return total
+
+    def forget(self, ifnames: Iterable[str]) -> None:
+        """Drop the per-interface counters of interfaces that are gone."""
+        gone = set(ifnames)
+        if not gone:
+            return
+        cmds = []
+        for c in self.blocked_counts():
+            if c.ifname in gone:
+                cmds.append({"delete": {"element": {
+                    "family": c.family, "table": render.TABLE, "name": f"cnt_{c.reason}",
+                    "elem": [{"concat": [c.ifname, c.port]}]}}})
+        if cmds:
+            self._json(cmds, "forgetting interfaces")
+
+    def remove(self) -> bool:
+        """Delete our tables (enforcement off). True if there was anything."""
+        existed = False
+        for fam in render.FAMILIES:
+            if self._list(fam) is not None:
+                existed = True
+                self._json([{"delete": {"table": {"family": fam, "name": render.TABLE}}}],
+                           f"deleting table {fam} {render.TABLE}")
+        return existed
+
+    def _typeof_sets(self, observed: dict[str, dict[str, Any] | None]) -> None:
+        """Sets JSON cannot declare; adding them changes no verdict."""
+        script = []
+        for fam in render.FAMILIES:
+            have = (observed[fam] or {}).get("sets", {})
+            missing = [n for n in render.TYPEOF_SETS if n not in have]
+            if missing:
+                script.append(f"add table {fam} {render.TABLE}")
+                script += [f"add set {fam} {render.TABLE} {n} {{ {render.TYPEOF_SETS[n]} }}"
+                           for n in missing]
+        if script:
+            with self._lock:
+                rc, _, err = self.n.cmd("\n".join(script))
+            if rc != 0:
+                raise EnforcerError(f"creating dedup sets: {err.strip()}")
+            logs.get().debug("nft.typeof_sets_created", sets=script)
+
+
+def _rules_count(cmds: list[dict[str, Any]], family: str) -> int:
+    """How many trailing commands of this family are rules (the counter goes before)."""
+    n = 0
+    for c in reversed(cmds):
+        body = c.get("add", {})
+        if "rule" in body and body["rule"]["family"] == family:
+            n += 1
+        else:
+            break
+    return n
+
+
+def dry_run(desired: Desired, caps: Capabilities | None = None) -> str:
+    """The ruleset apply() would produce, in `nft -f` syntax (built in a
+    scratch network namespace and listed back, so it is exactly the kernel's)."""
+    def run() -> str:
+        enf = NftablesEnforcer(caps or Capabilities())
+        enf.apply(desired)
+        enf.n.set_json_output(False)
+        out = []
+        for fam in render.FAMILIES:
+            rc, text, err = enf.n.cmd(f"list table {fam} {render.TABLE}")
+            if rc != 0:
+                raise EnforcerError(f"listing {fam} table: {err}")
+            out.append(text)
+        return "".join(out)
+
+    return in_scratch_netns(run)

@@ -1,0 +1,296 @@
+"""Render the desired state into nftables JSON commands (libnftables' JSON API).
+
+Where the rules hook, and why: VMs sit on Linux bridges or on routed taps.
+A frame a bridged VM sends passes the bridge family's prerouting hook on its
+bridge port, whether it is then bridged (L2) or delivered to the bridge's own
+address to be routed (the libvirt NAT case), and whether or not br_netfilter
+hands bridged traffic to the IP hooks. A routed tap's packets pass the inet
+family's prerouting hook with the tap as input interface. So the same chains
+are rendered twice, into `bridge smtpguard` and `inet smtpguard`, both at
+priority -300 (before conntrack: a rejected SYN never creates an entry). The
+VM interface is matched by name (`iifname`), with wildcards from the policy's
+interface patterns, so an interface the agent has not seen yet gets the
+default class from its first packet.
+
+Only SYNs (no ACK/RST/FIN) to SMTP ports are judged; established connections
+never meet a verdict, so a block or a ceiling never cuts a running session.
+Per-VM data lives in sets and maps, never in one rule per VM.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from smtpguard.enforce.desired import Capabilities, Desired
+from smtpguard.policy.model import Ceiling, Policy, VmClass
+
+TABLE = "smtpguard"
+FAMILIES = ("bridge", "inet")
+PRIORITY = -300
+REASONS = ("port25", "limit", "throttle", "block")
+SIZES = {  # explicit sizes: an unsized dynamic set stops matching at 65,535
+    "limiter": 65536,  # one element per VM interface
+    "seen": 131072,  # rejected attempts remembered to tell retransmissions apart
+    "count": 65536,  # one element per (interface, port)
+}
+LIMITER_IDLE = 3600  # a limiter idle this long is forgotten (it is full again anyway)
+SEEN_FOR = 130  # Linux gives up on a SYN after ~127 s (tcp_syn_retries = 6)
+
+IIF: dict[str, Any] = {"meta": {"key": "iifname"}}
+RETURN: dict[str, Any] = {"return": None}
+
+
+def _p(proto: str, fld: str) -> dict[str, Any]:
+    return {"payload": {"protocol": proto, "field": fld}}
+
+
+def _match(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _jump(target: str) -> dict[str, Any]:
+    return {"jump": {"target": target}}
+
+
+def _seen_key(ip: str) -> dict[str, Any]:
+    return {"concat": [IIF, _p(ip, "saddr"), _p("tcp", "sport"), _p("tcp", "sequence")]}
+
+
+COUNT_KEY: dict[str, Any] = {"concat": [IIF, _p("tcp", "dport")]}
+
+
+def class_chain(name: str) -> str:
+    return f"class_{name}"
+
+
+def throttle_chain(name: str) -> str:
+    return f"throttle_{name}"
+
+
+def nft_limit(ceiling: Ceiling) -> dict[str, Any]:
+    """An nftables limit ('over'): integer rate per second/minute/hour/day/week."""
+    units = (("second", 1), ("minute", 60), ("hour", 3600), ("day", 86400), ("week", 604800))
+    per_second = ceiling.rate.per_second
+    for unit, seconds in units:
+        n = per_second * seconds
+        if abs(n - round(n)) < 1e-9 and round(n) >= 1:
+            return {"limit": {"rate": round(n), "per": unit, "burst": ceiling.burst,
+                              "inv": True}}
+    return {"limit": {"rate": max(1, round(per_second * 604800)), "per": "week",
+                      "burst": ceiling.burst, "inv": True}}
+
+
+def iface_wildcards(policy: Policy) -> list[str]:
+    """The interface patterns as nftables names: the prefix before the first
+    wildcard or {vm}, plus '*' (a superset of the pattern); nested prefixes merged."""
+    out: set[str] = set()
+    for p in policy.interfaces.patterns:
+        cut = min([i for i in (p.pattern.find(c) for c in "*?{") if i >= 0],
+                  default=len(p.pattern))
+        out.add(p.pattern[:cut] + "*" if cut < len(p.pattern) else p.pattern)
+    pruned = [w for w in out if not any(
+        o != w and o.endswith("*") and w.startswith(o[:-1]) for o in out)]
+    return sorted(pruned)
+
+
+def _limited(c: VmClass) -> list[int]:
+    return sorted({*c.limited_ports, *([25] if c.port25 == "limit" else [])})
+
+
+def _class_rules(name: str, c: VmClass, policy: Policy, throttled: bool) -> list[list[Any]]:
+    rules: list[list[Any]] = []
+    if c.port25 == "block":
+        rules.append([_match(_p("tcp", "dport"), 25), _jump("reject_port25")])
+    ceiling: Ceiling | None
+    if throttled:
+        ports = sorted(p for p in policy.smtp_ports if not (p == 25 and c.port25 == "block"))
+        ceiling, limiter, reason = c.throttle, f"thr_{name}", "reject_throttle"
+    else:
+        ports, ceiling, limiter, reason = _limited(c), c.limit, f"lim_{name}", "reject_limit"
+    if ports and ceiling is not None:
+        rules.append([
+            _match(_p("tcp", "dport"), {"set": ports}),
+            {"set": {"op": "update", "elem": IIF, "set": f"@{limiter}",
+                     "stmt": [nft_limit(ceiling)]}},
+            _jump(reason),
+        ])
+    return rules
+
+
+def _verdict(family: str, caps: Capabilities) -> dict[str, Any]:
+    ok = caps.reject_bridge if family == "bridge" else caps.reject_inet
+    return {"reject": {"type": "tcp reset"}} if ok else {"drop": None}
+
+
+def _reason_rules(reason: str, verdict: dict[str, Any]) -> list[list[Any]]:
+    """Reject (or drop), counting each distinct attempt once per (interface, port)."""
+    rules = []
+    for ip, seen in (("ip", "@seen4"), ("ip6", "@seen6")):
+        rules.append([_match(_seen_key(ip), seen), verdict])  # a retransmission
+    for ip, seen in (("ip", "@seen4"), ("ip6", "@seen6")):
+        rules.append([
+            {"set": {"op": "add", "elem": _seen_key(ip), "set": seen}},
+            {"set": {"op": "add", "elem": COUNT_KEY, "set": f"@cnt_{reason}"}},
+            verdict,
+        ])
+    # Reached only when a set above was full: still enforced, counted here.
+    rules.append([{"counter": "overflow"}, verdict])
+    return rules
+
+
+def chains(desired: Desired, family: str, caps: Capabilities) -> dict[str, list[list[Any]]]:
+    """chain name -> its rules, in order; the first is the base chain."""
+    pol = desired.policy
+    verdict = _verdict(family, caps)
+    out: dict[str, list[list[Any]]] = {
+        "prerouting": [[_match(_p("tcp", "dport"), "@smtp_ports"), _jump("smtp")]],
+        "smtp": [
+            [_match(_p("ip", "daddr"), "@relays4"), RETURN],
+            [_match(_p("ip6", "daddr"), "@relays6"), RETURN],
+            [_match({"&": [_p("tcp", "flags"), ["fin", "syn", "rst", "ack"]]}, "syn", "!="),
+             RETURN],
+            [{"vmap": {"key": IIF, "data": "@vm_state"}}],
+            [{"vmap": {"key": IIF, "data": "@vm_class"}}],
+            [_match(IIF, "@vm_ifaces"), _jump(class_chain(pol.default_class))],
+        ],
+        "block": [[_jump("reject_block")]],
+    }
+    for name, c in sorted(pol.classes.items()):
+        out[class_chain(name)] = _class_rules(name, c, pol, throttled=False)
+        out[throttle_chain(name)] = _class_rules(name, c, pol, throttled=True)
+    for reason in REASONS:
+        out[f"reject_{reason}"] = _reason_rules(reason, verdict)
+    return out
+
+
+def sets(desired: Desired) -> dict[str, dict[str, Any]]:
+    """Set and map definitions (name -> JSON body without family/table/name)."""
+    out: dict[str, dict[str, Any]] = {
+        "smtp_ports": {"type": "inet_service"},
+        "relays4": {"type": "ipv4_addr", "flags": ["interval"]},
+        "relays6": {"type": "ipv6_addr", "flags": ["interval"]},
+        "vm_ifaces": {"type": "ifname", "flags": ["interval"]},
+        "vm_class": {"type": "ifname", "map": "verdict"},
+        "vm_state": {"type": "ifname", "map": "verdict", "flags": ["timeout"]},
+    }
+    for name in sorted(desired.policy.classes):
+        for prefix in ("lim", "thr"):
+            out[f"{prefix}_{name}"] = {"type": "ifname", "flags": ["timeout"],
+                                       "timeout": LIMITER_IDLE, "size": SIZES["limiter"]}
+    for reason in REASONS:
+        out[f"cnt_{reason}"] = {"type": ["ifname", "inet_service"], "size": SIZES["count"],
+                                "stmt": [{"counter": None}]}
+    return out
+
+
+# Sets whose key libnftables 1.0.x cannot declare in JSON (a typeof over
+# tcp sequence); created once, by text, before the first transaction.
+TYPEOF_SETS = {
+    "seen4": f"typeof iifname . ip saddr . tcp sport . tcp sequence; size {SIZES['seen']}; "
+             f"flags timeout; timeout {SEEN_FOR}s;",
+    "seen6": f"typeof iifname . ip6 saddr . tcp sport . tcp sequence; size {SIZES['seen']}; "
+             f"flags timeout; timeout {SEEN_FOR}s;",
+}
+DATA_SETS = ("smtp_ports", "relays4", "relays6", "vm_ifaces", "vm_class", "vm_state")
+
+
+def _prefix(net: Any) -> Any:
+    if net.prefixlen == net.max_prefixlen:
+        return str(net.network_address)
+    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
+
+
+def state_elements(desired: Desired, now: float | None = None) -> list[Any]:
+    now = time.time() if now is None else now
+    elems = []
+    for ifname, action in sorted(desired.actions.items()):
+        cls = desired.classes.get(ifname, desired.policy.default_class)
+        target = "block" if action.kind == "block" else throttle_chain(cls)
+        left = action.remaining(now)
+        if left is not None and left <= 0:
+            continue
+        key: Any = ifname if left is None else {"elem": {"val": ifname,
+                                                          "timeout": max(1, math.ceil(left))}}
+        elems.append([key, _jump(target)])
+    return elems
+
+
+def elements(desired: Desired, now: float | None = None) -> dict[str, list[Any]]:
+    pol = desired.policy
+    return {
+        "smtp_ports": sorted(pol.smtp_ports),
+        "relays4": [_prefix(r) for r in pol.relays if r.version == 4],
+        "relays6": [_prefix(r) for r in pol.relays if r.version == 6],
+        "vm_ifaces": iface_wildcards(pol),
+        "vm_class": [[ifname, _jump(class_chain(cls))]
+                     for ifname, cls in sorted(desired.classes.items())
+                     if cls != pol.default_class],
+        "vm_state": state_elements(desired, now),
+    }
+
+
+def _obj(family: str, **body: Any) -> dict[str, Any]:
+    return {"family": family, "table": TABLE, **body}
+
+
+def element_commands(family: str, desired: Desired, names: Iterable[str],
+                     now: float | None = None) -> list[dict[str, Any]]:
+    """Replace the elements of data sets: flush, then add (one transaction)."""
+    elems = elements(desired, now)
+    cmds: list[dict[str, Any]] = []
+    for name in names:
+        cmds.append({"flush": {"set" if name not in ("vm_class", "vm_state") else "map":
+                               _obj(family, name=name)}})
+        if elems[name]:
+            cmds.append({"add": {"element": _obj(family, name=name, elem=elems[name])}})
+    return cmds
+
+
+def table_commands(family: str, desired: Desired, caps: Capabilities,
+                   observed: dict[str, Any] | None, now: float | None = None
+                   ) -> list[dict[str, Any]]:
+    """Bring one family's table to the desired state, keeping what it can:
+    the limiter, seen and counter sets survive (their state and counters),
+    rules and data elements are replaced, anything else of ours is pruned."""
+    observed = observed or {"sets": {}, "chains": set()}
+    wanted_chains = chains(desired, family, caps)
+    wanted_sets = sets(desired)
+    cmds: list[dict[str, Any]] = [{"add": {"table": {"family": family, "name": TABLE}}}]
+    for name in observed["chains"]:
+        cmds.append({"flush": {"chain": _obj(family, name=name)}})
+    for name, body in wanted_sets.items():
+        have = observed["sets"].get(name)
+        kind = "map" if "map" in body else "set"
+        if have is not None and same_set(have, body):
+            continue  # kept with its elements (re-adding would clash on flags)
+        if have is not None:
+            cmds.append({"delete": {kind: _obj(family, name=name)}})
+        cmds.append({"add": {kind: _obj(family, name=name, **body)}})
+    for name in wanted_chains:
+        chain: dict[str, Any] = _obj(family, name=name)
+        if name == "prerouting":
+            chain.update(type="filter", hook="prerouting", prio=PRIORITY, policy="accept")
+        cmds.append({"add": {"chain": chain}})
+    for name in sorted(observed["chains"] - set(wanted_chains)):
+        cmds.append({"delete": {"chain": _obj(family, name=name)}})
+    for name, have in sorted(observed["sets"].items()):
+        if name not in wanted_sets and name not in TYPEOF_SETS:
+            kind = "map" if "map" in have else "set"
+            cmds.append({"delete": {kind: _obj(family, name=name)}})
+    cmds += element_commands(family, desired, DATA_SETS, now)
+    for name, rules in wanted_chains.items():
+        for expr in rules:
+            cmds.append({"add": {"rule": _obj(family, chain=name, expr=expr)}})
+    return cmds
+
+
+def same_set(have: dict[str, Any], want: dict[str, Any]) -> bool:
+    """Whether an existing set can be kept as it is (its definition matches)."""
+    def norm(d: dict[str, Any]) -> tuple[Any, ...]:
+        flags = sorted(f for f in d.get("flags", []) if f != "dynamic")
+        return (d.get("type"), d.get("map"), tuple(flags), d.get("timeout"), d.get("size"),
+                bool(d.get("stmt")))
+    return norm(have) == norm(want)
