@@ -94,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--ipv6", action="store_true")
             p.add_argument("--dialog", choices=["quit", "mail", "connect"], default="quit")
             p.add_argument("--timeout", type=float, default=5.0)
+            p.add_argument("--to", help="one destination address (e.g. a relay) instead of "
+                           "the sink's range")
         if name == "demo":
             p.add_argument("--duration", type=float, default=0.0,
                            help="stop after this many seconds (default: until Ctrl-C)")
@@ -180,7 +182,8 @@ def _lab(args: argparse.Namespace) -> int:
             raise SmtpguardError(f"no VM {args.vm} in lab {lab.prefix} (have {have})")
         plan = SendPlan(connections=args.connections, rate=args.rate,
                         destinations=max(1, args.destinations), port=args.port,
-                        family=6 if args.ipv6 else 4, dialog=args.dialog, timeout=args.timeout)
+                        family=6 if args.ipv6 else 4, dialog=args.dialog, timeout=args.timeout,
+                        to=args.to)
         enter(lab.vm_ns(args.vm))
         print(json.dumps({"vm": args.vm, "port": plan.port, "family": plan.family,
                           "outcomes": asyncio.run(send(plan))}))

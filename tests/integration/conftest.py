@@ -123,13 +123,15 @@ class AgentProc:
 
 def send(lab: topology.Lab, vm: str, connections: int, port: int = 25, ipv6: bool = False,
          destinations: int = 1, rate: float = 0.0, dialog: str = "quit",
-         timeout: float = 5.0) -> dict[str, int]:
+         timeout: float = 5.0, to: str | None = None) -> dict[str, int]:
     """`smtpguard lab send`, the real CLI; returns outcome -> count."""
     args = [*SG, "lab", "send", vm, "--name", lab.prefix, "--connections", str(connections),
             "--port", str(port), "--destinations", str(destinations), "--rate", str(rate),
             "--dialog", dialog, "--timeout", str(timeout)]
     if ipv6:
         args.append("--ipv6")
+    if to:
+        args += ["--to", to]
     out = subprocess.run(args, capture_output=True, text=True, check=True, timeout=120)
     result: dict[str, int] = json.loads(out.stdout)["outcomes"]
     return result

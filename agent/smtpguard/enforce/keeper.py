@@ -26,6 +26,9 @@ class Enforcer(Protocol):
 
     def apply(self, desired: Desired) -> None: ...
     def set_vms(self, desired: Desired) -> None: ...
+    def set_action(self, ifnames: list[str], action: Action | None,
+                   classes: dict[str, str] | None = None, default_class: str = "default"
+                   ) -> None: ...
     def actions(self) -> dict[str, Action]: ...
     def observe(self) -> dict[str, dict[str, Any] | None]: ...
     def forget(self, ifnames: Any) -> None: ...
@@ -37,7 +40,6 @@ class Keeper:
         self.enforcer = enforcer
         self.policy = policy
         self.classes: dict[str, str] = {}
-        self.actions: dict[str, Action] = {}
         self.clock = clock
         self.repair_every = repair_every
         self._dirty = False
@@ -45,16 +47,18 @@ class Keeper:
         self.log = logs.get(backend=enforcer.name)
 
     def desired(self) -> Desired:
-        return Desired(self.policy, dict(self.classes), dict(self.actions))
+        """Blocks and throttles are read back from the kernel, where they
+        expire on their own: whatever is in force there stays in force."""
+        return Desired(self.policy, dict(self.classes), self.enforcer.actions())
 
     def start(self, ifaces: Mapping[int, VmIface]) -> None:
-        """Adopt the blocks and throttles already in the kernel, then apply."""
-        self.actions = self.enforcer.actions()
+        """Adopt what the kernel holds (tables, blocks, counters), then apply."""
         self.classes = self._classes(ifaces)
-        self.enforcer.apply(self.desired())
+        desired = self.desired()
+        self.enforcer.apply(desired)
         self._next_repair = self.clock() + self.repair_every
         self.log.info("enforce.applied", reason="start", vms=len(self.classes),
-                      adopted_actions=len(self.actions), reject_bridge=self.enforcer.caps
+                      adopted_actions=len(desired.actions), reject_bridge=self.enforcer.caps
                       .reject_bridge, reject_inet=self.enforcer.caps.reject_inet)
 
     def _classes(self, ifaces: Mapping[int, VmIface]) -> dict[str, str]:
@@ -81,23 +85,14 @@ class Keeper:
                 self.log.error("enforce.forget_failed", error=str(exc))
 
     def set_action(self, ifnames: list[str], action: Action | None) -> None:
-        for ifname in ifnames:
-            if action is None:
-                self.actions.pop(ifname, None)
-            else:
-                self.actions[ifname] = action
-        self._dirty = True
-        self.flush()
+        """Block, throttle (until a wall-clock time, or until released) or release."""
+        self.enforcer.set_action(ifnames, action, self.classes, self.policy.default_class)
 
     def flush(self) -> None:
-        """Push pending per-VM changes (elements only)."""
-        now = time.time()
-        expired = [k for k, a in self.actions.items() if a.until is not None and a.until <= now]
-        for k in expired:
-            del self.actions[k]
+        """Push pending class changes (vm_class elements only)."""
         if not self._dirty:
             return
-        self.enforcer.set_vms(self.desired())
+        self.enforcer.set_vms(Desired(self.policy, dict(self.classes)))
         self._dirty = False
 
     def repair(self) -> None:

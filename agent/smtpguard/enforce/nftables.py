@@ -134,12 +134,33 @@ class NftablesEnforcer:
         self._json(cmds, "applying the smtpguard tables")
 
     def set_vms(self, desired: Desired) -> None:
-        """Per-VM changes (classes, blocks, throttles): elements only."""
+        """VM classes changed (a VM came, went or moved): vm_class elements only."""
+        cmds: list[dict[str, Any]] = []
+        for fam in render.FAMILIES:
+            cmds += render.element_commands(fam, desired, ("vm_class",))
+        self._json(cmds, "updating VM classes")
+
+    def set_action(self, ifnames: list[str], action: Action | None,
+                   classes: dict[str, str] | None = None, default_class: str = "default"
+                   ) -> None:
+        """Block or throttle these interfaces (or release them, action None),
+        in one transaction touching only their vm_state elements."""
+        present = set(self.actions())
         cmds: list[dict[str, Any]] = []
         now = time.time()
         for fam in render.FAMILIES:
-            cmds += render.element_commands(fam, desired, ("vm_class", "vm_state"), now)
-        self._json(cmds, "updating VM elements")
+            obj = {"family": fam, "table": render.TABLE, "name": "vm_state"}
+            gone = [n for n in ifnames if n in present]
+            if gone:
+                cmds.append({"delete": {"element": {**obj, "elem": gone}}})
+            if action is not None:
+                elems = render.state_elements({n: action for n in ifnames}, classes or {},
+                                              default_class, now)
+                if elems:
+                    cmds.append({"add": {"element": {**obj, "elem": elems}}})
+        if cmds:
+            self._json(cmds, f"setting {action.kind if action else 'release'} on "
+                             f"{', '.join(ifnames)}")
 
     def actions(self) -> dict[str, Action]:
         """Blocks and throttles in the kernel now (the bridge table is the reference)."""

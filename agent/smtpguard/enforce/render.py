@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from smtpguard.enforce.desired import Capabilities, Desired
+from smtpguard.enforce.desired import Action, Capabilities, Desired
 from smtpguard.policy.model import Ceiling, Policy, VmClass
 
 TABLE = "smtpguard"
@@ -203,11 +203,14 @@ def _prefix(net: Any) -> Any:
     return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
 
 
-def state_elements(desired: Desired, now: float | None = None) -> list[Any]:
+def state_elements(actions: Mapping[str, Action], classes: Mapping[str, str],
+                   default_class: str, now: float | None = None) -> list[Any]:
+    """vm_state elements: a block jumps to `block`, a throttle to its class's
+    throttle chain; timed ones carry their remaining time (rounded up)."""
     now = time.time() if now is None else now
     elems = []
-    for ifname, action in sorted(desired.actions.items()):
-        cls = desired.classes.get(ifname, desired.policy.default_class)
+    for ifname, action in sorted(actions.items()):
+        cls = classes.get(ifname, default_class)
         target = "block" if action.kind == "block" else throttle_chain(cls)
         left = action.remaining(now)
         if left is not None and left <= 0:
@@ -228,7 +231,7 @@ def elements(desired: Desired, now: float | None = None) -> dict[str, list[Any]]
         "vm_class": [[ifname, _jump(class_chain(cls))]
                      for ifname, cls in sorted(desired.classes.items())
                      if cls != pol.default_class],
-        "vm_state": state_elements(desired, now),
+        "vm_state": state_elements(desired.actions, desired.classes, pol.default_class, now),
     }
 
 

@@ -20,6 +20,7 @@ class SendPlan:
     dialog: str = "quit"  # "quit": banner, EHLO, QUIT; "mail": a whole message; "connect"
     concurrency: int = 256
     timeout: float = 5.0
+    to: str | None = None  # one explicit destination instead of the sink's range
 
 
 async def _one(host: str, plan: SendPlan) -> str:
@@ -62,7 +63,8 @@ async def send(plan: SendPlan) -> dict[str, int]:
 
     async def worker(i: int) -> None:
         async with sem:
-            outcomes[await _one(dest_addr(i % plan.destinations, plan.family), plan)] += 1
+            host = plan.to or dest_addr(i % plan.destinations, plan.family)
+            outcomes[await _one(host, plan)] += 1
 
     tasks = []
     for i in range(plan.connections):
