@@ -228,3 +228,24 @@ def test_dry_run_prints_the_ruleset_and_cleanup_removes_it(enforced: Pair,
     agent.cleanup()
     assert "smtpguard" not in nft(lab, "list", "tables")
     assert send(lab, "rvm1", 1, port=25) == {"completed": 1}
+
+
+@pytest.mark.parametrize("br_netfilter", ["0", "1"], ids=["br_nf-off", "br_nf-on"])
+def test_bridged_vm_with_and_without_br_netfilter(enforced: Pair, br_netfilter: str) -> None:
+    """The bridge table enforces whether or not br_netfilter also hands bridged
+    traffic to the IP hooks (where the inet table sees it too): no double
+    rejection, no double count."""
+    lab, agent = enforced
+
+    def toggle() -> None:
+        for fam in ("iptables", "ip6tables"):
+            Path(f"/proc/sys/net/bridge/bridge-nf-call-{fam}").write_text(br_netfilter)
+
+    run_in(lab.hv, toggle)
+    assert send(lab, "vm2", 3, port=25, timeout=2) == {"no_answer": 3}
+    out = send(lab, "vm2", 12, port=587, timeout=2)
+    # Burst 10; a dropped SYN retransmitted a second later may find a new token.
+    assert out["completed"] in (10, 11) and sum(out.values()) == 12, out
+    assert send(lab, "vm2", 2, port=25, to=RELAY4) == {"completed": 2}
+    assert agent.counter(BLOCKED, vm="vm2", port="25", reason="port25") == 3
+    assert agent.counter(BLOCKED, vm="vm2", port="587", reason="limit") == 2
