@@ -44,6 +44,8 @@ def _scrape(lab: topology.Lab) -> dict[str, dict[str, float]]:
                 row[key] = row.get(key, 0) + s.value
             elif s.name == "smtpguard_smtp_destinations" and s.labels["window"] == "1m":
                 row["dest_1m"] = s.value
+            elif s.name == "smtpguard_smtp_blocked_attempts_total":
+                row["blocked"] = row.get("blocked", 0) + s.value
     return rows
 
 
@@ -58,7 +60,7 @@ def _loop_sender(stop: threading.Event, lab: topology.Lab, args: list[str],
 def _table(rows: dict[str, dict[str, float]], history: dict[str, deque[tuple[float, float]]],
            now: float) -> str:
     head = f"{'VM':<6} {'ATTEMPTS':>9} {'PER MIN':>8} {'DEST 1m':>8} {'DONE':>7} " \
-           f"{'RESET':>6} {'NO ANSWER':>9}  ROLE"
+           f"{'BLOCKED':>8} {'RESET':>6} {'NO ANSWER':>9}  ROLE"
     lines = [head, "-" * len(head)]
     for vm in sorted(rows):
         r = rows[vm]
@@ -70,6 +72,7 @@ def _table(rows: dict[str, dict[str, float]], history: dict[str, deque[tuple[flo
         rate = (h[-1][1] - h[0][1]) / span * 60 if len(h) > 1 else 0.0
         lines.append(f"{vm:<6} {r.get('attempts', 0):>9.0f} {rate:>8.0f} "
                      f"{r.get('dest_1m', 0):>8.0f} {r.get('completed', 0):>7.0f} "
+                     f"{r.get('blocked', 0):>8.0f} "
                      f"{r.get('reset', 0):>6.0f} {r.get('no_answer', 0):>9.0f}  "
                      f"{ROLES.get(vm, '')}")
     return "\n".join(lines)
@@ -122,7 +125,9 @@ def demo(lab: topology.Lab, duration: float = 0.0) -> None:
             if tty:
                 sys.stdout.write("\x1b[2J\x1b[H")
             print(f"smtpguard lab {lab.prefix}: live counts from the agent's /metrics "
-                  f"(Ctrl-C stops and cleans up)\n\n{table}\n", flush=True)
+                  f"(Ctrl-C stops and cleans up)\nbuilt-in default policy: port 25 blocked "
+                  f"(except relays), submission ports at 20/minute burst 10\n\n{table}\n",
+                  flush=True)
             time.sleep(2)
     except KeyboardInterrupt:
         pass
