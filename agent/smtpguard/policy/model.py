@@ -209,7 +209,8 @@ class VmClass(Strict):
                 raise ValueError(f"{AT}thresholds.{i}.name: {labels[i]!r} is used twice")
             if keys[i] in keys[:i]:
                 raise ValueError(f"{AT}thresholds.{i}: repeats thresholds.{keys.index(keys[i])}")
-            if t.duration is not None and t.duration > self.escalation.max:
+            if t.action == "block" and t.duration is not None and \
+                    t.duration > self.escalation.max:
                 raise ValueError(f"{AT}thresholds.{i}.duration: longer than escalation.max "
                                  f"({format_duration(self.escalation.max)})")
         return self
