@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 from smtpguard import __version__, logs
@@ -16,6 +19,7 @@ EPILOG = "Docs: README.md. Every command exits non-zero with a one-line error on
 
 def _parser() -> argparse.ArgumentParser:
     from smtpguard.agent import DEFAULT_METRICS, DEFAULT_PIN_DIR, DEFAULT_STATE_DIR
+    from smtpguard.control import DEFAULT_SOCKET
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log-level", default=argparse.SUPPRESS,
@@ -41,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics-addr", default=DEFAULT_METRICS,
                      help=f"HOST:PORT for /metrics, '' to disable (default {DEFAULT_METRICS})")
     run.add_argument("--netns", help="run inside this named network namespace (the lab)")
+    run.add_argument("--control-socket", default=str(DEFAULT_SOCKET),
+                     help=f"unix socket for the operator CLI, '' to disable "
+                     f"(default {DEFAULT_SOCKET})")
     run.add_argument("--log-interval", type=float, default=60.0,
                      help="seconds between per-VM count logs (default 60)")
     run.add_argument("--conn-table-size", type=int, default=262144,
@@ -100,6 +107,26 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--duration", type=float, default=0.0,
                            help="stop after this many seconds (default: until Ctrl-C)")
 
+    def op(name: str, helptext: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=helptext, parents=[common])
+        p.add_argument("--socket", type=Path, default=DEFAULT_SOCKET,
+                       help=f"the agent's control socket (default {DEFAULT_SOCKET})")
+        return p
+
+    for name, helptext in (("status", "every VM: class, attempts, destinations, state"),
+                           ("flags", "the VMs that are flagged, throttled or blocked")):
+        op(name, helptext).add_argument("--json", action="store_true")
+    block = op("block", "block a VM's SMTP (all ports but the relays)")
+    block.add_argument("vm")
+    block.add_argument("--for", dest="duration", required=True,
+                       help="how long, e.g. 24h (automatic decisions cannot lift it)")
+    block.add_argument("--reason", required=True)
+    release = op("release", "lift a VM's block or throttle")
+    release.add_argument("vm")
+    release.add_argument("--for", dest="duration", default="1h",
+                         help="immunity from automatic actions afterwards (default 1h)")
+    release.add_argument("--reason", default="")
+    op("reload", "re-read the policy (as SIGHUP does) and say whether it was applied")
     sub.add_parser("version", help="print the version")
     return ap
 
@@ -117,6 +144,7 @@ def _run(args: argparse.Namespace) -> int:
         policy_path=args.policy, state_dir=args.state_dir, pin_dir=args.pin_dir,
         metrics_addr=args.metrics_addr or None, log_interval=args.log_interval,
         sizes=Sizes(conn_table=args.conn_table_size), enforce=not args.no_enforce,
+        control_socket=Path(args.control_socket) if args.control_socket else None,
     )
     if args.cleanup:
         cleanup(cfg)
@@ -163,6 +191,45 @@ def _policy(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _when(t: float | None) -> str:
+    if t is None:
+        return "-"
+    left = t - time.time()
+    return f"{time.strftime('%H:%M:%S', time.localtime(t))} ({left / 60:.0f}m)" \
+        if left > 0 else time.strftime("%H:%M:%S", time.localtime(t))
+
+
+def _operator(args: argparse.Namespace) -> int:
+    from smtpguard.control import request
+
+    who = os.environ.get("SUDO_USER") or getpass.getuser()
+    req: dict[str, object] = {"cmd": args.command, "who": who}
+    if args.command in ("block", "release"):
+        req.update(vm=args.vm, reason=args.reason)
+        req["for"] = args.duration
+    reply = request(args.socket, req)
+    if getattr(args, "json", False):
+        print(json.dumps(reply["vms"], indent=2))
+        return 0
+    if args.command in ("status", "flags"):
+        head = (f"{'VM':<16} {'INTERFACE':<14} {'CLASS':<10} {'PORT25':<6} {'1m':>6} "
+                f"{'1h':>7} {'DEST 1m':>7} {'DEST 1h':>7} {'STATE':<9} {'UNTIL':<16} REASON")
+        print(head)
+        for r in reply["vms"]:
+            print(f"{r['vm'][:16]:<16} {','.join(r['interfaces'])[:14] or '-':<14} "
+                  f"{r['class'][:10]:<10} {r['port25']:<6} {r['attempts_1m']:>6} "
+                  f"{r['attempts_1h']:>7} {r['destinations_1m']:>7.0f} "
+                  f"{r['destinations_1h']:>7.0f} {r['state']:<9} {_when(r['until']):<16} "
+                  f"{r['reason'] if r['state'] != 'ok' else ''}")
+        return 0
+    if args.command in ("block", "release"):
+        print(f"{reply['vm']}: {reply['state']}, until {_when(reply['until'])} "
+              f"({reply['reason']})")
+    if args.command == "reload":
+        print(f"policy applied, generation {reply['policy_generation']}")
+    return 0
+
+
 def _lab(args: argparse.Namespace) -> int:
     from smtpguard.lab import topology
 
@@ -197,7 +264,8 @@ def _lab(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Commands that print for people keep stdout for that; logs go to stderr.
-    quiet = args.command in ("policy", "version") or (
+    quiet = args.command in ("policy", "version", "status", "flags", "block", "release",
+                             "reload") or (
         args.command == "lab" and args.lab_command in ("send", "demo"))
     logs.configure(getattr(args, "log_level", "info"), sys.stderr if quiet else None)
     try:
@@ -210,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             return _policy(args)
         if args.command == "lab":
             return _lab(args)
+        if args.command in ("status", "flags", "block", "release", "reload"):
+            return _operator(args)
     except SmtpguardError as exc:
         print(f"smtpguard: {exc}", file=sys.stderr)
         return 1

@@ -23,3 +23,7 @@ class EnforcerError(SmtpguardError):
 
 class LabError(SmtpguardError):
     """The network-namespace lab could not be built or driven."""
+
+
+class StoreError(SmtpguardError):
+    """The state database could not be read or written."""

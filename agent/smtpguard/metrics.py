@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     InfoMetricFamily,
     Metric,
 )
@@ -28,6 +29,13 @@ OUTCOMES = ("completed", "reset", "no_answer")
 class Health:
     policy_generation: int = 1
     reloads: Mapping[str, int] = field(default_factory=dict)
+    vm_states: Mapping[str, str] = field(default_factory=dict)  # vm -> state
+    actions: Mapping[str, int] = field(default_factory=dict)  # action -> count
+    loop_seconds: tuple[tuple[float, ...], float, int] = ((), 0.0, 0)  # buckets, sum, count
+
+
+STATES = ("ok", "flagged", "throttled", "blocked")
+LOOP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class DatapathCollector(Collector):
@@ -71,6 +79,24 @@ class DatapathCollector(Collector):
         for result in ("applied", "rejected"):
             reloads.add_metric([result], h.reloads.get(result, 0))
         yield reloads
+        states = GaugeMetricFamily("smtpguard_vm_state", "1 for each VM's current state",
+                                   labels=["vm", "state"])
+        for vm, st in sorted(h.vm_states.items()):
+            for name in STATES:
+                states.add_metric([vm, name], 1 if st == name else 0)
+        yield states
+        actions = CounterMetricFamily("smtpguard_enforcement_actions",
+                                      "Actions taken on VMs", labels=["action"])
+        for name in ("flag", "throttle", "block", "release"):
+            actions.add_metric([name], h.actions.get(name, 0))
+        yield actions
+        counts, total, n = h.loop_seconds
+        if counts:
+            loop = HistogramMetricFamily("smtpguard_loop_duration_seconds",
+                                         "Duration of the agent's detection steps")
+            cum = [(str(b), c) for b, c in zip(LOOP_BUCKETS, counts, strict=False)]
+            loop.add_metric([], [*cum, ("+Inf", n)], total)
+            yield loop
         ifaces = dict(self._ifaces())
         attached = GaugeMetricFamily("smtpguard_interfaces_attached",
                                      "VM-facing interfaces carrying the classifier")

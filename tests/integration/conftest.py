@@ -45,6 +45,7 @@ class AgentProc:
         self.enforce = enforce
         self.pin_dir = Path(f"/sys/fs/bpf/smtpguard-test/{lab.prefix}")
         self.state_dir = tmp / "state"
+        self.socket = tmp / "control.sock"
         self.log_path = tmp / "agent.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self._mark = 0  # events before this index belong to earlier runs
@@ -53,6 +54,7 @@ class AgentProc:
         return [*SG, "run", "--netns", self.lab.hv, "--pin-dir", str(self.pin_dir),
                 "--state-dir", str(self.state_dir), "--metrics-addr", METRICS,
                 "--log-interval", "3600", "--log-level", "debug",
+                "--control-socket", str(self.socket),
                 *(["--policy", str(self.policy)] if self.policy else []),
                 *([] if self.enforce else ["--no-enforce"])]
 
@@ -114,6 +116,18 @@ class AgentProc:
             for s in fam.samples:
                 out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
         return out
+
+    def ctl(self, *args: str) -> dict[str, Any] | list[Any]:
+        """The operator CLI against this agent (--json where it applies)."""
+        cmd = [*SG, args[0], "--socket", str(self.socket), *args[1:]]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            raise AssertionError(f"{' '.join(args)}: {out.stderr.strip()}")
+        try:
+            parsed: dict[str, Any] | list[Any] = json.loads(out.stdout)
+        except ValueError:
+            return {"text": out.stdout}
+        return parsed
 
     def counter(self, name: str, **labels: str) -> float:
         """Sum of a metric's samples whose labels include these."""

@@ -94,3 +94,24 @@ def take(stats: Any, dests: Any, clock: Callable[[], int] = time.monotonic_ns) -
             w: Sketch() for w in WINDOWS}
         ifaces[i] = IfaceSnapshot(i, ports.get(i, {}), estimates(regs), regs)
     return Snapshot(now, ifaces)
+
+
+def read_sketch(dests: Any, ifindex: int) -> Any | None:
+    """One interface's raw sketch (ctypes DestSketch), or None."""
+    try:
+        return dests[dests.Key(ifindex)]
+    except KeyError:
+        return None
+
+
+def sketch_over(sketch: Any, now_ns: int, window_s: float, since_ns: int = 0) -> Sketch:
+    """Merge the slots that lie within the last window_s seconds and start at
+    or after since_ns: the fine tier (8.6 s slots) for windows up to a minute,
+    the coarse one (4.6 min) beyond. Slot granularity rounds the window up; a
+    slot that began before since_ns is left out whole (the cooling-off)."""
+    tier, shift = ("fine", FINE_SLOT_SHIFT) if window_s <= 60 else ("coarse", COARSE_SLOT_SHIFT)
+    slot_ns = 1 << shift
+    cur = now_ns >> shift
+    n = max(1, -(-int(window_s * 1e9) // slot_ns))  # ceil
+    return distinct.merge(distinct.from_slot(s) for s in getattr(sketch, tier)
+                          if cur - n < s.epoch <= cur and (s.epoch << shift) >= since_ns)

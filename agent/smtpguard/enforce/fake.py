@@ -49,3 +49,6 @@ class FakeEnforcer:
 
     def forget(self, ifnames: Any) -> None:
         self.forgotten |= set(ifnames)
+
+    def blocked_counts(self) -> list[Any]:
+        return []

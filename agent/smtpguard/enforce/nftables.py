@@ -182,14 +182,23 @@ class NftablesEnforcer:
                 out.setdefault(ifname, Action(kind, until))  # type: ignore[arg-type]
         return out
 
+    def _list_set(self, family: str, name: str) -> dict[str, Any]:
+        with self._lock:
+            rc, out, _err = self.n.cmd(f"list set {family} {render.TABLE} {name}")
+        if rc != 0:
+            return {}
+        for obj in json.loads(out)["nftables"]:
+            if "set" in obj:
+                return dict(obj["set"])
+        return {}
+
     def blocked_counts(self) -> list[BlockedCount]:
+        """Rejected attempts per (family, reason, interface, port); reads only
+        the counter sets (cheap enough to poll several times a second)."""
         out = []
         for fam in render.FAMILIES:
-            table = self._list(fam)
-            if table is None:
-                continue
             for reason in render.REASONS:
-                for elem in table["sets"].get(f"cnt_{reason}", {}).get("elem", []):
+                for elem in self._list_set(fam, f"cnt_{reason}").get("elem", []):
                     e = elem.get("elem", elem) if isinstance(elem, dict) else elem
                     val = e["val"]["concat"] if isinstance(e, dict) else e["concat"]
                     packets = e.get("counter", {}).get("packets", 0) if isinstance(e, dict) else 0

@@ -1,0 +1,99 @@
+"""What the control socket's commands do, run on the agent's main loop."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from smtpguard.datapath.snapshot import union
+from smtpguard.errors import SmtpguardError
+from smtpguard.policy.membership import VmFacts, place
+from smtpguard.policy.units import parse_duration
+
+if TYPE_CHECKING:
+    from smtpguard.agent import Agent
+
+
+def _vms(agent: Agent) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
+    for v in agent.ifaces.values():
+        out.setdefault(v.vm, []).append(v)
+    return out
+
+
+def status(agent: Agent) -> list[dict[str, Any]]:
+    """One row per VM (with interfaces, or with a record in force)."""
+    assert agent.detector is not None
+    det = agent.detector
+    vms = _vms(agent)
+    snap = agent.snapshot()
+    now = time.monotonic_ns() / 1e9
+    rows = []
+    for vm in sorted(set(vms) | {r.vm for r in det.records.values() if r.state != "ok"}):
+        vifs = vms.get(vm, [])
+        facts = VmFacts(vm, vifs[0].ifname if vifs else None,
+                        tenant=vifs[0].tenant if vifs else None)
+        cls = place(agent.policy, facts).cls
+        rec = det.record(vm)
+        dests = union(snap.ifaces[v.ifindex] for v in vifs if v.ifindex in snap.ifaces)
+        rows.append({
+            "vm": vm, "interfaces": sorted(v.ifname for v in vifs), "class": cls,
+            "port25": agent.policy.classes[cls].port25,
+            "attempts_1m": det.windows.value(vm, "attempts", 60, now),
+            "attempts_1h": det.windows.value(vm, "attempts", 3600, now),
+            "destinations_1m": dests.get("1m", 0.0), "destinations_1h": dests.get("1h", 0.0),
+            "blocked_1h": det.windows.value(vm, "blocked_attempts", 3600, now),
+            "state": rec.state, "until": rec.until, "reason": rec.reason, "actor": rec.actor,
+            "since": rec.since or None,
+        })
+    return rows
+
+
+def _target(agent: Agent, req: dict[str, Any]) -> tuple[str, list[str]]:
+    vm = req.get("vm")
+    if not isinstance(vm, str) or not vm:
+        raise SmtpguardError("which VM? (vm is missing)")
+    ifnames = sorted(v.ifname for v in _vms(agent).get(vm, []))
+    known = agent.detector is not None and vm in agent.detector.records
+    if not ifnames and not known:
+        raise SmtpguardError(f"no VM {vm!r} on this host")
+    return vm, ifnames
+
+
+def _duration(req: dict[str, Any]) -> float | None:
+    value = req.get("for")
+    if value in (None, ""):
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise SmtpguardError(f"--for: {exc}") from exc
+
+
+def handle(agent: Agent, req: dict[str, Any]) -> dict[str, Any]:
+    cmd = req["cmd"]
+    det = agent.detector
+    if det is None:
+        raise SmtpguardError("detection is not running")
+    who = str(req.get("who") or "root")
+    if cmd == "status":
+        return {"ok": True, "vms": status(agent), "policy_generation": agent.generation}
+    if cmd == "flags":
+        return {"ok": True, "vms": [r for r in status(agent) if r["state"] != "ok"]}
+    if cmd in ("block", "release"):
+        vm, ifnames = _target(agent, req)
+        tr = det.operator(vm, ifnames, cmd, who, _duration(req), str(req.get("reason") or ""))
+        return {"ok": True, "vm": vm, "state": tr.new, "until": tr.until, "reason": tr.reason,
+                "interfaces": ifnames}
+    if cmd == "reload":
+        before = agent.generation
+        agent.reload()
+        if agent.generation == before:
+            raise SmtpguardError("policy rejected; the running policy stays in force (see "
+                                 "the policy.rejected log for every error)")
+        return {"ok": True, "policy_generation": agent.generation}
+    if cmd == "history":
+        assert det is not None
+        rows = det.store.history(req.get("vm")) if det.store is not None else []
+        return {"ok": True, "transitions": [t.__dict__ for t in rows]}
+    raise SmtpguardError(f"unknown command {cmd!r}")
