@@ -129,6 +129,12 @@ class AgentProc:
             return {"text": out.stdout}
         return parsed
 
+    def ctl_history(self, vm: str) -> list[dict[str, Any]]:
+        from smtpguard.control import request
+
+        reply = request(self.socket, {"cmd": "history", "vm": vm})
+        return list(reply["transitions"])
+
     def counter(self, name: str, **labels: str) -> float:
         """Sum of a metric's samples whose labels include these."""
         fam = self.metrics().get(name, {})

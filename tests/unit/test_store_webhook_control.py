@@ -1,0 +1,189 @@
+"""The state store, the webhook queue and the control socket protocol."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from smtpguard.control import ControlServer, request
+from smtpguard.detect.machine import Transition, VmRecord
+from smtpguard.errors import SmtpguardError, StoreError
+from smtpguard.store import Store
+from smtpguard.webhook import Webhook
+
+
+def tr(vm: str, new: str, at: float, actor: str = "auto") -> Transition:
+    return Transition(vm, "ok", new, at, at + 10, "r", actor, "t", {"t": 1.0}, 1)
+
+
+def test_store_round_trip_and_offence_history(tmp_path: Path) -> None:
+    """Records and transitions survive reopening; only automatic blocks count
+    for escalation."""
+    s = Store(tmp_path / "state.db")
+    rec = VmRecord("web1", "blocked", 100.0, 110.0, "fanout", "auto", None, None, 5.0)
+    s.save(rec, [tr("web1", "blocked", 100.0)])
+    s.save(rec, [tr("web1", "blocked", 200.0, actor="operator:alice")])
+    s.save_samples(150.0, {"web1": (10, 2, 3)})
+    s.close()
+    s = Store(tmp_path / "state.db")
+    assert s.records() == {"web1": rec}
+    assert s.blocks_at("web1") == [100.0]
+    assert [t.at for t in s.history("web1")] == [100.0, 200.0]
+    assert s.samples() == {"web1": (150.0, (10, 2, 3))}
+
+
+def test_store_errors_are_clear(tmp_path: Path) -> None:
+    """A corrupted or unwritable database raises StoreError naming the file."""
+    bad = tmp_path / "state.db"
+    bad.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match="state.db"):
+        Store(bad)
+    good = Store(tmp_path / "ok.db")
+    good.db.execute("PRAGMA query_only=ON")
+    with pytest.raises(StoreError, match="ok.db"):
+        good.save(VmRecord("a"), [])
+
+
+def test_store_writes_are_transactional(tmp_path: Path) -> None:
+    """A failure in the middle of a save leaves the previous state whole."""
+    s = Store(tmp_path / "state.db")
+    s.save(VmRecord("a", "flagged"), [tr("a", "flagged", 1.0)])
+    broken = Transition("a", "ok", "blocked", 2.0, None, "r", "auto", None,
+                        {"x": object()}, 1)  # type: ignore[dict-item]
+    with pytest.raises(TypeError):
+        s.save(VmRecord("a", "blocked"), [broken])
+    assert s.records()["a"].state == "flagged"
+    assert len(s.history("a")) == 1
+    assert isinstance(s.db, sqlite3.Connection)
+
+
+class Receiver:
+    """A loopback HTTP endpoint that can be down."""
+
+    def __init__(self) -> None:
+        self.got: list[dict[str, Any]] = []
+        self.server: HTTPServer | None = None
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+
+    def up(self) -> None:
+        got = self.got
+
+        class H(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *a: Any) -> None:
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", self.port), H)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def down(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+
+def test_webhook_delivers_in_order_after_an_outage() -> None:
+    """Events offered while the endpoint is down arrive afterwards, all of
+    them, in order; offering never blocks."""
+    r = Receiver()
+    hook = Webhook(f"http://127.0.0.1:{r.port}/hook", timeout=1, max_backoff=0.4)
+    t0 = time.monotonic()
+    for i in range(20):
+        hook.offer({"event": "vm.blocked", "n": i})
+    assert time.monotonic() - t0 < 0.1
+    time.sleep(1.0)
+    r.up()
+    deadline = time.monotonic() + 10
+    while len(r.got) < 20 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    hook.stop()
+    r.down()
+    assert [e["n"] for e in r.got] == list(range(20))
+    assert hook.failures >= 1
+
+
+def test_webhook_queue_is_bounded_and_filters_events() -> None:
+    hook = Webhook("http://127.0.0.1:9/none", queue=3, events=("blocked",), max_backoff=5)
+    for i in range(5):
+        hook.offer({"event": "vm.blocked", "n": i})
+    hook.offer({"event": "vm.flagged", "n": 99})
+    assert hook.pending() == 3 and hook.dropped == 2
+    hook.stop(drain=0)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Any:
+    path = tmp_path / "ctl" / "control.sock"
+    seen: list[dict[str, Any]] = []
+
+    def handle(req: dict[str, Any]) -> dict[str, Any]:
+        seen.append(req)
+        if req["cmd"] == "boom":
+            raise SmtpguardError("no VM 'x' on this host")
+        return {"ok": True, "echo": req["cmd"]}
+
+    srv = ControlServer(path, handle)
+    srv.start()
+    yield path, seen
+    srv.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the control socket is root only")
+def test_control_socket_protocol(server: Any) -> None:
+    """Root gets answers; errors come back as one line; the socket is 0600."""
+    path, seen = server
+    assert request(path, {"cmd": "status"}) == {"ok": True, "echo": "status"}
+    with pytest.raises(SmtpguardError, match="no VM 'x' on this host"):
+        request(path, {"cmd": "boom"})
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    for raw in (b"not json\n", b"[1, 2]\n", b'{"nocmd": 1}\n'):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(path))
+            s.sendall(raw)
+            reply = json.loads(s.makefile().readline())
+        assert reply["ok"] is False and reply["error"].startswith("bad request")
+    assert [r["cmd"] for r in seen] == ["status", "boom"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another user")
+def test_control_socket_rejects_non_root_peers() -> None:
+    """Even with the file opened up, a non-root peer is refused (SO_PEERCRED)."""
+    import shutil
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(prefix="sgctl"))
+    seen: list[dict[str, Any]] = []
+    path = top / "control.sock"
+    srv = ControlServer(path, lambda req: seen.append(req) or {"ok": True})  # type: ignore[func-returns-value]
+    srv.start()
+    os.chmod(top, 0o755)
+    os.chmod(path, 0o666)
+    code = ("import os, socket, json; os.setgid(65534); os.setuid(65534); "
+            "s = socket.socket(socket.AF_UNIX); s.connect(%r); "
+            "s.sendall(b'{\"cmd\": \"block\", \"vm\": \"x\"}\\n'); "
+            "print(s.makefile().readline())") % str(path)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=10).stdout
+    srv.stop()
+    shutil.rmtree(top)
+    assert json.loads(out) == {"ok": False, "error": "permission denied: root only"}
+    assert seen == []
