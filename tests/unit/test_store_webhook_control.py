@@ -177,13 +177,15 @@ def test_control_socket_rejects_non_root_peers() -> None:
     srv.start()
     os.chmod(top, 0o755)
     os.chmod(path, 0o666)
-    code = ("import os, socket, json; os.setgid(65534); os.setuid(65534); "
-            "s = socket.socket(socket.AF_UNIX); s.connect(%r); "
+    code = ("import os, socket, sys; os.setgid(65534); os.setuid(65534); "
+            "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
             "s.sendall(b'{\"cmd\": \"block\", \"vm\": \"x\"}\\n'); "
-            "print(s.makefile().readline())") % str(path)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=10).stdout
-    srv.stop()
-    shutil.rmtree(top)
+            "print(s.makefile().readline())")
+    try:
+        out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                             text=True, check=True, timeout=10).stdout
+    finally:
+        srv.stop()
+        shutil.rmtree(top)
     assert json.loads(out) == {"ok": False, "error": "permission denied: root only"}
     assert seen == []
