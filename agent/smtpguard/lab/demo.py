@@ -11,6 +11,7 @@ import time
 import urllib.request
 from collections import deque
 from pathlib import Path
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -24,13 +25,13 @@ ROLES = {"vm1": "mail relay client: 1 message / 3 s via 587",
          "vm2": "spam bot: 40 connections/s to 500 MX hosts on 25"}
 
 
-def _scrape(lab: topology.Lab) -> dict[str, dict[str, float]]:
+def _scrape(lab: topology.Lab) -> dict[str, dict[str, Any]]:
     """vm -> figures, read from the agent's /metrics inside the lab."""
     def fetch() -> str:
         with urllib.request.urlopen(f"http://{METRICS}/metrics", timeout=2) as r:
             return str(r.read().decode())
 
-    rows: dict[str, dict[str, float]] = {}
+    rows: dict[str, dict[str, Any]] = {}
     for fam in text_string_to_metric_families(run_in(lab.hv, fetch)):
         for s in fam.samples:
             vm = s.labels.get("vm")
@@ -46,6 +47,8 @@ def _scrape(lab: topology.Lab) -> dict[str, dict[str, float]]:
                 row["dest_1m"] = s.value
             elif s.name == "smtpguard_smtp_blocked_attempts_total":
                 row["blocked"] = row.get("blocked", 0) + s.value
+            elif s.name == "smtpguard_vm_state" and s.value == 1:
+                row["state"] = s.labels["state"]
     return rows
 
 
@@ -57,10 +60,10 @@ def _loop_sender(stop: threading.Event, lab: topology.Lab, args: list[str],
         stop.wait(pause)
 
 
-def _table(rows: dict[str, dict[str, float]], history: dict[str, deque[tuple[float, float]]],
+def _table(rows: dict[str, dict[str, Any]], history: dict[str, deque[tuple[float, float]]],
            now: float) -> str:
     head = f"{'VM':<6} {'ATTEMPTS':>9} {'PER MIN':>8} {'DEST 1m':>8} {'DONE':>7} " \
-           f"{'BLOCKED':>8} {'RESET':>6} {'NO ANSWER':>9}  ROLE"
+           f"{'BLOCKED':>8} {'STATE':<8}  ROLE"
     lines = [head, "-" * len(head)]
     for vm in sorted(rows):
         r = rows[vm]
@@ -72,8 +75,7 @@ def _table(rows: dict[str, dict[str, float]], history: dict[str, deque[tuple[flo
         rate = (h[-1][1] - h[0][1]) / span * 60 if len(h) > 1 else 0.0
         lines.append(f"{vm:<6} {r.get('attempts', 0):>9.0f} {rate:>8.0f} "
                      f"{r.get('dest_1m', 0):>8.0f} {r.get('completed', 0):>7.0f} "
-                     f"{r.get('blocked', 0):>8.0f} "
-                     f"{r.get('reset', 0):>6.0f} {r.get('no_answer', 0):>9.0f}  "
+                     f"{r.get('blocked', 0):>8.0f} {r.get('state', 'ok'):<8}  "
                      f"{ROLES.get(vm, '')}")
     return "\n".join(lines)
 
@@ -96,6 +98,7 @@ def demo(lab: topology.Lab, duration: float = 0.0) -> None:
             agent = subprocess.Popen(
                 [*SG, "run", "--netns", lab.hv, "--pin-dir", str(pin_dir),
                  "--state-dir", str(lab.state_dir / "state"), "--metrics-addr", METRICS,
+                 "--control-socket", str(lab.state_dir / "control.sock"),
                  "--log-interval", "10"],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
@@ -124,9 +127,11 @@ def demo(lab: topology.Lab, duration: float = 0.0) -> None:
             table = _table(rows, history, time.monotonic())
             if tty:
                 sys.stdout.write("\x1b[2J\x1b[H")
-            print(f"smtpguard lab {lab.prefix}: live counts from the agent's /metrics "
-                  f"(Ctrl-C stops and cleans up)\nbuilt-in default policy: port 25 blocked "
-                  f"(except relays), submission ports at 20/minute burst 10\n\n{table}\n",
+            print(f"smtpguard lab {lab.prefix}: live counts from the agent's /metrics; try "
+                  f"`smtpguard status --socket {lab.state_dir / 'control.sock'}`\n"
+                  f"Ctrl-C stops and cleans up.\nbuilt-in default policy: port 25 blocked "
+                  f"(except relays), submission ports at 20/minute burst 10, 100 "
+                  f"destinations in a minute blocks a VM for 1h\n\n{table}\n",
                   flush=True)
             time.sleep(2)
     except KeyboardInterrupt:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -280,10 +281,7 @@ def down(lab: Lab) -> list[str]:
         with contextlib.suppress(OSError):
             netns.remove(ns)
             removed.append(ns)
-    for f in ("sink.pid", "sink.ready", "sink.log"):
-        (lab.state_dir / f).unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        lab.state_dir.rmdir()
+    shutil.rmtree(lab.state_dir, ignore_errors=True)
     if removed:
         logs.get(lab=lab.prefix).info("lab.down", namespaces=removed)
     return removed
