@@ -30,6 +30,7 @@ classes:
     limit: {{rate: 60/minute, burst: 10}}
     limited_ports: [465, 587, 2525]
     throttle: {{rate: 6/minute, burst: 2}}
+    thresholds: []   # the ceilings alone, no detection acting here
 """
 Pair = tuple[topology.Lab, AgentProc]
 
