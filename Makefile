@@ -26,6 +26,7 @@ lint: setup
 	$(VENV)/bin/mypy
 
 test: lint
+	@scripts/setup.sh --test
 	$(PY) -m pytest $(PYTEST)
 
 test-unit: setup

@@ -4,6 +4,8 @@
 #
 #   scripts/setup.sh            system packages, kernel headers, venv at .venv/
 #   scripts/setup.sh --system   system packages and kernel headers only
+#   scripts/setup.sh --test     everything, plus what the tests use (Prometheus,
+#                               promtool), installed without starting its service
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -91,6 +93,26 @@ venv() {
 		die "the venv cannot import bcc/nftables (Debian python3-bpfcc, python3-nftables)"
 }
 
+# Prometheus for the tests only: the package would start a server on :9090,
+# so service starts are refused while it installs.
+test_packages() {
+	installed prometheus && return 0
+	need_root "installing prometheus"
+	local guard=/usr/sbin/policy-rc.d created=0
+	if [ ! -e "$guard" ]; then
+		printf '#!/bin/sh\nexit 101\n' >"$guard"
+		chmod +x "$guard"
+		created=1
+	fi
+	apt_install prometheus || { [ "$created" = 1 ] && rm -f "$guard"; exit 1; }
+	[ "$created" = 1 ] && rm -f "$guard"
+	return 0
+}
+
 system_packages
 kernel_headers
-[ "${1:-}" = "--system" ] || venv
+case "${1:-}" in
+--system) ;;
+--test) venv; test_packages ;;
+*) venv ;;
+esac

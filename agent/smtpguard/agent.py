@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import queue
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -20,29 +19,19 @@ from smtpguard.control import DEFAULT_SOCKET, ControlServer
 from smtpguard.datapath import attach
 from smtpguard.datapath.interfaces import LinkEvent, LinkMonitor, VmIface, classify, dump_links
 from smtpguard.datapath.loader import Datapath, Sizes, ensure_bpffs
-from smtpguard.datapath.snapshot import Snapshot, read_ports, take
+from smtpguard.datapath.snapshot import Snapshot, take
 from smtpguard.detect.engine import Detector
-from smtpguard.detect.machine import Transition
-from smtpguard.enforce.desired import Action
 from smtpguard.enforce.keeper import Keeper
 from smtpguard.errors import AttachError, SmtpguardError
-from smtpguard.metrics import (
-    LOOP_BUCKETS,
-    DatapathCollector,
-    EnforcementCollector,
-    Health,
-    serve,
-)
+from smtpguard.metrics import DatapathCollector, EnforcementCollector, Health, serve
 from smtpguard.policy import LoadedPolicy, Policy, load_path
 from smtpguard.policy.membership import VmFacts, place
 from smtpguard.policy.watch import PolicyWatcher
-from smtpguard.store import Store
-from smtpguard.webhook import Webhook
+from smtpguard.respond import Responder
 
 DEFAULT_PIN_DIR = Path("/sys/fs/bpf/smtpguard/default")
 DEFAULT_STATE_DIR = Path("/var/lib/smtpguard")
 DEFAULT_METRICS = "127.0.0.1:9725"
-SAMPLE_EVERY = 10.0  # seconds between saves of the counter samples
 
 
 @dataclass
@@ -72,17 +61,11 @@ class Agent:
         self.clock = clock
         self._watcher: PolicyWatcher | None = None
         self.keeper: Keeper | None = None
-        self.detector: Detector | None = None
-        self.store: Store | None = None
-        self.webhook: Webhook | None = None
+        self.responder: Responder | None = None
+        self.unattached: set[int] = set()
         self.control: ControlServer | None = None
         self.commands: queue.Queue[tuple[dict[str, Any], Future[dict[str, Any]]]] = queue.Queue()
-        self.actions_total: dict[str, int] = {}
         self._next_detect = 0.0
-        self._loop_buckets = [0] * len(LOOP_BUCKETS)
-        self._loop_sum = 0.0
-        self._loop_n = 0
-        self._next_samples = 0.0
         self.datapath = Datapath(cfg.pin_dir, cfg.sizes)
         self.log = logs.get()
         # Replaced, never mutated: the metrics thread reads it without a lock.
@@ -115,7 +98,11 @@ class Agent:
             self.keeper = Keeper(NftablesEnforcer(), self.policy, self.clock)
             self.keeper.start(self.ifaces)
             collectors.append(EnforcementCollector(self.keeper.enforcer, lambda: self.ifaces))
-        self._start_detection()
+        self.responder = Responder(
+            self.cfg.state_dir, self.policy, self.datapath.table("smtp_stats"),
+            self.datapath.table("smtp_dests"), self.keeper, lambda: self.ifaces,
+            lambda: self.generation, self.clock)
+        self.responder.start()
         if self.cfg.metrics_addr:
             self.metrics_server = serve(self.cfg.metrics_addr, *collectors)
             host, port = self.metrics_server.server_address[:2]
@@ -174,10 +161,8 @@ class Agent:
             self.log.debug("agent.final_counts_failed", exc_info=True)
         if self.control is not None:
             self.control.stop()
-        if self.detector is not None:
-            self.detector.save_samples()
-        if self.webhook is not None:
-            self.webhook.stop()
+        if self.responder is not None:
+            self.responder.stop()
         if self._watcher is not None:
             self._watcher.stop()
         if self.metrics_server is not None:
@@ -194,9 +179,9 @@ class Agent:
             if timeout <= 0:
                 break
             self._serve_commands()
-            if self.clock() >= self._next_detect:
+            if self.responder is not None and self.clock() >= self._next_detect:
                 self._next_detect = self.clock() + self.cfg.detect_interval
-                self.detect()
+                self.responder.detect()
             try:
                 ev = self._monitor.events.get(timeout=min(timeout, 0.05))
             except queue.Empty:
@@ -220,87 +205,6 @@ class Agent:
             # attachment of new interfaces) down with it.
             self.log.error("agent.housekeeping_failed", error=str(exc))
             self.log.debug("agent.housekeeping_failed", exc_info=True)
-
-    # -- detection, actions, events ----------------------------------------
-    def _start_detection(self) -> None:
-        try:
-            self.store = Store(self.cfg.state_dir / "state.db")
-        except SmtpguardError as exc:
-            # Detection goes on in memory; what is in the kernel stays as it is.
-            self.log.error("store.failed", error=str(exc), hint="running without persistence")
-        self.detector = Detector(self.policy, self.store, self._act, self._emit,
-                                 dests=self.datapath.table("smtp_dests"))
-        try:
-            self.detector.start()
-        except SmtpguardError as exc:
-            self.log.error("store.failed", error=str(exc))
-        self._configure_webhook()
-        # Blocks and throttles in force resume with their expiry (even after a reboot
-        # emptied the kernel).
-        for rec in self.detector.in_force():
-            ifnames = [v.ifname for v in self.ifaces.values() if v.vm == rec.vm]
-            if self.keeper is not None and ifnames:
-                have = self.keeper.enforcer.actions()
-                if any(have.get(n) is None for n in ifnames):
-                    self.keeper.set_action(ifnames, Action(
-                        "block" if rec.state == "blocked" else "throttle", rec.until))
-            self.log.info("vm.resumed", vm=rec.vm, state=rec.state, until=rec.until)
-
-    def _configure_webhook(self) -> None:
-        hook = self.policy.webhook
-        if self.webhook is not None and (hook is None or hook.url != self.webhook.url):
-            self.webhook.stop(drain=0)
-            self.webhook = None
-        if hook is not None and self.webhook is None:
-            self.webhook = Webhook(hook.url, hook.timeout, hook.queue, hook.events)
-
-    def detect(self) -> None:
-        """One detection step over fresh counters."""
-        if self.detector is None:
-            return
-        t0 = time.monotonic()
-        try:
-            per_iface = {}
-            for ifindex, ports in read_ports(self.datapath.table("smtp_stats")).items():
-                per_iface[ifindex] = (sum(c.attempts for c in ports.values()),
-                                      sum(c.reset + c.no_answer for c in ports.values()), 0)
-            blocked: dict[str, int] = {}
-            if self.keeper is not None:
-                for c in self.keeper.enforcer.blocked_counts():
-                    blocked[c.ifname] = blocked.get(c.ifname, 0) + c.packets
-            self.detector.observe(per_iface, blocked, self.ifaces)
-            self._observe_loop(time.monotonic() - t0)
-            if self.clock() >= self._next_samples:
-                self._next_samples = self.clock() + SAMPLE_EVERY
-                self.detector.save_samples()
-        except Exception as exc:
-            self.log.error("detect.failed", error=str(exc))
-            self.log.debug("detect.failed", exc_info=True)
-
-    def _act(self, t: Transition, ifnames: list[str]) -> None:
-        action = {"blocked": "block", "throttled": "throttle"}.get(t.new)
-        if action is not None:
-            self.actions_total[action] = self.actions_total.get(action, 0) + 1
-        elif t.new == "ok" and t.old in ("blocked", "throttled"):
-            self.actions_total["release"] = self.actions_total.get("release", 0) + 1
-        elif t.new == "flagged":
-            self.actions_total["flag"] = self.actions_total.get("flag", 0) + 1
-        if self.keeper is None or not ifnames:
-            return
-        if action is not None:
-            self.keeper.set_action(ifnames, Action(action, t.until))  # type: ignore[arg-type]
-        elif t.new in ("ok", "flagged") and t.old in ("blocked", "throttled"):
-            self.keeper.set_action(ifnames, None)
-
-    def _emit(self, t: Transition) -> None:
-        ifaces = sorted(v.ifname for v in self.ifaces.values() if v.vm == t.vm)
-        fields = {"vm": t.vm, "interfaces": ifaces, "state": t.new, "previous": t.old,
-                  "reason": t.reason, "actor": t.actor, "until": t.until,
-                  "threshold": t.threshold, "figures": t.figures, "offence": t.offence}
-        self.log.info(t.event, **fields)
-        if self.webhook is not None:
-            self.webhook.offer({"event": t.event, "at": t.at, "host": socket.gethostname(),
-                                "policy_generation": self.generation, **fields})
 
     # -- the control socket --------------------------------------------------
     def submit(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -347,9 +251,8 @@ class Agent:
         self.reconcile()
         if self.keeper is not None:
             self.keeper.policy_changed(self.policy, self.ifaces)
-        if self.detector is not None:
-            self.detector.set_policy(self.policy)
-        self._configure_webhook()
+        if self.responder is not None:
+            self.responder.configure(self.policy)
         self.log.info("policy.reloaded", policy=self._policy_name(), digest=loaded.digest,
                       policy_generation=self.generation, interfaces=len(self.ifaces))
 
@@ -377,6 +280,7 @@ class Agent:
 
     def on_link(self, ev: LinkEvent) -> None:
         if ev.kind == "del":
+            self.unattached.discard(ev.ifindex)
             if ev.ifindex in self.ifaces:
                 self._drop(ev.ifindex, "vanished")
             return
@@ -398,7 +302,9 @@ class Agent:
         except AttachError as exc:
             # One interface's failure never stops the others.
             log.error("iface.attach_failed", error=str(exc))
+            self.unattached.add(vif.ifindex)
             return
+        self.unattached.discard(vif.ifindex)
         self.ifaces = {**self.ifaces, vif.ifindex: vif}
         placed = place(self.policy, VmFacts(vif.vm, vif.ifname, tenant=vif.tenant))
         log.info("iface.attached", ifindex=vif.ifindex, pattern=vif.pattern,
@@ -411,6 +317,7 @@ class Agent:
             self.log.error("iface.detach_failed", interface=ifname, error=str(exc))
 
     def _drop(self, ifindex: int, reason: str) -> None:
+        self.unattached.discard(ifindex)
         vif = self.ifaces.get(ifindex)
         self.ifaces = {k: v for k, v in self.ifaces.items() if k != ifindex}
         self._forget.add(ifindex)
@@ -427,20 +334,21 @@ class Agent:
         self.log.debug("datapath.forgotten", interfaces=sorted(doomed), entries=removed)
 
     # -- reporting ---------------------------------------------------------
+    @property
+    def detector(self) -> Detector | None:
+        return None if self.responder is None else self.responder.detector
+
     def health(self) -> Health:
         states: dict[str, str] = {v.vm: "ok" for v in self.ifaces.values()}
-        if self.detector is not None:
-            states.update({r.vm: r.state for r in self.detector.records.values()
-                           if r.state != "ok" or r.vm in states})
-        return Health(self.generation, dict(self.reloads), states, dict(self.actions_total),
-                      (tuple(self._loop_buckets), self._loop_sum, self._loop_n))
-
-    def _observe_loop(self, seconds: float) -> None:
-        self._loop_sum += seconds
-        self._loop_n += 1
-        for i, b in enumerate(LOOP_BUCKETS):
-            if seconds <= b:
-                self._loop_buckets[i] += 1
+        r = self.responder
+        if r is None:
+            return Health(self.generation, dict(self.reloads), states,
+                          unattached=len(self.unattached))
+        states.update({rec.vm: rec.state for rec in r.detector.records.values()
+                       if rec.state != "ok" or rec.vm in states})
+        return Health(self.generation, dict(self.reloads), states, dict(r.actions_total),
+                      (tuple(r.loop_buckets), r.loop_sum, r.loop_n), r.last_loop,
+                      len(self.unattached))
 
     def snapshot(self) -> Snapshot:
         return take(self.datapath.table("smtp_stats"), self.datapath.table("smtp_dests"))

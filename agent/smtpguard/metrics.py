@@ -32,6 +32,8 @@ class Health:
     vm_states: Mapping[str, str] = field(default_factory=dict)  # vm -> state
     actions: Mapping[str, int] = field(default_factory=dict)  # action -> count
     loop_seconds: tuple[tuple[float, ...], float, int] = ((), 0.0, 0)  # buckets, sum, count
+    last_loop: float = 0.0  # wall clock of the last detection step
+    unattached: int = 0  # VM-facing interfaces the classifier could not be attached to
 
 
 STATES = ("ok", "flagged", "throttled", "blocked")
@@ -90,6 +92,14 @@ class DatapathCollector(Collector):
         for name in ("flag", "throttle", "block", "release"):
             actions.add_metric([name], h.actions.get(name, 0))
         yield actions
+        beat = GaugeMetricFamily("smtpguard_last_loop_timestamp_seconds",
+                                 "When the agent's loop last ran a detection step")
+        beat.add_metric([], h.last_loop)
+        yield beat
+        unatt = GaugeMetricFamily("smtpguard_interfaces_unattached",
+                                  "VM-facing interfaces without the classifier (attach failed)")
+        unatt.add_metric([], h.unattached)
+        yield unatt
         counts, total, n = h.loop_seconds
         if counts:
             loop = HistogramMetricFamily("smtpguard_loop_duration_seconds",
@@ -166,9 +176,7 @@ class EnforcementCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         try:
-            counts = self._enforcer.blocked_counts()
-            fill = self._enforcer.fill()
-            overflow = self._enforcer.overflows()
+            counts, fill, overflow = self._enforcer.report()
         except Exception:
             logs.get().debug("metrics.nft_read_failed", exc_info=True)
             return

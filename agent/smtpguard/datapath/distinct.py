@@ -24,13 +24,25 @@ LC_MAX_LOAD = 0.95  # past this share of set bits, trust HyperLogLog instead
 
 @dataclass
 class Sketch:
-    bits: int = 0  # LC_BITS bits, bit i of word w at position 64*w + i
-    regs: list[int] = field(default_factory=lambda: [0] * HLL_REGS)
+    """bits: LC_BITS bits, bit i of word w at position 64*w + i. The
+    registers are kept as the unmerged parts they came from and merged only
+    when the bitmap is too full to answer (most reads never need them)."""
+
+    bits: int = 0
+    parts: list[bytes] = field(default_factory=list)
+
+    @property
+    def regs(self) -> list[int]:
+        if not self.parts:
+            return [0] * HLL_REGS
+        if len(self.parts) > 1:
+            self.parts = [bytes(map(max, zip(*self.parts, strict=True)))]
+        return list(self.parts[0])
 
 
 def from_slot(slot: Any) -> Sketch:
     """A Sketch from a ctypes HllSlot."""
-    return Sketch(sum(int(w) << (64 * i) for i, w in enumerate(slot.bits)), list(slot.reg))
+    return Sketch(int.from_bytes(bytes(slot.bits), "little"), [bytes(slot.reg)])
 
 
 def merge(sketches: Iterable[Sketch]) -> Sketch:
@@ -38,7 +50,7 @@ def merge(sketches: Iterable[Sketch]) -> Sketch:
     out = Sketch()
     for s in sketches:
         out.bits |= s.bits
-        out.regs = [a if a >= b else b for a, b in zip(out.regs, s.regs, strict=True)]
+        out.parts.extend(s.parts)
     return out
 
 
@@ -64,7 +76,9 @@ def add(s: Sketch, h: int) -> None:
     idx = h & (HLL_REGS - 1)
     w = h >> HLL_BITS
     rank = (w & -w).bit_length() if w else _HASH_BITS - HLL_BITS + 1
-    s.regs[idx] = max(s.regs[idx], rank)
+    regs = s.regs
+    regs[idx] = max(regs[idx], rank)
+    s.parts = [bytes(regs)]
 
 
 def hll_estimate(regs: list[int]) -> float:

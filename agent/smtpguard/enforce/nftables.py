@@ -198,12 +198,25 @@ class NftablesEnforcer:
         out = []
         for fam in render.FAMILIES:
             for reason in render.REASONS:
-                for elem in self._list_set(fam, f"cnt_{reason}").get("elem", []):
-                    e = elem.get("elem", elem) if isinstance(elem, dict) else elem
-                    val = e["val"]["concat"] if isinstance(e, dict) else e["concat"]
-                    packets = e.get("counter", {}).get("packets", 0) if isinstance(e, dict) else 0
-                    out.append(BlockedCount(fam, reason, str(val[0]), int(val[1]), int(packets)))
+                out += _counts(fam, reason, self._list_set(fam, f"cnt_{reason}"))
         return out
+
+    def report(self) -> tuple[list[BlockedCount], dict[tuple[str, str], tuple[int, int]], int]:
+        """Blocked counts, set fill levels and overflows from one listing per family."""
+        counts: list[BlockedCount] = []
+        fill: dict[tuple[str, str], tuple[int, int]] = {}
+        overflow = 0
+        for fam in render.FAMILIES:
+            table = self._list(fam)
+            if table is None:
+                continue
+            overflow += int(table["counters"].get("overflow", {}).get("packets", 0))
+            for name, st in table["sets"].items():
+                if st.get("size"):
+                    fill[(fam, name)] = (len(st.get("elem", [])), int(st["size"]))
+            for reason in render.REASONS:
+                counts += _counts(fam, reason, table["sets"].get(f"cnt_{reason}", {}))
+        return counts, fill, overflow
 
     def fill(self) -> dict[tuple[str, str], tuple[int, int]]:
         """(family, set) -> (elements, size) for every sized set."""
@@ -265,6 +278,16 @@ class NftablesEnforcer:
             if rc != 0:
                 raise EnforcerError(f"creating dedup sets: {err.strip()}")
             logs.get().debug("nft.typeof_sets_created", sets=script)
+
+
+def _counts(family: str, reason: str, listed: dict[str, Any]) -> list[BlockedCount]:
+    out = []
+    for elem in listed.get("elem", []):
+        e = elem.get("elem", elem) if isinstance(elem, dict) else elem
+        val = e["val"]["concat"] if isinstance(e, dict) and "val" in e else e["concat"]
+        packets = e.get("counter", {}).get("packets", 0) if isinstance(e, dict) else 0
+        out.append(BlockedCount(family, reason, str(val[0]), int(val[1]), int(packets)))
+    return out
 
 
 def _rules_count(cmds: list[dict[str, Any]], family: str) -> int:

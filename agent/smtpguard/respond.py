@@ -1,0 +1,137 @@
+"""From counters to consequences: runs detection over fresh counters, turns
+its transitions into enforcement actions, logs them and tells the webhook."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from smtpguard import logs
+from smtpguard.datapath.interfaces import VmIface
+from smtpguard.datapath.snapshot import read_ports
+from smtpguard.detect.engine import Detector
+from smtpguard.detect.machine import Transition
+from smtpguard.enforce.desired import Action
+from smtpguard.enforce.keeper import Keeper
+from smtpguard.errors import SmtpguardError
+from smtpguard.metrics import LOOP_BUCKETS
+from smtpguard.policy.model import Policy
+from smtpguard.store import Store
+from smtpguard.webhook import Webhook
+
+SAMPLE_EVERY = 10.0  # seconds between saves of the counter samples
+
+
+class Responder:
+    def __init__(self, state_dir: Path, policy: Policy, stats: Any, dests: Any,
+                 keeper: Keeper | None, ifaces: Callable[[], Mapping[int, VmIface]],
+                 generation: Callable[[], int], clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self.log = logs.get()
+        self.stats = stats
+        self.keeper = keeper
+        self.ifaces = ifaces
+        self.generation = generation
+        self.clock = clock
+        self.store: Store | None = None
+        try:
+            self.store = Store(state_dir / "state.db")
+        except SmtpguardError as exc:
+            # Detection goes on in memory; what is in the kernel stays as it is.
+            self.log.error("store.failed", error=str(exc), hint="running without persistence")
+        self.detector = Detector(policy, self.store, self.act, self.emit, dests=dests)
+        self.webhook: Webhook | None = None
+        self.actions_total: dict[str, int] = {}
+        self.loop_buckets = [0] * len(LOOP_BUCKETS)
+        self.loop_sum = 0.0
+        self.loop_n = 0
+        self._next_samples = 0.0
+        self.last_loop = 0.0
+        self.configure(policy)
+
+    def start(self) -> None:
+        """Resume from the store; blocks and throttles in force get their kernel
+        elements back with the same expiry (even after a reboot emptied it)."""
+        try:
+            self.detector.start()
+        except SmtpguardError as exc:
+            self.log.error("store.failed", error=str(exc))
+        for rec in self.detector.in_force():
+            ifnames = [v.ifname for v in self.ifaces().values() if v.vm == rec.vm]
+            if self.keeper is not None and ifnames:
+                have = self.keeper.enforcer.actions()
+                if any(have.get(n) is None for n in ifnames):
+                    self.keeper.set_action(ifnames, Action(
+                        "block" if rec.state == "blocked" else "throttle", rec.until))
+            self.log.info("vm.resumed", vm=rec.vm, state=rec.state, until=rec.until)
+
+    def configure(self, policy: Policy) -> None:
+        self.detector.set_policy(policy)
+        hook = policy.webhook
+        if self.webhook is not None and (hook is None or hook.url != self.webhook.url):
+            self.webhook.stop(drain=0)
+            self.webhook = None
+        if hook is not None and self.webhook is None:
+            self.webhook = Webhook(hook.url, hook.timeout, hook.queue, hook.events)
+
+    def stop(self) -> None:
+        self.detector.save_samples()
+        if self.webhook is not None:
+            self.webhook.stop()
+
+    def detect(self) -> None:
+        """One detection step over fresh counters; timed for the loop histogram."""
+        t0 = time.monotonic()
+        try:
+            per_iface = {}
+            for ifindex, ports in read_ports(self.stats).items():
+                per_iface[ifindex] = (sum(c.attempts for c in ports.values()),
+                                      sum(c.reset + c.no_answer for c in ports.values()), 0)
+            blocked: dict[str, int] = {}
+            if self.keeper is not None:
+                for c in self.keeper.enforcer.blocked_counts():
+                    blocked[c.ifname] = blocked.get(c.ifname, 0) + c.packets
+            self.detector.observe(per_iface, blocked, self.ifaces())
+            self._observe_loop(time.monotonic() - t0)
+            self.last_loop = time.time()
+            if self.clock() >= self._next_samples:
+                self._next_samples = self.clock() + SAMPLE_EVERY
+                self.detector.save_samples()
+        except Exception as exc:
+            self.log.error("detect.failed", error=str(exc))
+            self.log.debug("detect.failed", exc_info=True)
+
+    def _observe_loop(self, seconds: float) -> None:
+        self.loop_sum += seconds
+        self.loop_n += 1
+        for i, b in enumerate(LOOP_BUCKETS):
+            if seconds <= b:
+                self.loop_buckets[i] += 1
+
+    def act(self, t: Transition, ifnames: list[str]) -> None:
+        action = {"blocked": "block", "throttled": "throttle"}.get(t.new)
+        counted = action or ("release" if t.new == "ok" and t.old in ("blocked", "throttled")
+                             else "flag" if t.new == "flagged" else None)
+        if counted:
+            self.actions_total[counted] = self.actions_total.get(counted, 0) + 1
+        if self.keeper is None or not ifnames:
+            return
+        if t.new == "blocked":
+            self.keeper.set_action(ifnames, Action("block", t.until))
+        elif t.new == "throttled":
+            self.keeper.set_action(ifnames, Action("throttle", t.until))
+        elif t.old in ("blocked", "throttled"):
+            self.keeper.set_action(ifnames, None)
+
+    def emit(self, t: Transition) -> None:
+        ifaces = sorted(v.ifname for v in self.ifaces().values() if v.vm == t.vm)
+        fields = {"vm": t.vm, "interfaces": ifaces, "state": t.new, "previous": t.old,
+                  "reason": t.reason, "actor": t.actor, "until": t.until,
+                  "threshold": t.threshold, "figures": t.figures, "offence": t.offence}
+        self.log.info(t.event, **fields)
+        if self.webhook is not None:
+            self.webhook.offer({"event": t.event, "at": t.at, "host": socket.gethostname(),
+                                "policy_generation": self.generation(), **fields})
