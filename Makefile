@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 SG     := $(VENV)/bin/smtpguard
 PYTEST ?= -q
 
-.PHONY: setup run test test-unit lint bench clean-lab help
+.PHONY: setup run test test-unit lint bench install uninstall clean-lab help
 
 help:
 	@echo "make setup    install Debian packages, kernel headers, the venv (.venv/)"
@@ -13,6 +13,8 @@ help:
 	@echo "make test     lint, then unit, BPF and integration tests (root)"
 	@echo "make lint     ruff and mypy"
 	@echo "make bench    classifier cost per packet, start-up time and memory (root)"
+	@echo "make install  the agent in /opt/smtpguard, the systemd unit, /etc/smtpguard"
+	@echo "make uninstall  remove them (config and state kept; PURGE=1 removes those too)"
 	@echo "make clean-lab remove a lab left behind by a killed run"
 
 setup:
@@ -37,3 +39,9 @@ clean-lab: setup
 
 bench: setup
 	$(PY) bench/run.py
+
+install:
+	scripts/install.sh
+
+uninstall:
+	scripts/install.sh --uninstall $(if $(PURGE),--purge)

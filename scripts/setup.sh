@@ -93,9 +93,10 @@ venv() {
 		die "the venv cannot import bcc/nftables (Debian python3-bpfcc, python3-nftables)"
 }
 
-# Prometheus for the tests only: the package would start a server on :9090,
-# so service starts are refused while it installs.
+# Prometheus and Vagrant for the tests only. Prometheus's package would start
+# a server on :9090, so service starts are refused while it installs.
 test_packages() {
+	installed vagrant || apt_install vagrant
 	installed prometheus && return 0
 	need_root "installing prometheus"
 	local guard=/usr/sbin/policy-rc.d created=0

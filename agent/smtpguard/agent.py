@@ -28,6 +28,7 @@ from smtpguard.policy import LoadedPolicy, Policy, load_path
 from smtpguard.policy.membership import VmFacts, place
 from smtpguard.policy.watch import PolicyWatcher
 from smtpguard.respond import Responder
+from smtpguard.sdnotify import Notifier
 
 DEFAULT_PIN_DIR = Path("/sys/fs/bpf/smtpguard/default")
 DEFAULT_STATE_DIR = Path("/var/lib/smtpguard")
@@ -63,6 +64,7 @@ class Agent:
         self.keeper: Keeper | None = None
         self.responder: Responder | None = None
         self.unattached: set[int] = set()
+        self.notifier = Notifier()
         self.control: ControlServer | None = None
         self.commands: queue.Queue[tuple[dict[str, Any], Future[dict[str, Any]]]] = queue.Queue()
         self._next_detect = 0.0
@@ -119,6 +121,7 @@ class Agent:
             self.control = ControlServer(self.cfg.control_socket, self.submit)
             self.control.start()
         self._next_log = self.clock() + self.cfg.log_interval
+        self.notifier.ready(f"{len(self.ifaces)} VM interfaces")
         self.log.info("agent.started", interfaces=len(self.ifaces),
                       pin_dir=str(self.cfg.pin_dir), policy=self._policy_name(),
                       policy_digest=self.loaded.digest, policy_generation=self.generation)
@@ -155,6 +158,7 @@ class Agent:
 
     def shutdown(self) -> None:
         """Log final counts and let go; filters and pinned maps stay in the kernel."""
+        self.notifier.stopping()
         try:
             self.log_counts(final=True)
         except Exception:
@@ -193,10 +197,11 @@ class Agent:
         if self._reload.is_set():
             self._reload.clear()
             self.reload()
+        self.notifier.watchdog(self._healthy())
         try:
             self._sweep()
-            if self.keeper is not None:
-                self.keeper.repair()
+            if self.keeper is not None and self.keeper.repair() and self.responder:
+                self.responder.reassert()
             if self.clock() >= self._next_log:
                 self._next_log = self.clock() + self.cfg.log_interval
                 self.log_counts()
@@ -223,6 +228,12 @@ class Agent:
                 fut.set_result(operator_api.handle(self, req))
             except Exception as exc:
                 fut.set_exception(exc)
+
+    def _healthy(self) -> bool:
+        """The loop runs, the classifier is loaded, detection stepped lately."""
+        r = self.responder
+        fresh = r is None or r.last_loop == 0 or time.time() - r.last_loop < 10
+        return self.datapath.loaded and fresh
 
     def _enforce_vms(self) -> None:
         if self.keeper is None:

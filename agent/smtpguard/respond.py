@@ -59,6 +59,11 @@ class Responder:
             self.detector.start()
         except SmtpguardError as exc:
             self.log.error("store.failed", error=str(exc))
+        self.reassert()
+
+    def reassert(self) -> None:
+        """Put the blocks and throttles detection holds back into the kernel
+        where they are missing (after a reboot, or a flushed ruleset)."""
         for rec in self.detector.in_force():
             ifnames = [v.ifname for v in self.ifaces().values() if v.vm == rec.vm]
             if self.keeper is not None and ifnames:

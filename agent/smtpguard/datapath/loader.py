@@ -33,7 +33,8 @@ PINNED_MAPS: dict[str, tuple[type[Any], type[Any]]] = {
 def default_bpf_dir() -> Path:
     """bpf/ of the checkout, or the copy installed next to the package."""
     here = Path(__file__).resolve()
-    for cand in (here.parents[3] / "bpf", here.parents[1] / "bpf"):
+    installed = Path(sys.prefix).parent / "bpf"  # /opt/smtpguard/bpf beside the venv
+    for cand in (here.parents[3] / "bpf", here.parents[1] / "bpf", installed):
         if (cand / BPF_SOURCE).exists():
             return cand
     raise BpfLoadError(f"cannot find {BPF_SOURCE} near {here}")

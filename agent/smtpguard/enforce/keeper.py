@@ -96,16 +96,18 @@ class Keeper:
         self.enforcer.set_vms(Desired(self.policy, dict(self.classes)))
         self._dirty = False
 
-    def repair(self) -> None:
+    def repair(self) -> bool:
         """Periodically: if our tables were flushed or deleted behind our
-        back, put them back."""
+        back, put them back. True when it did."""
         if self.clock() < self._next_repair:
-            return
+            return False
         self._next_repair = self.clock() + self.repair_every
         observed = self.enforcer.observe()
         want = self.desired()
         missing = [fam for fam, t in observed.items() if t is None or t.get("rules", 0) != sum(
             len(r) for r in render.chains(want, fam, self.enforcer.caps).values())]
-        if missing:
-            self.enforcer.apply(self.desired())
-            self.log.warning("enforce.repaired", missing=missing)
+        if not missing:
+            return False
+        self.enforcer.apply(self.desired())
+        self.log.warning("enforce.repaired", missing=missing)
+        return True

@@ -86,7 +86,16 @@ class NftablesEnforcer:
 
     def __init__(self, caps: Capabilities | None = None) -> None:
         self.n = _nft()
-        self.caps = caps if caps is not None else probe()
+        self._probed = caps is not None
+        if caps is None:
+            try:
+                caps = probe()
+                self._probed = True
+            except (EnforcerError, OSError) as exc:
+                # No scratch namespace (no CAP_SYS_ADMIN): learn from the first apply.
+                logs.get().info("nft.probe_unavailable", error=str(exc))
+                caps = Capabilities()
+        self.caps = caps
         self._lock = threading.Lock()  # one libnftables context, two threads
 
     # -- low level ---------------------------------------------------------
@@ -119,7 +128,24 @@ class NftablesEnforcer:
 
     # -- the backend interface ---------------------------------------------
     def apply(self, desired: Desired) -> None:
-        """Both tables to the desired state, in one transaction."""
+        """Both tables to the desired state, in one transaction. Without a
+        probe, a rejected reject falls back to drop for that family."""
+        try:
+            self._apply(desired)
+        except EnforcerError:
+            if self._probed:
+                raise
+            for fallback in (Capabilities(False, True), Capabilities(False, False)):
+                self.caps = fallback
+                try:
+                    self._apply(desired)
+                except EnforcerError:
+                    continue
+                self._probed = True
+                return
+            raise
+
+    def _apply(self, desired: Desired) -> None:
         observed = self.observe()
         self._typeof_sets(observed)
         observed = self.observe()
