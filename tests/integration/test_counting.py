@@ -85,7 +85,7 @@ def test_retransmitted_syn_counts_once(shared_lab: Pair) -> None:
     assert agent.counter(ATTEMPTS, vm="vm2", port="25") - a0 == 1
     assert agent.counter(RETRANS, vm="vm2", port="25") - r0 >= 1
     assert agent.counter(HANDSHAKES, vm="vm2", port="25", outcome="completed") - c0 == 1
-    assert smtp_series(agent).keys() == before.keys()
+    assert before.keys() <= smtp_series(agent).keys()
 
 
 def test_non_smtp_traffic_changes_no_smtp_counter(shared_lab: Pair) -> None:
