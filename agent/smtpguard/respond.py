@@ -128,7 +128,9 @@ class Responder:
             self.keeper.set_action(ifnames, Action("block", t.until))
         elif t.new == "throttled":
             self.keeper.set_action(ifnames, Action("throttle", t.until))
-        elif t.old in ("blocked", "throttled"):
+        elif t.old in ("blocked", "throttled") or t.actor.startswith("operator"):
+            # An operator's release clears the kernel even for a block that
+            # detection did not know about.
             self.keeper.set_action(ifnames, None)
 
     def emit(self, t: Transition) -> None:
