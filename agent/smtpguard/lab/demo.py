@@ -4,6 +4,8 @@ VM and a spam bot, and a live table of what the agent counts."""
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -81,7 +83,18 @@ def _table(rows: dict[str, dict[str, Any]], history: dict[str, deque[tuple[float
 
 
 def demo(lab: topology.Lab, duration: float = 0.0) -> None:
-    """Run until Ctrl-C (or `duration` seconds); always cleans up."""
+    """Run until Ctrl-C or SIGTERM (or `duration` seconds); always cleans up."""
+
+    me = os.getpid()
+
+    def interrupt(signum: int, frame: object) -> None:
+        # Libraries fork helpers (pyroute2's netns.create does); a helper that
+        # inherits this handler must just go, not run our cleanup.
+        if os.getpid() != me:
+            os._exit(1)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
     if lab.exists():
         topology.down(lab)  # left over from a killed run
     pin_dir = Path(f"/sys/fs/bpf/smtpguard/{lab.prefix}")
