@@ -104,6 +104,7 @@ class Detector:
             cls = self.policy.classes[place(self.policy, facts).cls]
             rec = self.records.get(vm, VmRecord(vm))
             idx = [v.ifindex for v in vifs]
+
             def fig(t: Threshold, since: float, vm: str = vm, idx: list[int] = idx) -> float:
                 return self.figure(vm, idx, t, since, now_mono)
 
@@ -154,21 +155,13 @@ class Detector:
     def save_samples(self) -> None:
         if self.store is None:
             return
-        offset = self.wall() - self.mono_ns() / 1e9
-        at = (self.mono_ns() / 1e9) + offset
         try:
-            self.store.save_samples(at, self.totals)
+            self.store.save_samples(self.wall(), self.totals)
         except StoreError as exc:
             self.log.error("store.failed", error=str(exc))
 
     def set_policy(self, policy: Policy) -> None:
         self.policy = policy
-
-    def forget_vm(self, vm: str) -> None:
-        """A VM whose record is ok and which has no interface left."""
-        rec = self.records.get(vm)
-        if rec is not None and rec.state == "ok" and not rec.manual_until:
-            self.records.pop(vm, None)
 
     def record(self, vm: str) -> VmRecord:
         return self.records.get(vm, VmRecord(vm))
