@@ -4,21 +4,20 @@ webhook work end to end."""
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from conftest import AgentProc, lab_with_agent, require_root, send
+from receiver import Receiver
 from smtpguard.lab import topology
-from smtpguard.netns import enter, run_in
+from smtpguard.netns import run_in
 
 RELAY = "198.19.255.25"
 HOOK_PORT = 8025
@@ -169,43 +168,6 @@ def test_status_agrees_with_the_kernel_and_operators_win(detecting: Pair) -> Non
         agent.ctl("reload")
 
 
-class Receiver:
-    """The abuse desk's endpoint, on the agent's loopback (in the lab's
-    hypervisor namespace)."""
-
-    def __init__(self, lab: topology.Lab) -> None:
-        self.lab = lab
-        self.got: list[dict[str, Any]] = []
-        self.server: HTTPServer | None = None
-
-    def up(self) -> None:
-        got = self.got
-        ready = threading.Event()
-
-        class H(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *a: Any) -> None:
-                pass
-
-        def serve() -> None:
-            enter(self.lab.hv)
-            self.server = HTTPServer(("127.0.0.1", HOOK_PORT), H)
-            ready.set()
-            self.server.serve_forever()
-
-        threading.Thread(target=serve, daemon=True).start()
-        ready.wait(5)
-
-    def down(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-
-
 def loop_mean(agent: AgentProc) -> tuple[float, float]:
     m = agent.metrics()
     return (m["smtpguard_loop_duration_seconds_sum"][()],
@@ -214,7 +176,7 @@ def loop_mean(agent: AgentProc) -> tuple[float, float]:
 
 def test_webhook_down_for_30s_gets_every_event_in_order(detecting: Pair) -> None:
     lab, agent = detecting
-    receiver = Receiver(lab)
+    receiver = Receiver(HOOK_PORT, netns=lab.hv)
     s0, n0 = loop_mean(agent)
     for _ in range(2):
         agent.ctl("block", "vm2", "--for", "1h", "--reason", "outage test")

@@ -8,14 +8,13 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from receiver import Receiver
 from smtpguard.control import ControlServer, request
 from smtpguard.detect.machine import Transition, VmRecord
 from smtpguard.errors import SmtpguardError, StoreError
@@ -66,39 +65,6 @@ def test_store_writes_are_transactional(tmp_path: Path) -> None:
     assert s.records()["a"].state == "flagged"
     assert len(s.history("a")) == 1
     assert isinstance(s.db, sqlite3.Connection)
-
-
-class Receiver:
-    """A loopback HTTP endpoint that can be down."""
-
-    def __init__(self) -> None:
-        self.got: list[dict[str, Any]] = []
-        self.server: HTTPServer | None = None
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        self.port = probe.getsockname()[1]
-        probe.close()
-
-    def up(self) -> None:
-        got = self.got
-
-        class H(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *a: Any) -> None:
-                pass
-
-        self.server = HTTPServer(("127.0.0.1", self.port), H)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def down(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
 
 
 def test_webhook_delivers_in_order_after_an_outage() -> None:
