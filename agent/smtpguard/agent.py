@@ -153,9 +153,6 @@ class Agent:
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGHUP, hup)
 
-    def request_stop(self) -> None:
-        self._stop.set()
-
     def shutdown(self) -> None:
         """Log final counts and let go; filters and pinned maps stay in the kernel."""
         self.notifier.stopping()
@@ -282,10 +279,12 @@ class Agent:
         gone = set(self.ifaces) - present
         for ifindex in gone:
             self._drop(ifindex, "vanished")
-        # Counters of interfaces that vanished while no agent ran.
+        # Counters of interfaces that vanished while no agent ran (keys only:
+        # no need to decode every sketch here).
         try:
-            snap = self.snapshot()
-            self._forget |= set(snap.ifaces) - present
+            known = {k.ifindex for k in self.datapath.table("smtp_stats").keys()}
+            known |= {k.value for k in self.datapath.table("smtp_dests").keys()}
+            self._forget |= known - present
         except Exception:
             self.log.debug("agent.snapshot_failed", exc_info=True)
 

@@ -64,10 +64,11 @@ class Responder:
     def reassert(self) -> None:
         """Put the blocks and throttles detection holds back into the kernel
         where they are missing (after a reboot, or a flushed ruleset)."""
-        for rec in self.detector.in_force():
+        in_force = self.detector.in_force()
+        have = self.keeper.enforcer.actions() if self.keeper is not None and in_force else {}
+        for rec in in_force:
             ifnames = [v.ifname for v in self.ifaces().values() if v.vm == rec.vm]
             if self.keeper is not None and ifnames:
-                have = self.keeper.enforcer.actions()
                 if any(have.get(n) is None for n in ifnames):
                     self.keeper.set_action(ifnames, Action(
                         "block" if rec.state == "blocked" else "throttle", rec.until))
@@ -94,7 +95,7 @@ class Responder:
             per_iface = {}
             for ifindex, ports in read_ports(self.stats).items():
                 per_iface[ifindex] = (sum(c.attempts for c in ports.values()),
-                                      sum(c.reset + c.no_answer for c in ports.values()), 0)
+                                      sum(c.reset + c.no_answer for c in ports.values()))
             blocked: dict[str, int] = {}
             if self.keeper is not None:
                 for c in self.keeper.enforcer.blocked_counts():

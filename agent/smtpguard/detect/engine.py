@@ -44,7 +44,6 @@ class Detector:
         self.records: dict[str, VmRecord] = {}
         self.totals: dict[str, tuple[int, ...]] = {}
         self.log = logs.get()
-        self.last_step_seconds = 0.0
         self._memory: list[Transition] = []  # the offence history when there is no store
 
     def start(self) -> None:
@@ -76,11 +75,10 @@ class Detector:
         return distinct.estimate(distinct.merge(
             sketch_over(s, now_ns, t.window, int(since * 1e9)) for s in sketches))
 
-    def observe(self, per_iface: Mapping[int, tuple[int, int, int]],
+    def observe(self, per_iface: Mapping[int, tuple[int, int]],
                 blocked: Mapping[str, int], ifaces: Mapping[int, VmIface]) -> list[Transition]:
-        """One detection step. per_iface: ifindex -> (attempts, failed handshakes,
-        blocked attempts); blocked: extra blocked counts by ifname."""
-        t0 = time.monotonic()
+        """One detection step. per_iface: ifindex -> (attempts, failed handshakes);
+        blocked: rejected attempts by interface name."""
         now_mono = self.mono_ns() / 1e9
         now = self.wall()
         by_vm: dict[str, list[VmIface]] = {}
@@ -88,8 +86,8 @@ class Detector:
             by_vm.setdefault(v.vm, []).append(v)
         totals: dict[str, tuple[int, ...]] = {}
         for vm, vifs in by_vm.items():
-            a = sum(per_iface.get(v.ifindex, (0, 0, 0))[0] for v in vifs)
-            f = sum(per_iface.get(v.ifindex, (0, 0, 0))[1] for v in vifs)
+            a = sum(per_iface.get(v.ifindex, (0, 0))[0] for v in vifs)
+            f = sum(per_iface.get(v.ifindex, (0, 0))[1] for v in vifs)
             b = sum(blocked.get(v.ifname, 0) for v in vifs)
             totals[vm] = (a, b, f)  # windows.METRICS order
         self.windows.update(now_mono, totals)
@@ -112,7 +110,6 @@ class Detector:
             if new != rec or trs:
                 self._commit(new, trs, [v.ifname for v in vifs])
                 out += trs
-        self.last_step_seconds = time.monotonic() - t0
         return out
 
     def _blocks_at(self, vm: str) -> list[float]:

@@ -244,26 +244,6 @@ class NftablesEnforcer:
                 counts += _counts(fam, reason, table["sets"].get(f"cnt_{reason}", {}))
         return counts, fill, overflow
 
-    def fill(self) -> dict[tuple[str, str], tuple[int, int]]:
-        """(family, set) -> (elements, size) for every sized set."""
-        out = {}
-        for fam in render.FAMILIES:
-            table = self._list(fam)
-            if table is None:
-                continue
-            for name, s in table["sets"].items():
-                if s.get("size"):
-                    out[(fam, name)] = (len(s.get("elem", [])), int(s["size"]))
-        return out
-
-    def overflows(self) -> int:
-        total = 0
-        for fam in render.FAMILIES:
-            table = self._list(fam)
-            if table is not None:
-                total += int(table["counters"].get("overflow", {}).get("packets", 0))
-        return total
-
     def forget(self, ifnames: Iterable[str]) -> None:
         """Drop the per-interface counters of interfaces that are gone."""
         gone = set(ifnames)

@@ -299,6 +299,3 @@ class Policy(Strict):
                     raise ValueError(f"{AT}classes.{name}.limited_ports.{j}: {p} is not in "
                                      "smtp_ports")
         return self
-
-    def vm_class(self, name: str) -> VmClass:
-        return self.classes[name]
