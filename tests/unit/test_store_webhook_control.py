@@ -113,7 +113,7 @@ def server(tmp_path: Path) -> Any:
     srv.stop()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the control socket is root only")
+@pytest.mark.privileged  # the control socket serves root only
 def test_control_socket_protocol(server: Any) -> None:
     """Root gets answers; errors come back as one line; the socket is 0600."""
     path, seen = server
@@ -130,7 +130,7 @@ def test_control_socket_protocol(server: Any) -> None:
     assert [r["cmd"] for r in seen] == ["status", "boom"]
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another user")
+@pytest.mark.privileged  # dropping to another user needs root
 def test_control_socket_rejects_non_root_peers() -> None:
     """Even with the file opened up, a non-root peer is refused (SO_PEERCRED)."""
     import shutil
