@@ -7,6 +7,7 @@
 2. Start-up: compiling with bcc vs reusing the pinned build, and the agent's
    resident memory vs a process that compiled with bcc in-process.
 3. Agent CPU per /metrics scrape with 1,000 VM interfaces (bench/scrape.py).
+4. Reaction time from a fanout's 100th destination to the block (bench/reaction.py).
 """
 
 from __future__ import annotations
@@ -136,9 +137,11 @@ def main() -> int:
     rows: list[tuple[str, float, str]] = []
     bpf_cost(rows)
     startup(rows)
+    import reaction
     import scrape
 
     rows += scrape.run()
+    rows += reaction.run()
     width = max(len(r[0]) for r in rows)
     print(f"{'benchmark':<{width}}  {'value':>9}  unit")
     for name, value, unit in rows:

@@ -4,7 +4,6 @@ webhook work end to end."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ import pytest
 from conftest import AgentProc, lab_with_agent, require_root, send
 from receiver import Receiver
 from smtpguard.lab import topology
-from smtpguard.netns import run_in
+from smtpguard.lab.traffic import fan_out
 
 RELAY = "198.19.255.25"
 HOOK_PORT = 8025
@@ -58,41 +57,21 @@ def ts(ev: dict[str, Any]) -> float:
     return datetime.fromisoformat(ev["timestamp"].replace("Z", "+00:00")).timestamp()
 
 
-def fan_out(lab: topology.Lab, vm: str, n: int, rate: float) -> list[float]:
-    """SYNs to n distinct destinations at `rate`/s; returns each send time."""
-    def run() -> list[float]:
-        socks, times = [], []
-        for i in range(n):
-            s = socket.socket()
-            s.setblocking(False)
-            s.connect_ex((topology.dest_addr(1000 + i), 587))
-            times.append(time.time())
-            socks.append(s)
-            time.sleep(1 / rate)
-        time.sleep(0.5)
-        for s in socks:
-            s.close()
-        return times
-
-    return run_in(lab.vm_ns(vm), run)
-
-
-def test_fanout_blocked_within_a_second_while_an_honest_vm_stays_ok(detecting: Pair) -> None:
-    """vm1 walks 120 destinations at 20/s: blocked within 1 s of its 100th
-    distinct destination; vm2 mails a relay meanwhile and stays ok."""
+def test_fanout_is_blocked_while_an_honest_vm_stays_ok(detecting: Pair) -> None:
+    """vm1 walks 120 destinations at 20/s and is blocked by the fanout
+    threshold; vm2 mails a relay meanwhile and stays ok. (How fast the block
+    comes is measured by bench/reaction.py, not asserted here.)"""
     lab, agent = detecting
     honest: dict[str, Any] = {}
     t = threading.Thread(target=lambda: honest.update(a=send(lab, "vm2", 1, to=RELAY,
                                                               dialog="mail")))
     t.start()
-    times = fan_out(lab, "vm1", 120, 20)
+    fan_out(lab.vm_ns("vm1"), 120, 20)
     t.join()
+    assert honest["a"] == {"completed": 1}
     assert send(lab, "vm2", 1, to=RELAY, dialog="mail") == {"completed": 1}
     ev = agent.wait_event("vm.blocked", vm="vm1")
-    latency = ts(ev) - times[99]
-    print(f"fanout block latency: {latency * 1000:.0f} ms after the 100th destination "
-          f"(estimate at block {ev['figures']['fanout']:.1f})")
-    assert ev["threshold"] == "fanout" and latency < 1.0
+    assert ev["threshold"] == "fanout"
     rows = {r["vm"]: r for r in agent.ctl("status", "--json")}  # type: ignore[union-attr]
     assert rows["vm1"]["state"] == "blocked" and rows["vm2"]["state"] == "ok"
     assert send(lab, "vm1", 2, port=587, timeout=2) == {"no_answer": 2}
@@ -152,7 +131,7 @@ def test_status_agrees_with_the_kernel_and_operators_win(detecting: Pair) -> Non
         ("vm2", "blocked", "ticket 42")]
     agent.ctl("release", "vm2", "--for", "10m", "--reason", "false positive")
     assert send(lab, "vm2", 2, port=587) == {"completed": 2}
-    fan_out(lab, "vm2", 120, 60)  # immune: no automatic block
+    fan_out(lab.vm_ns("vm2"), 120, 60)  # immune: no automatic block
     time.sleep(1)
     assert [e for e in agent.events("vm.blocked") if e["vm"] == "vm2"][-1]["actor"] \
         .startswith("operator:")

@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 import yaml
-from test_detection_lab import fan_out
 
 from conftest import AgentProc, lab_with_agent, require_root, send
 from smtpguard.lab import topology
+from smtpguard.lab.traffic import fan_out
 from smtpguard.netns import run_in
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,7 +85,7 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[topology
                 time.sleep(0.5)
             send(lab, "vm2", 3, port=587, dialog="mail")
             send(lab, "vm1", 3, port=25, timeout=1)
-            fan_out(lab, "vm1", 60, 40)
+            fan_out(lab.vm_ns("vm1"), 60, 40)
             agent.wait_event("vm.blocked", vm="vm1")
             send(lab, "vm1", 2, port=587, timeout=1)
             time.sleep(6)

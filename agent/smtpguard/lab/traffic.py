@@ -77,3 +77,28 @@ async def send(plan: SendPlan) -> dict[str, int]:
         tasks.append(asyncio.create_task(worker(i)))
     await asyncio.gather(*tasks)
     return dict(outcomes)
+
+
+def fan_out(netns: str, n: int, rate: float, port: int = 587, first: int = 1000) -> list[float]:
+    """From a VM's namespace, SYNs to n distinct destinations (dest_addr(first)
+    onwards) at `rate` a second, without waiting for answers; returns the
+    wall-clock time each was sent (for reaction-time measurements)."""
+    import socket
+
+    from smtpguard.netns import run_in
+
+    def run() -> list[float]:
+        socks, times = [], []
+        for i in range(n):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex((dest_addr(first + i), port))
+            times.append(time.time())
+            socks.append(s)
+            time.sleep(1 / rate)
+        time.sleep(0.5)
+        for s in socks:
+            s.close()
+        return times
+
+    return run_in(netns, run)
