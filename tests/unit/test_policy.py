@@ -54,6 +54,13 @@ def test_yaml_syntax_errors_are_located() -> None:
     assert err.startswith("p.yaml:2:1: yaml: ")
 
 
+def test_unknown_yaml_tags_are_located_errors() -> None:
+    """A YAML tag no safe constructor knows (found by the fuzzer) is a located
+    error, not a crash."""
+    assert errors_of("version: 1\n!A relays: []\n") == [
+        "p.yaml:2:1: policy: could not determine a constructor for the tag '!A'"]
+
+
 def test_duplicate_keys_are_errors() -> None:
     assert errors_of("relays: []\nversion: 1\nrelays: []\n") == [
         "p.yaml:3:1: relays: duplicate key (first at 1)"]

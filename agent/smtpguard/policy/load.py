@@ -193,7 +193,12 @@ def load_documents(docs: list[tuple[str, str]]) -> LoadedPolicy:
     if root is None:
         root = yaml.MappingNode("tag:yaml.org,2002:map", [],
                                 yaml.Mark(docs[0][0] if docs else "<policy>", 0, 0, 0, "", 0))
-    data = yaml.SafeLoader("").construct_document(root)
+    try:
+        data = yaml.SafeLoader("").construct_document(root)
+    except yaml.MarkedYAMLError as exc:  # e.g. a tag (`!foo`) no safe constructor knows
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{mark.name}:{mark.line + 1}:{mark.column + 1}" if mark else _mark(root)
+        raise PolicyErrors([f"{where}: policy: {exc.problem or exc.context}"]) from exc
     try:
         policy = Policy.model_validate(data)
     except ValidationError as exc:
