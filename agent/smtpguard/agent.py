@@ -48,6 +48,7 @@ class AgentConfig:
     enforce: bool = True
     control_socket: Path | None = DEFAULT_SOCKET
     detect_interval: float = 0.25
+    backend: str | None = None  # auto, nftables, iptables; None: the policy's
 
 
 class Agent:
@@ -95,9 +96,12 @@ class Agent:
         collectors: list[Any] = [DatapathCollector(
             self.snapshot, lambda: self.ifaces, lambda: self.datapath.loaded, self.health)]
         if self.cfg.enforce:
-            from smtpguard.enforce.nftables import NftablesEnforcer
+            from smtpguard.enforce.select import construct
 
-            self.keeper = Keeper(NftablesEnforcer(), self.policy, self.clock)
+            requested = self.cfg.backend or self.policy.enforcement.backend
+            enforcer = construct(requested)  # type: ignore[arg-type]
+            self.log.info("enforce.backend", backend=enforcer.name, requested=requested)
+            self.keeper = Keeper(enforcer, self.policy, self.clock)
             self.keeper.start(self.ifaces)
             collectors.append(EnforcementCollector(self.keeper.enforcer, lambda: self.ifaces))
         self.responder = Responder(
@@ -252,6 +256,11 @@ class Agent:
                            errors=str(exc).splitlines(), policy_generation=self.generation,
                            kept_digest=self.loaded.digest)
             return
+        if self.keeper is not None and self.cfg.backend is None and \
+                loaded.policy.enforcement.backend != self.policy.enforcement.backend:
+            self.log.warning("enforce.backend_unchanged", running=self.keeper.enforcer.name,
+                             requested=loaded.policy.enforcement.backend,
+                             hint="the backend is chosen at start: restart to switch")
         self.loaded = loaded
         self.generation += 1
         self.reloads["applied"] += 1
@@ -398,12 +407,22 @@ def cleanup(cfg: AgentConfig) -> int:
                 removed += 1
                 log.info("iface.detached", interface=ev.ifname, reason="cleanup")
     Datapath(cfg.pin_dir, cfg.sizes).unpin()
-    tables = False
+    tables = chains = False
     if cfg.enforce:
         from smtpguard.enforce.desired import Capabilities
+        from smtpguard.enforce.iptables import IptablesEnforcer
         from smtpguard.enforce.nftables import NftablesEnforcer
+        from smtpguard.errors import BackendUnavailable
 
-        tables = NftablesEnforcer(Capabilities()).remove()
+        # Both backends: whichever ran here. Neither creates what is not there.
+        try:
+            tables = NftablesEnforcer(Capabilities()).remove()
+        except BackendUnavailable as exc:
+            log.info("cleanup.skipped", backend="nftables", reason=str(exc))
+        try:
+            chains = IptablesEnforcer().remove()
+        except BackendUnavailable as exc:
+            log.info("cleanup.skipped", backend="iptables", reason=str(exc))
     log.info("agent.cleaned_up", interfaces=removed, pin_dir=str(cfg.pin_dir),
-             nft_tables_removed=tables)
+             nft_tables_removed=tables, iptables_chains_removed=chains)
     return removed

@@ -53,13 +53,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--conn-table-size", type=int, default=262144,
                      help="attempts remembered for SYN dedup; size for rate x retry "
                      "window (default 262144)")
+    run.add_argument("--backend", choices=["auto", "nftables", "iptables"],
+                     help="firewall that enforces (default: the policy's enforcement.backend, "
+                     "auto: nftables, or iptables-legacy where nftables is unavailable and "
+                     "legacy tables are already in use)")
     run.add_argument("--cleanup", action="store_true",
                      help="turn everything off: remove every smtpg_* tc filter, the pinned "
-                     "maps and the smtpguard nftables tables, then exit")
+                     "maps, the smtpguard nftables tables and SMTPG* iptables chains, then "
+                     "exit")
     run.add_argument("--dry-run", action="store_true",
-                     help="print the nftables ruleset the policy gives (nft -f syntax), exit")
+                     help="print the rules the policy gives and exit (nft -f syntax; "
+                     "iptables-restore syntax with --backend iptables)")
     run.add_argument("--no-enforce", action="store_true",
-                     help="count and report only; leave nftables alone")
+                     help="count and report only; leave the firewall alone")
 
     pol = sub.add_parser("policy", help="policy files").add_subparsers(
         dest="policy_command", required=True, metavar="SUBCOMMAND")
@@ -121,6 +127,11 @@ def _parser() -> argparse.ArgumentParser:
     block.add_argument("--for", dest="duration", required=True,
                        help="how long, e.g. 24h (automatic decisions cannot lift it)")
     block.add_argument("--reason", required=True)
+    throttle = op("throttle", "hold a VM's SMTP to its class's throttle ceiling")
+    throttle.add_argument("vm")
+    throttle.add_argument("--for", dest="duration", required=True,
+                          help="how long, e.g. 1h (automatic decisions cannot lift it)")
+    throttle.add_argument("--reason", required=True)
     release = op("release", "lift a VM's block or throttle")
     release.add_argument("vm")
     release.add_argument("--for", dest="duration", default="1h",
@@ -145,15 +156,23 @@ def _run(args: argparse.Namespace) -> int:
         metrics_addr=args.metrics_addr or None, log_interval=args.log_interval,
         sizes=Sizes(conn_table=args.conn_table_size), enforce=not args.no_enforce,
         control_socket=Path(args.control_socket) if args.control_socket else None,
+        backend=args.backend,
     )
     if args.cleanup:
         cleanup(cfg)
         return 0
     if args.dry_run:
         from smtpguard.enforce.desired import Desired
+
+        desired = Desired(load_path(args.policy).policy)
+        if (args.backend or desired.policy.enforcement.backend) == "iptables":
+            from smtpguard.enforce.iptables_render import FAMILIES, restore_text
+
+            sys.stdout.write("".join(restore_text(desired, fam) for fam in FAMILIES))
+            return 0
         from smtpguard.enforce.nftables import dry_run, probe
 
-        sys.stdout.write(dry_run(Desired(load_path(args.policy).policy), probe()))
+        sys.stdout.write(dry_run(desired, probe()))
         return 0
     agent = Agent(cfg, load_path(args.policy))
     agent.install_signals()
@@ -204,7 +223,7 @@ def _operator(args: argparse.Namespace) -> int:
 
     who = os.environ.get("SUDO_USER") or getpass.getuser()
     req: dict[str, object] = {"cmd": args.command, "who": who}
-    if args.command in ("block", "release"):
+    if args.command in ("block", "throttle", "release"):
         req.update(vm=args.vm, reason=args.reason)
         req["for"] = args.duration
     reply = request(args.socket, req)
@@ -222,7 +241,7 @@ def _operator(args: argparse.Namespace) -> int:
                   f"{r['destinations_1h']:>7.0f} {r['state']:<9} {_when(r['until']):<16} "
                   f"{r['reason'] if r['state'] != 'ok' else ''}")
         return 0
-    if args.command in ("block", "release"):
+    if args.command in ("block", "throttle", "release"):
         print(f"{reply['vm']}: {reply['state']}, until {_when(reply['until'])} "
               f"({reply['reason']})")
     if args.command == "reload":
@@ -264,8 +283,8 @@ def _lab(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Commands that print for people keep stdout for that; logs go to stderr.
-    quiet = args.command in ("policy", "version", "status", "flags", "block", "release",
-                             "reload") or (
+    quiet = args.command in ("policy", "version", "status", "flags", "block", "throttle",
+                             "release", "reload") or (
         args.command == "lab" and args.lab_command in ("send", "demo"))
     logs.configure(getattr(args, "log_level", "info"), sys.stderr if quiet else None)
     try:
@@ -278,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             return _policy(args)
         if args.command == "lab":
             return _lab(args)
-        if args.command in ("status", "flags", "block", "release", "reload"):
+        if args.command in ("status", "flags", "block", "throttle", "release", "reload"):
             return _operator(args)
     except SmtpguardError as exc:
         print(f"smtpguard: {exc}", file=sys.stderr)

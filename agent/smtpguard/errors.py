@@ -21,6 +21,10 @@ class EnforcerError(SmtpguardError):
     """The firewall backend rejected a change."""
 
 
+class BackendUnavailable(EnforcerError):
+    """A firewall backend cannot run on this host (library or kernel missing)."""
+
+
 class LabError(SmtpguardError):
     """The network-namespace lab could not be built or driven."""
 

@@ -80,7 +80,7 @@ def handle(agent: Agent, req: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, "vms": status(agent), "policy_generation": agent.generation}
     if cmd == "flags":
         return {"ok": True, "vms": [r for r in status(agent) if r["state"] != "ok"]}
-    if cmd in ("block", "release"):
+    if cmd in ("block", "throttle", "release"):
         vm, ifnames = _target(agent, req)
         tr = det.operator(vm, ifnames, cmd, who, _duration(req), str(req.get("reason") or ""))
         return {"ok": True, "vm": vm, "state": tr.new, "until": tr.until, "reason": tr.reason,

@@ -39,10 +39,13 @@ class AgentProc:
     """One `smtpguard run` inside the lab's hypervisor namespace."""
 
     def __init__(self, lab: topology.Lab, tmp: Path, policy: Path | None = None,
-                 enforce: bool = False) -> None:
+                 enforce: bool = False, backend: str | None = None,
+                 launcher: list[str] | None = None) -> None:
         self.lab = lab
         self.policy = policy
         self.enforce = enforce
+        self.backend = backend
+        self.launcher = launcher or SG
         self.pin_dir = Path(f"/sys/fs/bpf/smtpguard-test/{lab.prefix}")
         self.state_dir = tmp / "state"
         self.socket = tmp / "control.sock"
@@ -51,11 +54,12 @@ class AgentProc:
         self._mark = 0  # events before this index belong to earlier runs
 
     def args(self) -> list[str]:
-        return [*SG, "run", "--netns", self.lab.hv, "--pin-dir", str(self.pin_dir),
+        return [*self.launcher, "run", "--netns", self.lab.hv, "--pin-dir", str(self.pin_dir),
                 "--state-dir", str(self.state_dir), "--metrics-addr", METRICS,
                 "--log-interval", "3600", "--log-level", "debug",
                 "--control-socket", str(self.socket),
                 *(["--policy", str(self.policy)] if self.policy else []),
+                *(["--backend", self.backend] if self.backend else []),
                 *([] if self.enforce else ["--no-enforce"])]
 
     def start(self) -> None:
@@ -76,7 +80,7 @@ class AgentProc:
         self.proc = None
 
     def cleanup(self) -> None:
-        """Everything off: filters, pins, and our nftables tables."""
+        """Everything off: filters, pins, our nftables tables and iptables chains."""
         subprocess.run([*SG, "run", "--cleanup", "--netns", self.lab.hv, "--pin-dir",
                         str(self.pin_dir)], capture_output=True, check=False)
         shutil.rmtree(self.pin_dir, ignore_errors=True)
@@ -168,12 +172,15 @@ def require_root() -> None:
 
 @contextlib.contextmanager
 def lab_with_agent(tmp: Path, vms: int, policy: Path | None = None, routed: int = 0,
-                   enforce: bool = False) -> Iterator[tuple[topology.Lab, AgentProc]]:
+                   enforce: bool = False, backend: str | None = None, start: bool = True,
+                   launcher: list[str] | None = None
+                   ) -> Iterator[tuple[topology.Lab, AgentProc]]:
     lab = topology.Lab(unique())
-    agent = AgentProc(lab, tmp, policy, enforce)
+    agent = AgentProc(lab, tmp, policy, enforce, backend, launcher)
     try:
         topology.up(lab, vms, routed)
-        agent.start()
+        if start:
+            agent.start()
         yield lab, agent
     finally:
         agent.stop()

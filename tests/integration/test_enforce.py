@@ -1,5 +1,8 @@
-"""nftables enforcement on real packets: bridged VMs (the bridge table) and
-routed taps (the inet table), IPv4 and IPv6."""
+"""The enforcement conformance suite: the same scenarios on real packets
+against both backends, nftables (bridge and inet tables) and iptables-legacy
+(SMTPG chains from FORWARD/INPUT, bridged VMs through br_netfilter), with
+bridged VMs and routed taps, IPv4 and IPv6. Blocks, throttles and releases go
+through the agent's control socket, as an operator's would."""
 
 from __future__ import annotations
 
@@ -14,8 +17,6 @@ from typing import Any
 import pytest
 
 from conftest import SG, AgentProc, lab_with_agent, require_root, send
-from smtpguard.enforce.desired import Action
-from smtpguard.enforce.nftables import NftablesEnforcer
 from smtpguard.lab import topology
 from smtpguard.netns import run_in
 
@@ -35,23 +36,46 @@ classes:
 Pair = tuple[topology.Lab, AgentProc]
 
 
-@pytest.fixture
-def enforced(tmp_path: Path) -> Iterator[Pair]:
+BACKENDS = ["nftables", "iptables"]
+
+
+@pytest.fixture(params=BACKENDS)
+def enforced(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Pair]:
     require_root()
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
-    with lab_with_agent(tmp_path, 2, policy, routed=1, enforce=True) as pair:
+    with lab_with_agent(tmp_path, 2, policy, routed=1, enforce=True,
+                        backend=request.param) as pair:
+        pair[1].wait_event("enforce.applied", backend=request.param)
         yield pair
 
 
+def hv(lab: topology.Lab, *cmd: str, check: bool = True) -> str:
+    return subprocess.run(["ip", "netns", "exec", lab.hv, *cmd], capture_output=True,
+                          text=True, check=check).stdout
+
+
 def nft(lab: topology.Lab, *args: str) -> str:
-    return subprocess.run(["ip", "netns", "exec", lab.hv, "nft", *args], capture_output=True,
-                          text=True, check=True).stdout
+    return hv(lab, "nft", *args)
 
 
-def set_action(lab: topology.Lab, ifnames: list[str], action: Action | None) -> None:
-    """Block/throttle/release straight in the kernel, as the control socket will."""
-    run_in(lab.hv, lambda: NftablesEnforcer().set_action(ifnames, action))
+def ipt_save(lab: topology.Lab) -> str:
+    """Our chains and jumps in both families (iptables-save syntax)."""
+    text = hv(lab, "iptables-legacy-save", "-t", "filter") + hv(
+        lab, "ip6tables-legacy-save", "-t", "filter")
+    return "\n".join(ln for ln in text.splitlines() if "SMTPG" in ln or "smtpguard" in ln)
+
+
+def op(agent: AgentProc, cmd: str, vm: str, duration: str = "1h") -> None:
+    """An operator's block, throttle or release, through the control socket."""
+    agent.ctl(cmd, vm, "--for", duration, "--reason", "conformance test")
+
+
+def bridged_failure(agent: AgentProc) -> str:
+    """What a bridged VM's blocked SYN looks like: reset where the backend can
+    send one from the bridge path, else dropped (the client times out)."""
+    ev = agent.wait_event("enforce.applied")
+    return "refused" if ev["reject_bridge"] else "no_answer"
 
 
 @pytest.mark.parametrize("ipv6", [False, True], ids=["ipv4", "ipv6"])
@@ -60,7 +84,7 @@ def test_port25_blocked_submission_limited_relay_always_open(enforced: Pair, ipv
     at once), submission works within the ceiling, the relay is always reachable."""
     lab, agent = enforced
     relay = RELAY6 if ipv6 else RELAY4
-    for vm, fail in (("vm1", "no_answer"), ("rvm1", "refused")):
+    for vm, fail in (("vm1", bridged_failure(agent)), ("rvm1", "refused")):
         assert send(lab, vm, 4, port=25, ipv6=ipv6, timeout=2) == {fail: 4}
         assert send(lab, vm, 3, port=587, ipv6=ipv6) == {"completed": 3}
         assert send(lab, vm, 3, port=25, to=relay) == {"completed": 3}
@@ -130,10 +154,10 @@ def test_blocks_and_reloads_never_reset_a_running_session(enforced: Pair, tmp_pa
         r=smtp_stream(lab, "vm2", topology.dest_addr(7), 587, 6)))
     t.start()
     time.sleep(0.5)
-    for target in (["veth-vm1"], ["veth-vm2"]):
-        set_action(lab, target, Action("block", time.time() + 60))
+    for vm in ("vm1", "vm2"):
+        op(agent, "block", vm, "60s")
         time.sleep(0.5)
-        set_action(lab, target, None)
+        op(agent, "release", vm)
     assert agent.policy is not None
     agent.policy.write_text(POLICY + "\n# touched\n")
     agent.wait_event("policy.reloaded", policy_generation=2)
@@ -141,8 +165,13 @@ def test_blocks_and_reloads_never_reset_a_running_session(enforced: Pair, tmp_pa
     assert out["r"].startswith("250 ") and "221" in out["r"], out
 
 
-def listing(lab: topology.Lab) -> str:
-    """Our tables without what changes by itself (counters, expiries, learnt elements)."""
+def listing(lab: topology.Lab, backend: str, without: str | None = None) -> str:
+    """Our tables or chains without what changes by itself (counters,
+    expiries, learnt elements), and without the lines of one interface."""
+    if backend == "iptables":
+        text = ipt_save(lab)
+        return "\n".join(ln.split(" [")[0] if ln.startswith(":") else ln
+                         for ln in text.splitlines() if not without or without not in ln)
     text = (nft(lab, "list", "table", "bridge", "smtpguard")
             + nft(lab, "list", "table", "inet", "smtpguard"))
     keep = []
@@ -161,36 +190,55 @@ def listing(lab: topology.Lab) -> str:
     return "\n".join(keep)
 
 
+def ours(lab: topology.Lab, backend: str) -> list[str]:
+    """Our top-level objects: tables (nftables), or jumps from the hooks (iptables)."""
+    if backend == "iptables":
+        return [ln for ln in ipt_save(lab).splitlines() if ln.startswith(("-A FORWARD",
+                                                                          "-A INPUT"))]
+    return [ln for ln in nft(lab, "list", "tables").splitlines() if "smtpguard" in ln]
+
+
 def test_kill9_leaves_enforcement_and_restart_adopts_it(enforced: Pair) -> None:
-    """After kill -9 the rules stay and a VM is still blocked; a restart leaves
-    exactly one table per family with the same content; a VM created while the
-    agent is down is blocked from its first SYN."""
+    """After kill -9 the rules stay and a VM is still blocked; a VM created
+    while the agent is down is blocked from its first SYN and counted; a
+    restart leaves the same objects, once each, with the same content."""
     lab, agent = enforced
-    before = listing(lab)
+    backend = agent.backend or ""
+    before, tops = listing(lab, backend), ours(lab, backend)
+    fail = bridged_failure(agent)
     agent.stop(9)
     assert send(lab, "rvm1", 3, port=25, timeout=2) == {"refused": 3}
     vm = topology.add_vm(lab, 3)
-    assert send(lab, vm, 1, port=25, timeout=2) == {"no_answer": 1}
-    assert f'"veth-{vm}" . 25' in nft(lab, "list", "set", "bridge", "smtpguard", "cnt_port25")
+    assert send(lab, vm, 1, port=25, timeout=2) == {fail: 1}
     agent.start()
-    tables = [ln for ln in nft(lab, "list", "tables").splitlines() if "smtpguard" in ln]
-    assert tables == ["table bridge smtpguard", "table inet smtpguard"]
-    assert listing(lab) == before  # the same rules, sets and maps as before the crash
+    agent.wait_event("enforce.applied")
+    assert ours(lab, backend) == tops  # no second table, no second jump
+    # The same rules, sets and maps as before the crash (plus the new VM's own).
+    assert listing(lab, backend, without=f"veth-{vm}") == before
     assert agent.counter(BLOCKED, vm="rvm1", port="25", reason="port25") == 3
+    # Counted while no agent ran: under its interface (nftables) or under "*",
+    # interfaces not seen yet (iptables); nothing is lost either way.
+    assert agent.counter(BLOCKED, port="25", reason="port25") == 3 + 1
 
 
 def test_timed_block_expires_on_time_even_across_a_restart(enforced: Pair) -> None:
     """A 3 s block stops new connections at once and lifts by itself in the
-    kernel, with no agent running; the restarted agent does not revive it."""
+    kernel, with no agent running (within the second for iptables, whose
+    xt_time counts whole seconds); the restarted agent does not revive it."""
     lab, agent = enforced
-    set_action(lab, ["veth-rvm1"], Action("block", time.time() + 3))
     t0 = time.monotonic()
+    op(agent, "block", "rvm1", "3s")
     assert send(lab, "rvm1", 2, port=587, timeout=2) == {"refused": 2}
     agent.stop(9)
-    time.sleep(max(0.0, 3.5 - (time.monotonic() - t0)))
+    late = 1.5 if agent.backend == "iptables" else 0.5
+    time.sleep(max(0.0, 3 + late - (time.monotonic() - t0)))
     assert send(lab, "rvm1", 2, port=587) == {"completed": 2}
     agent.start()
-    assert "veth-rvm1" not in nft(lab, "list", "map", "inet", "smtpguard", "vm_state")
+    agent.wait_event("vm.released", vm="rvm1")
+    if agent.backend == "iptables":
+        assert "smtpguard block/" not in ipt_save(lab)  # lapsed rules pruned (counts kept)
+    else:
+        assert "veth-rvm1" not in nft(lab, "list", "map", "inet", "smtpguard", "vm_state")
     assert send(lab, "rvm1", 1, port=587) == {"completed": 1}
     assert agent.counter(BLOCKED, vm="rvm1", port="587", reason="block") == 2
 
@@ -199,43 +247,65 @@ def test_throttle_swaps_in_the_tighter_ceiling(enforced: Pair) -> None:
     """Throttled to 6/minute burst 2: a burst of 8 gets 2 through; released, the
     normal ceiling applies again."""
     lab, agent = enforced
-    set_action(lab, ["veth-rvm1"], Action("throttle"))
+    op(agent, "throttle", "rvm1")
     assert send(lab, "rvm1", 8, port=587) == {"completed": 2, "refused": 6}
     assert agent.counter(BLOCKED, vm="rvm1", port="587", reason="throttle") == 6
-    set_action(lab, ["veth-rvm1"], None)
+    op(agent, "release", "rvm1")
     assert send(lab, "rvm1", 5, port=587) == {"completed": 5}
 
 
 def test_tables_repaired_when_deleted_behind_our_back(enforced: Pair) -> None:
+    """Our table deleted (nftables), our jump deleted (iptables): the agent
+    notices within its repair interval and puts it back."""
     lab, agent = enforced
-    nft(lab, "delete", "table", "inet", "smtpguard")
+    if agent.backend == "iptables":
+        hv(lab, "iptables-legacy", "-D", "FORWARD", "1")
+        missing = ["ipv4"]
+    else:
+        nft(lab, "delete", "table", "inet", "smtpguard")
+        missing = ["inet"]
     ev = agent.wait_event("enforce.repaired", timeout=20)
-    assert ev["missing"] == ["inet"]
+    assert ev["missing"] == missing
     assert send(lab, "rvm1", 2, port=25, timeout=2) == {"refused": 2}
 
 
 def test_dry_run_prints_the_ruleset_and_cleanup_removes_it(enforced: Pair,
                                                            tmp_path: Path) -> None:
+    """--dry-run prints valid input for the backend's own tool; --cleanup
+    removes everything of ours and mail flows unjudged again."""
     lab, agent = enforced
     assert agent.policy is not None
-    out = subprocess.run([*SG, "run", "--dry-run", "--policy", str(agent.policy)],
+    out = subprocess.run([*SG, "run", "--dry-run", "--policy", str(agent.policy),
+                          "--backend", agent.backend or "auto"],
                          capture_output=True, text=True, check=True).stdout
-    assert "table bridge smtpguard {" in out and "table inet smtpguard {" in out
-    assert f"elements = {{ {RELAY4} }}" in out
-    check = tmp_path / "dry.nft"
-    check.write_text(out)
-    subprocess.run(["nft", "-c", "-f", str(check)], check=True)  # valid nft syntax
+    check = tmp_path / "dry.rules"
+    if agent.backend == "iptables":
+        v4, v6 = out.split("# ipv6:")
+        v6 = "# ipv6:" + v6
+        assert f"-A SMTPG -d {RELAY4}/32 " in v4 and f"-A SMTPG -d {RELAY6}/128 " in v6
+        for tool, text in (("iptables-legacy-restore", v4), ("ip6tables-legacy-restore", v6)):
+            check.write_text(text)
+            hv(lab, tool, "--test", "--noflush", str(check))  # valid, and not applied
+    else:
+        assert "table bridge smtpguard {" in out and "table inet smtpguard {" in out
+        assert f"elements = {{ {RELAY4} }}" in out
+        check.write_text(out)
+        subprocess.run(["nft", "-c", "-f", str(check)], check=True)  # valid nft syntax
     agent.stop()
     agent.cleanup()
     assert "smtpguard" not in nft(lab, "list", "tables")
+    if agent.backend == "iptables":
+        assert ipt_save(lab) == ""
     assert send(lab, "rvm1", 1, port=25) == {"completed": 1}
 
 
 @pytest.mark.parametrize("br_netfilter", ["0", "1"], ids=["br_nf-off", "br_nf-on"])
 def test_bridged_vm_with_and_without_br_netfilter(enforced: Pair, br_netfilter: str) -> None:
-    """The bridge table enforces whether or not br_netfilter also hands bridged
-    traffic to the IP hooks (where the inet table sees it too): no double
-    rejection, no double count."""
+    """nftables: the bridge table enforces whether or not br_netfilter also
+    hands bridged traffic to the IP hooks (where the inet table sees it too):
+    no double rejection, no double count. iptables sees bridged VMs only
+    through br_netfilter: with it, the same enforcement; without it, bridged
+    VMs pass unjudged and the agent says so (routed taps are unaffected)."""
     lab, agent = enforced
 
     def toggle() -> None:
@@ -243,7 +313,12 @@ def test_bridged_vm_with_and_without_br_netfilter(enforced: Pair, br_netfilter: 
             Path(f"/proc/sys/net/bridge/bridge-nf-call-{fam}").write_text(br_netfilter)
 
     run_in(lab.hv, toggle)
-    assert send(lab, "vm2", 3, port=25, timeout=2) == {"no_answer": 3}
+    if agent.backend == "iptables" and br_netfilter == "0":
+        agent.wait_event("enforce.bridged_unseen", timeout=20)
+        assert send(lab, "vm2", 2, port=25) == {"completed": 2}
+        assert send(lab, "rvm1", 2, port=25, timeout=2) == {"refused": 2}
+        return
+    assert send(lab, "vm2", 3, port=25, timeout=2) == {bridged_failure(agent): 3}
     out = send(lab, "vm2", 12, port=587, timeout=2)
     # Burst 10; a dropped SYN retransmitted a second later may find a new token.
     assert out["completed"] in (10, 11) and sum(out.values()) == 12, out

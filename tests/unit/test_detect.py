@@ -115,6 +115,20 @@ def test_open_ended_operator_block_holds() -> None:
     assert (rec.state, evs) == ("blocked", [])
 
 
+def test_operator_throttle_holds_until_it_expires() -> None:
+    """An operator's throttle is not lifted by quiet (as an automatic
+    open-ended one is) nor raised to a block by detection; it ends on time."""
+    rec, tr = operator_block(VmRecord("a"), "alice", 600, "", now=100, state="throttled")
+    assert (rec.state, rec.until, tr.reason) == ("throttled", 700, "throttled by operator")
+    rec, evs = step(rec, 200, fanout=1000)
+    assert (rec.state, evs) == ("throttled", [])
+    rec, evs = step(rec, 701)
+    assert (rec.state, evs) == ("ok", ["vm.released:throttle expired"])
+    rec, _ = operator_block(VmRecord("b"), "alice", None, "", now=100, state="throttled")
+    rec, evs = step(rec, 10**6)
+    assert (rec.state, evs) == ("throttled", [])
+
+
 def test_threshold_label_defaults() -> None:
     t = Threshold(metric="attempts", window=600, at_least=5, action="flag")
     assert t.label == "attempts_10m"

@@ -142,8 +142,9 @@ class Detector:
                  duration: float | None, reason: str) -> Transition:
         rec = self.records.get(vm, VmRecord(vm))
         now = self.wall()
-        if action == "block":
-            rec, tr = operator_block(rec, who, duration, reason, now)
+        if action in ("block", "throttle"):
+            rec, tr = operator_block(rec, who, duration, reason, now,
+                                     "blocked" if action == "block" else "throttled")
         else:
             rec, tr = operator_release(rec, who, duration or 3600.0, reason, now)
         self._commit(rec, [tr], ifnames)

@@ -107,7 +107,8 @@ def decide(rec: VmRecord, cls: VmClass, figure: Figure, blocks_at: Sequence[floa
         rec = replace(rec, baseline=now, flagged_until=None)
     # 2. An operator's decision rules until it expires.
     if rec.manual_until is not None or (rec.actor.startswith("operator") and
-                                        rec.state == "blocked" and rec.until is None):
+                                        rec.state in ("blocked", "throttled") and
+                                        rec.until is None):
         return rec, out
     fired = _fired(cls, figure, rec.baseline)
     # 3. Clearing: flags cool off, open-ended throttles end when quiet.
@@ -146,11 +147,13 @@ def decide(rec: VmRecord, cls: VmClass, figure: Figure, blocks_at: Sequence[floa
 
 
 def operator_block(rec: VmRecord, who: str, duration: float | None, reason: str,
-                   now: float) -> tuple[VmRecord, Transition]:
+                   now: float, state: str = "blocked") -> tuple[VmRecord, Transition]:
+    """An operator's block (or, with state="throttled", throttle)."""
     until = None if duration is None else now + duration
-    tr = Transition(rec.vm, rec.state, "blocked", now, until, reason or "blocked by operator",
+    verb = "blocked" if state == "blocked" else "throttled"
+    tr = Transition(rec.vm, rec.state, state, now, until, reason or f"{verb} by operator",
                     f"operator:{who}")
-    return replace(rec, state="blocked", since=now, until=until, reason=tr.reason,
+    return replace(rec, state=state, since=now, until=until, reason=tr.reason,
                    actor=tr.actor, manual_until=until), tr
 
 

@@ -44,11 +44,15 @@ class FakeEnforcer:
         now = time.time()
         return {k: a for k, a in self.state.items() if a.until is None or a.until > now}
 
-    def observe(self) -> dict[str, dict[str, Any] | None]:
-        return dict(self.tables)
+    def drift(self, desired: Desired) -> list[str]:
+        return [fam for fam, t in self.tables.items() if t is None or t["rules"] != sum(
+            len(r) for r in render.chains(desired, fam, self.caps).values())]
 
     def forget(self, ifnames: Any) -> None:
         self.forgotten |= set(ifnames)
 
     def blocked_counts(self) -> list[Any]:
         return []
+
+    def report(self) -> tuple[list[Any], dict[tuple[str, str], tuple[int, int]], int]:
+        return [], {}, 0

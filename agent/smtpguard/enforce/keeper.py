@@ -11,7 +11,6 @@ from typing import Any, Protocol
 
 from smtpguard import logs
 from smtpguard.datapath.interfaces import VmIface
-from smtpguard.enforce import render
 from smtpguard.enforce.desired import Action, Capabilities, Desired
 from smtpguard.errors import EnforcerError
 from smtpguard.policy.membership import VmFacts, place
@@ -19,7 +18,12 @@ from smtpguard.policy.model import Policy
 
 
 class Enforcer(Protocol):
-    """What a backend does; NftablesEnforcer implements it (iptables will)."""
+    """What a backend does: NftablesEnforcer, IptablesEnforcer, FakeEnforcer.
+    apply() is a full, idempotent apply that adopts what the kernel holds;
+    set_vms() and set_action() change only what they name; actions() are the
+    blocks and throttles in force; drift() names the parts that differ from
+    what was applied (edited behind our back); blocked_counts() and report()
+    read the rejection counters."""
 
     name: str
     caps: Capabilities
@@ -30,9 +34,10 @@ class Enforcer(Protocol):
                    classes: dict[str, str] | None = None, default_class: str = "default"
                    ) -> None: ...
     def actions(self) -> dict[str, Action]: ...
-    def observe(self) -> dict[str, dict[str, Any] | None]: ...
+    def drift(self, desired: Desired) -> list[str]: ...
     def forget(self, ifnames: Any) -> None: ...
     def blocked_counts(self) -> list[Any]: ...
+    def report(self) -> tuple[list[Any], dict[tuple[str, str], tuple[int, int]], int]: ...
 
 
 class Keeper:
@@ -97,15 +102,12 @@ class Keeper:
         self._dirty = False
 
     def repair(self) -> bool:
-        """Periodically: if our tables were flushed or deleted behind our
-        back, put them back. True when it did."""
+        """Periodically: if our tables or chains were flushed, deleted or
+        edited behind our back, put them back. True when it did."""
         if self.clock() < self._next_repair:
             return False
         self._next_repair = self.clock() + self.repair_every
-        observed = self.enforcer.observe()
-        want = self.desired()
-        missing = [fam for fam, t in observed.items() if t is None or t.get("rules", 0) != sum(
-            len(r) for r in render.chains(want, fam, self.enforcer.caps).values())]
+        missing = self.enforcer.drift(self.desired())
         if not missing:
             return False
         self.enforcer.apply(self.desired())

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from smtpguard import logs
 from smtpguard.enforce import render
 from smtpguard.enforce.desired import Action, Capabilities, Desired
-from smtpguard.errors import EnforcerError
+from smtpguard.errors import BackendUnavailable, EnforcerError
 
 T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
@@ -24,8 +24,11 @@ def _nft() -> Any:
     try:
         import nftables
     except ImportError as exc:
-        raise EnforcerError("python3-nftables is not importable (make setup)") from exc
-    n = nftables.Nftables()
+        raise BackendUnavailable("python3-nftables is not importable (make setup)") from exc
+    try:
+        n = nftables.Nftables()
+    except OSError as exc:  # libnftables itself missing
+        raise BackendUnavailable(f"libnftables cannot be loaded: {exc}") from exc
     n.set_json_output(True)
     n.set_handle_output(False)
     return n
@@ -86,6 +89,10 @@ class NftablesEnforcer:
 
     def __init__(self, caps: Capabilities | None = None) -> None:
         self.n = _nft()
+        rc, _out, err = self.n.cmd("list tables")
+        if rc != 0:
+            raise BackendUnavailable(f"the kernel's nf_tables does not answer: "
+                                     f"{err.strip() or rc}")
         self._probed = caps is not None
         if caps is None:
             try:
@@ -125,6 +132,11 @@ class NftablesEnforcer:
 
     def observe(self) -> dict[str, dict[str, Any] | None]:
         return {fam: self._list(fam) for fam in render.FAMILIES}
+
+    def drift(self, desired: Desired) -> list[str]:
+        """Families whose table is missing or lost rules (flushed, deleted)."""
+        return [fam for fam, t in self.observe().items() if t is None or t.get("rules", 0)
+                != sum(len(r) for r in render.chains(desired, fam, self.caps).values())]
 
     # -- the backend interface ---------------------------------------------
     def apply(self, desired: Desired) -> None:

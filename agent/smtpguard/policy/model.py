@@ -251,6 +251,12 @@ class Webhook(Strict):
         return v
 
 
+class Enforcement(Strict):
+    """Which firewall backend enforces (read at start; `run --backend` wins)."""
+
+    backend: Literal["auto", "nftables", "iptables"] = "auto"
+
+
 def _default_classes() -> dict[str, VmClass]:
     return {"default": VmClass()}
 
@@ -265,6 +271,7 @@ class Policy(Strict):
     default_class: Name = "default"
     members: tuple[Member, ...] = ()
     webhook: Webhook | None = None
+    enforcement: Enforcement = Enforcement()
 
     @field_validator("smtp_ports")
     @classmethod

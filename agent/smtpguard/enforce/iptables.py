@@ -1,0 +1,517 @@
+"""The iptables backend: our chains in the filter table of iptables-legacy and
+ip6tables-legacy, through python-iptables (libiptc).
+
+Each change is one table replace per family, which the kernel swaps in
+atomically: no packet sees a half-applied change. Chains whose rules (by the
+digest in their comments) are already right are not touched, and rules that
+are rewritten take their predecessors' counters, so per-VM counts never go
+back. Use it only where the host already runs iptables-legacy: creating
+legacy tables on an nftables host slows every bridged packet (about 11%
+measured) and cannot be undone without a reboot (see enforce/select.py).
+"""
+
+from __future__ import annotations
+
+import difflib
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from smtpguard import logs
+from smtpguard.enforce import iptables_render as R
+from smtpguard.enforce import render
+from smtpguard.enforce.desired import Action, Capabilities, Desired
+from smtpguard.enforce.nftables import BlockedCount
+from smtpguard.errors import BackendUnavailable, EnforcerError
+from smtpguard.policy.model import Policy
+
+PROC = Path("/proc/thread-self/net")  # this thread's namespace (the lab runs agents in threads)
+TABLE_NAMES = {"ipv4": "ip_tables_names", "ipv6": "ip6_tables_names"}
+HASHLIMIT_PROC = {"ipv4": "ipt_hashlimit", "ipv6": "ip6t_hashlimit"}
+COUNTS_MAX_AGE = 1.0  # seconds a counter reading is reused
+Model = dict[str, list[str]]  # chain -> the comments of its rules, in order
+
+
+def legacy_tables_in_use(proc: Path = PROC) -> bool:
+    """Whether this network namespace already has iptables-legacy tables."""
+    return any((proc / n).exists() and (proc / n).read_text().strip()
+               for n in TABLE_NAMES.values())
+
+
+def _iptc() -> Any:
+    try:
+        import iptc
+    except (ImportError, OSError) as exc:  # OSError: libip4tc/libxtables missing
+        raise BackendUnavailable(f"python-iptables is not usable: {exc}") from exc
+    return iptc
+
+
+class IptablesEnforcer:
+    """Idempotent like the nftables backend: apply() brings our chains to the
+    desired state whatever the table holds, and adopts what is in force."""
+
+    name = "iptables"
+
+    def __init__(self, policy: Policy | None = None, proc: Path = PROC) -> None:
+        self.iptc = _iptc()
+        self._policy = policy  # set_action needs one: apply() sets it
+        self.proc = proc
+        # FORWARD/INPUT can always send a reset; bridged VMs are seen with br_netfilter.
+        self.caps = Capabilities(reject_bridge=True, reject_inet=True)
+        self._lock = threading.RLock()  # python-iptables' tables are process-wide
+        self._model: dict[str, Model] | None = None
+        self._classes: dict[str, str] | None = None  # interfaces with a chain -> class
+        self._counts: tuple[float, list[BlockedCount]] | None = None
+        self._bridge_seen: bool | None = None
+
+    # -- the kernel, one family at a time ------------------------------------
+    def _table(self, family: R.Family) -> Any:
+        iptc = self.iptc
+        table = iptc.Table(iptc.Table.FILTER) if family == "ipv4" else \
+            iptc.Table6(iptc.Table6.FILTER)
+        table.autocommit = False
+        try:
+            table.refresh()
+        except iptc.IPTCError as exc:
+            raise EnforcerError(f"reading the {family} filter table: {exc}") from exc
+        return table
+
+    def _new_rule(self, family: R.Family, spec: R.Rule) -> Any:
+        iptc = self.iptc
+        r = iptc.Rule() if family == "ipv4" else iptc.Rule6()
+        if spec.iface:
+            r.in_interface = spec.iface
+        if spec.dst:
+            r.dst = spec.dst
+        if spec.syn_ports or spec.dport is not None:
+            r.protocol = "tcp"
+            m = r.create_match("tcp")
+            if spec.syn_ports:
+                m.tcp_flags = ["FIN,SYN,RST,ACK", "SYN"]
+                r.create_match("multiport").dports = ",".join(map(str, spec.syn_ports))
+            else:
+                m.dport = str(spec.dport)
+        if spec.physdev:
+            r.create_match("physdev").physdev_in = spec.physdev
+        if spec.until is not None:
+            r.create_match("time").datestop = R.datestop(spec.until)
+        if spec.limit:
+            lim = spec.limit
+            m = r.create_match("hashlimit")
+            m.hashlimit_above = lim.rate
+            m.hashlimit_burst = str(lim.burst)
+            m.hashlimit_name = lim.name
+            if lim.per_source:
+                m.hashlimit_mode = "srcip"
+                m.hashlimit_srcmask = str(R.SRC_MASK[family])
+            m.hashlimit_htable_size = str(lim.size)
+            m.hashlimit_htable_max = str(lim.max)
+            # python-iptables leaves it 0 otherwise, which the kernel refuses
+            m.hashlimit_htable_expire = str(render.LIMITER_IDLE * 1000)
+        r.create_match("comment").comment = spec.comment(family)
+        if spec.target == "REJECT":
+            r.create_target("REJECT").reject_with = "tcp-reset"
+        elif spec.target == "RETURN":
+            r.create_target("RETURN")
+        else:
+            r.target = iptc.Target(r, spec.target, goto=spec.goto)
+        return r
+
+    @staticmethod
+    def _comment(rule: Any) -> str:
+        for m in rule.matches:
+            if m.name == "comment":
+                return str(m.get_all_parameters().get("comment", [""])[0]).strip('"')
+        return ""
+
+    def _read(self, table: Any) -> Model:
+        """Our chains as the kernel holds them (parses every rule: start, repair)."""
+        out: Model = {}
+        for chain in table.chains:
+            if chain.name.startswith(R.PREFIX):
+                out[chain.name] = [self._comment(r) for r in chain.rules]
+        for hook in R.HOOKS:
+            if table.is_chain(hook):
+                out[hook] = [self._comment(r) for r in self.iptc.Chain(table, hook).rules]
+        return out
+
+    @staticmethod
+    def _counters(table: Any, chain: str) -> list[tuple[int, int]]:
+        """Each rule's (packets, bytes), without parsing the rules."""
+        out = []
+        entry = table.first_rule(chain)
+        while entry:
+            out.append((int(entry.counters.pcnt), int(entry.counters.bcnt)))
+            entry = table.next_rule(entry)
+        return out
+
+    def _delete_at(self, table: Any, chain: str, index: int) -> None:
+        # python-iptables deletes by rule only; libiptc can by position.
+        if table._iptc.iptc_delete_num_entry(chain.encode(), index, table._handle) != 1:
+            raise EnforcerError(f"deleting rule {index} of {chain}: {table.strerror()}")
+
+    def _sync_chain(self, table: Any, family: R.Family, chain: str, have: list[str],
+                    want: list[R.Rule], hook: bool = False,
+                    retired: dict[str, tuple[int, int]] | None = None) -> list[str]:
+        """Edit one chain from `have` to `want` by position. Replaced rules keep
+        the counters of the rules with the same tag they replace; the counts of
+        counting rules that go without a successor are added to `retired`
+        (tag -> packets, bytes). Returns the chain's comments afterwards."""
+        want_c = [r.comment(family) for r in want]
+        if hook:  # only our own rules move; they go first
+            ours = [i for i, c in enumerate(have) if R.parse_comment(c)]
+            if ours == list(range(len(want_c))) and [have[i] for i in ours] == want_c:
+                return have
+            for i in reversed(ours):
+                self._delete_at(table, chain, i)
+            for i, spec in enumerate(want):
+                table.insert_entry(chain, self._new_rule(family, spec).rule, i)
+            return want_c + [c for c in have if not R.parse_comment(c)]
+        if not table.is_chain(chain):
+            table.create_chain(chain)
+            have = []
+        if have == want_c:
+            return have
+        counters = self._counters(table, chain)
+        if len(counters) != len(have):  # edited behind our back: start the chain afresh
+            table.flush_entries(chain)
+            have, counters = [], []
+        carry: dict[str, list[tuple[int, int]]] = {}
+        for c, n in zip(have, counters, strict=True):
+            parsed = R.parse_comment(c)
+            if parsed:
+                carry.setdefault(parsed[0], []).append(n)
+        ops = difflib.SequenceMatcher(a=have, b=want_c, autojunk=False).get_opcodes()
+        for op, i1, i2, j1, j2 in reversed(ops):
+            if op == "equal":
+                continue
+            for _ in range(i2 - i1):
+                self._delete_at(table, chain, i1)
+            for k, spec in enumerate(want[j1:j2]):
+                rule = self._new_rule(family, spec)
+                kept = carry.get(spec.tag)
+                if kept and spec.reason:
+                    rule.counters = kept.pop(0)
+                table.insert_entry(chain, rule.rule, i1 + k)
+        if retired is not None:
+            for tag, left in carry.items():
+                for p, b in left:
+                    if R.counted(tag) and p:
+                        was = retired.get(tag, (0, 0))
+                        retired[tag] = (was[0] + p, was[1] + b)
+        return want_c
+
+    def _tally(self, table: Any, family: R.Family, have: list[str],
+               retired: dict[str, dict[str, tuple[int, int]]], forget: set[str]) -> list[str]:
+        """Add retired counts (ifname -> tag -> counts) to the tally chain and
+        drop the tallies of forgotten interfaces: one rule per (ifname, tag)."""
+        chain = R.TALLY_CHAIN
+        if not table.is_chain(chain):
+            table.create_chain(chain)
+            have = []
+        counters = self._counters(table, chain)
+        if len(counters) != len(have):
+            table.flush_entries(chain)
+            have, counters = [], []
+        totals: dict[tuple[str, str], tuple[int, int]] = {}
+        for c, n in zip(have, counters, strict=True):
+            parsed = R.parse_comment(c)
+            key = R.parse_tally(parsed[0]) if parsed else None
+            if key:
+                totals[key] = n
+        changed = False
+        for ifname, tags in retired.items():
+            for tag, (p, b) in tags.items():
+                was = totals.get((ifname, tag), (0, 0))
+                totals[(ifname, tag)] = (was[0] + p, was[1] + b)
+                changed = True
+        for key in [k for k in totals if k[0] in forget]:
+            del totals[key]
+            changed = True
+        if not changed:
+            return have
+        table.flush_entries(chain)
+        out = []
+        for (ifname, tag), n in sorted(totals.items()):
+            spec = R.tally_rule(ifname, tag)
+            rule = self._new_rule(family, spec)
+            rule.counters = n
+            table.append_entry(chain, rule.rule)
+            out.append(spec.comment(family))
+        return out
+
+    def _commit(self, table: Any, what: str) -> None:
+        try:
+            table.commit()
+        except self.iptc.IPTCError as exc:
+            raise EnforcerError(f"{what}: {exc}") from exc
+
+    def _edit(self, family: R.Family, have: Model, want: dict[str, list[R.Rule]],
+              drop: set[str], hooks: list[R.Rule] | None, trusted: bool) -> Model:
+        """One table replace: sync the chains in `want` (targets first, then
+        the dispatch that jumps to them), delete the chains in `drop`, put our
+        jumps first in the hooks. `have` is what we believe the chains hold."""
+        table = self._table(family)
+        new = dict(have)
+        retired: dict[str, dict[str, tuple[int, int]]] = {}
+        try:
+            for chain, rules in want.items():
+                if chain != R.DISPATCH:
+                    owner = chain[len(R.VM_CHAIN):] if chain.startswith(R.VM_CHAIN) \
+                        else R.UNKNOWN_IFACE
+                    new[chain] = self._sync_chain(table, family, chain, have.get(chain, []),
+                                                  rules, retired=retired.setdefault(owner, {}))
+            if R.DISPATCH in want:
+                new[R.DISPATCH] = self._sync_chain(table, family, R.DISPATCH,
+                                                   have.get(R.DISPATCH, []), want[R.DISPATCH])
+            for chain in sorted(drop - {R.TALLY_CHAIN}):
+                new.pop(chain, None)
+                if table.is_chain(chain):
+                    table.flush_entries(chain)
+                    table.delete_chain(chain)
+            # A VM that goes takes its counts with it (as nftables forgets them).
+            forget = {c[len(R.VM_CHAIN):] for c in drop if c.startswith(R.VM_CHAIN)}
+            new[R.TALLY_CHAIN] = self._tally(table, family, have.get(R.TALLY_CHAIN, []),
+                                             retired, forget)
+            for hook in R.HOOKS if hooks is not None else ():
+                assert hooks is not None
+                mine = [r.comment(family) for r in hooks]
+                if trusted and hook in have and self._jumps_first(table, hook, len(hooks)) \
+                        and [c for c in have[hook] if R.parse_comment(c)] == mine:
+                    continue
+                new[hook] = self._sync_chain(table, family, hook, self._read_hook(table, hook),
+                                             hooks, hook=True)
+        except self.iptc.IPTCError as exc:
+            raise EnforcerError(f"building the smtpguard {family} chains: {exc}") from exc
+        self._commit(table, f"applying the smtpguard {family} chains")
+        return new
+
+    def _read_hook(self, table: Any, hook: str) -> list[str]:
+        return [self._comment(r) for r in self.iptc.Chain(table, hook).rules]
+
+    @staticmethod
+    def _jumps_first(table: Any, hook: str, n: int) -> bool:
+        """Whether the hook's first n rules jump to our dispatch chain (cheap)."""
+        targets: list[str] = []
+        entry = table.first_rule(hook)
+        while entry and len(targets) < n:
+            t = table.get_target(entry)
+            targets.append(t.decode() if isinstance(t, bytes) else t)
+            entry = table.next_rule(entry)
+        return targets == [R.DISPATCH] * n
+
+    def _done(self, desired: Desired, model: dict[str, Model]) -> None:
+        self._model = model
+        self._policy = desired.policy
+        self._classes = R.vm_ifaces(desired)
+        self._check_bridge()
+
+    # -- the backend interface ---------------------------------------------
+    def apply(self, desired: Desired) -> None:
+        """Full apply: read what the kernel holds (adopt it), fix what differs,
+        prune what is ours but not wanted."""
+        with self._lock:
+            model: dict[str, Model] = {}
+            for fam in R.FAMILIES:
+                have = self._read(self._table(fam))
+                want = R.chains(desired, fam)
+                drop = {c for c in have if c.startswith(R.PREFIX)} - set(want)
+                model[fam] = self._edit(fam, have, want, drop, R.hook_rules(desired.policy),
+                                        trusted=False)
+            self._done(desired, model)
+
+    def _update(self, desired: Desired, touched: set[str]) -> None:
+        """Only the chains of these interfaces (and the dispatch when the set
+        of VM chains changes): the rest of the table is left as it is."""
+        model = self._trusted()
+        classes = R.vm_ifaces(desired)
+        pol = desired.policy
+        now = time.time()
+        added = set(classes) - set(self._classes or {})
+        gone = set(self._classes or {}) - set(classes)
+        for fam in R.FAMILIES:
+            want: dict[str, list[R.Rule]] = {
+                R.vm_chain(n): R.vm_rules(n, classes[n], desired.actions.get(n), pol, now)
+                for n in sorted(touched & set(classes))}
+            if added or gone:
+                want[R.DISPATCH] = R.dispatch_rules(desired, fam)
+            model[fam] = self._edit(fam, model[fam], want, {R.vm_chain(n) for n in gone},
+                                    None, trusted=True)
+        self._done(desired, model)
+
+    def set_vms(self, desired: Desired) -> None:
+        """VMs came, went or changed class: their chains and the dispatch."""
+        with self._lock:
+            self._trusted()
+            desired = Desired(desired.policy, desired.classes, self.actions())
+            before = self._classes or {}
+            after = R.vm_ifaces(desired)
+            self._update(desired, {n for n in set(before) | set(after)
+                                   if before.get(n) != after.get(n)})
+
+    def set_action(self, ifnames: list[str], action: Action | None,
+                   classes: dict[str, str] | None = None, default_class: str = "default"
+                   ) -> None:
+        """Block, throttle or release these interfaces: their chains only."""
+        with self._lock:
+            if self._policy is None:
+                raise EnforcerError("no policy applied yet")
+            self._trusted()
+            actions = self.actions()
+            for n in ifnames:
+                if action is None:
+                    actions.pop(n, None)
+                else:
+                    actions[n] = action
+            known = dict(self._classes or {})
+            if classes is not None:  # the caller's view of which VMs exist wins
+                known = {n: c for n, c in classes.items()}
+            self._update(Desired(self._policy, known, actions), set(ifnames))
+
+    def actions(self) -> dict[str, Action]:
+        with self._lock:
+            model = self._trusted()
+        tags: dict[str, list[tuple[str, int | None]]] = {}
+        for fam in R.FAMILIES:
+            for chain, comments in model[fam].items():
+                if chain in tags:
+                    continue
+                tags[chain] = [p for p in map(R.parse_comment, comments) if p]
+        return R.actions_from(tags, time.time())
+
+    def _trusted(self) -> dict[str, Model]:
+        """What our chains hold: what we last wrote, else read from the kernel."""
+        if self._model is None:
+            self._model = {fam: self._read(self._table(fam)) for fam in R.FAMILIES}
+            self._classes = {c[len(R.VM_CHAIN):]: "?" for c in self._model["ipv4"]
+                             if c.startswith(R.VM_CHAIN)}
+        return self._model
+
+    def _check_bridge(self) -> None:
+        """Bridged VMs reach iptables only through br_netfilter: say so once
+        when it is off in this namespace."""
+        knob = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
+        seen = knob.exists() and knob.read_text().strip() == "1"
+        if seen != self._bridge_seen:
+            self._bridge_seen = seen
+            if not seen:
+                logs.get().warning("enforce.bridged_unseen", backend=self.name,
+                                   hint="bridged VMs are enforced only with br_netfilter "
+                                   "(sysctl net.bridge.bridge-nf-call-iptables=1); routed "
+                                   "taps are enforced either way")
+
+    def drift(self, desired: Desired) -> list[str]:
+        """Families whose chains differ from what we last wrote (flushed,
+        deleted, edited, or our jump no longer first)."""
+        with self._lock:
+            if self._model is None:
+                return list(R.FAMILIES)
+            out: list[str] = []
+            for fam in R.FAMILIES:
+                if not self._intact(fam, self._model[fam]):
+                    out.append(fam)
+            self._check_bridge()
+            return out
+
+    def _intact(self, family: R.Family, model: Model) -> bool:
+        try:
+            table = self._table(family)
+        except EnforcerError:
+            return False
+        for chain, comments in model.items():
+            if not table.is_chain(chain):
+                return False
+            if chain in R.HOOKS:
+                if not self._jumps_first(table, chain, len(
+                        [c for c in comments if R.parse_comment(c)])):
+                    return False
+            elif len(self._counters(table, chain)) != len(comments):
+                return False
+        return True
+
+    def blocked_counts(self) -> list[BlockedCount]:
+        """Rejected attempts per (family, reason, interface, port), from the
+        packet counters of our REJECT rules (read by position, no parsing).
+        Reading them means copying the whole table out of the kernel (40 ms
+        at 1,000 VMs), so a reading is reused for up to COUNTS_MAX_AGE."""
+        with self._lock:
+            now = time.monotonic()
+            if self._counts is not None and now - self._counts[0] < COUNTS_MAX_AGE:
+                return self._counts[1]
+            out = self._read_counts()
+            self._counts = (now, out)
+            return out
+
+    def _read_counts(self) -> list[BlockedCount]:
+        with self._lock:
+            model = self._trusted()
+            out = []
+            for fam in R.FAMILIES:
+                table = self._table(fam)
+                for chain, comments in model[fam].items():
+                    if chain.startswith(R.VM_CHAIN):
+                        owner: str | None = chain[len(R.VM_CHAIN):]
+                    elif chain == R.DEFAULT_CHAIN:
+                        owner = R.UNKNOWN_IFACE
+                    elif chain == R.TALLY_CHAIN:
+                        owner = None
+                    else:
+                        continue
+                    counters = self._counters(table, chain) if table.is_chain(chain) else []
+                    if len(counters) != len(comments):
+                        continue  # drifted: the repair pass rebuilds it
+                    for comment, (packets, _bytes) in zip(comments, counters, strict=True):
+                        parsed = R.parse_comment(comment)
+                        if not parsed:
+                            continue
+                        ifname, tag = (owner, parsed[0]) if owner is not None else \
+                            (R.parse_tally(parsed[0]) or ("", ""))
+                        what = R.counted(tag)
+                        if what and ifname:
+                            out.append(BlockedCount(fam, what[0], ifname, what[1], packets))
+            return out
+
+    def report(self) -> tuple[list[BlockedCount], dict[tuple[str, str], tuple[int, int]], int]:
+        """Blocked counts, the fill of the per-source hashlimit of interfaces
+        not seen yet, and no overflow counter: a full hashlimit table drops,
+        so an attempt is never let through for lack of room. Read fresh (a
+        scrape must not see a stale count)."""
+        counts = self._read_counts()
+        fill: dict[tuple[str, str], tuple[int, int]] = {}
+        lim = R.default_limit(self._policy) if self._policy is not None else None
+        if lim is not None:
+            for fam in R.FAMILIES:
+                path = self.proc / HASHLIMIT_PROC[fam] / lim.name
+                if path.exists():
+                    fill[(fam, "hashlimit_unknown")] = (
+                        len(path.read_text().splitlines()), lim.max)
+        return counts, fill, 0
+
+    def forget(self, ifnames: Iterable[str]) -> None:
+        """Nothing to do: a vanished VM's chain (and counters) goes with set_vms."""
+
+    def remove(self) -> bool:
+        """Delete our jumps and chains (enforcement off). Never creates a
+        legacy table where none exists. True if there was anything."""
+        if not legacy_tables_in_use(self.proc):
+            return False
+        existed = False
+        with self._lock:
+            for fam in R.FAMILIES:
+                table = self._table(fam)
+                for hook in R.HOOKS:
+                    comments = self._read_hook(table, hook)
+                    for i in reversed([i for i, c in enumerate(comments)
+                                       if R.parse_comment(c)]):
+                        self._delete_at(table, hook, i)
+                        existed = True
+                for chain in [c.name for c in table.chains if c.name.startswith(R.PREFIX)]:
+                    table.flush_entries(chain)
+                for chain in [c.name for c in table.chains if c.name.startswith(R.PREFIX)]:
+                    table.delete_chain(chain)
+                    existed = True
+                self._commit(table, f"removing the smtpguard {fam} chains")
+            self._model = None
+        return existed

@@ -1,0 +1,314 @@
+"""Render the desired state into iptables rules (pure: no kernel, no library).
+
+The same semantics as the nftables tables, in what iptables can express:
+
+    FORWARD, INPUT   -p tcp --syn -m multiport --dports <smtp ports> -j SMTPG   (first rule)
+    SMTPG            relays -j RETURN; per known VM interface
+                     `-i IF -g SMTPG-V-IF` and `--physdev-in IF -g SMTPG-V-IF`;
+                     then the interface patterns (`veth+`) -g SMTPG-DEFAULT
+    SMTPG-V-IF       that VM's block or throttle (timed by `-m time --datestop`,
+                     so it ends in the kernel on time), then its class's rules
+    SMTPG-DEFAULT    the default class for interfaces the agent has not seen yet
+
+iptables has no interface-keyed maps, so a VM's ceiling is a hashlimit of its
+own (one bucket, shared by the VM's limited ports), and interfaces not seen yet
+are limited per source address. The filter table's FORWARD hook sees routed
+taps (`-i`) and bridged VMs when br_netfilter hands bridged IP traffic to
+iptables (`--physdev-in`). Rejections are TCP resets, which FORWARD and INPUT
+can always send; a refused client does not retransmit, so each rejected SYN is
+one attempt and a rule's packet counter is the count.
+
+Every rule carries a comment `smtpguard TAG DIGEST`: TAG says what it counts
+(`block/25`, `limit/587`, ...; a timed action adds `@UNTIL`), DIGEST is a hash
+of the rule, so a chain whose digests match what is wanted is left untouched
+(its counters too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from smtpguard.enforce import render
+from smtpguard.enforce.desired import Action, Desired
+from smtpguard.policy.model import Ceiling, Policy, VmClass
+
+Family = Literal["ipv4", "ipv6"]
+FAMILIES: tuple[Family, ...] = ("ipv4", "ipv6")
+PREFIX = "SMTPG"
+DISPATCH = PREFIX
+DEFAULT_CHAIN = f"{PREFIX}-DEFAULT"
+VM_CHAIN = f"{PREFIX}-V-"
+# Nothing jumps here: its rules only hold the counts of counting rules that
+# were removed (a block lifted, a class changed), so per-VM counts never go back.
+TALLY_CHAIN = f"{PREFIX}-TALLY"
+HOOKS = ("FORWARD", "INPUT")
+COMMENT = "smtpguard"
+UNKNOWN_IFACE = "*"  # what counters of not-yet-seen interfaces are reported under
+MULTIPORT_MAX = 15  # ports one multiport match can hold
+SIZES = {  # hashlimit tables: explicit sizes; a full table drops (never lets through)
+    "vm": (16, 16),  # (buckets, max entries): one entry, the VM's own bucket
+    "unknown": (4096, 65536),  # per source address of interfaces not seen yet
+}
+SRC_MASK = {"ipv4": 32, "ipv6": 64}  # an IPv6 VM gets one bucket per /64
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A hashlimit match rejecting what is over the ceiling."""
+
+    name: str
+    rate: str  # "20/min"
+    burst: int
+    per_source: bool = False  # keyed by source address (interfaces not seen yet)
+    size: int = 16
+    max: int = 16
+
+
+@dataclass(frozen=True)
+class Rule:
+    tag: str  # what the rule is, for counting: "block/25", "limit/587", "vm", ...
+    target: str  # REJECT, RETURN or a chain
+    goto: bool = False
+    iface: str | None = None
+    physdev: str | None = None
+    dst: str | None = None
+    syn_ports: tuple[int, ...] = ()  # the hook's jump: SYNs to these ports
+    dport: int | None = None
+    until: int | None = None  # epoch seconds: matches only until then (xt_time)
+    limit: Limit | None = None
+
+    @property
+    def reason(self) -> str | None:
+        """The reason a REJECT counts under (port25, limit, throttle, block)."""
+        head = self.tag.split("/")[0]
+        return head if head in render.REASONS and self.target == "REJECT" else None
+
+    def args(self, family: Family) -> list[str]:
+        """The rule as iptables arguments, without chain and comment."""
+        a: list[str] = []
+        if self.iface:
+            a += ["-i", self.iface]
+        if self.dst:
+            a += ["-d", self.dst]
+        if self.syn_ports:
+            a += ["-p", "tcp", "-m", "tcp", "--syn", "-m", "multiport", "--dports",
+                  ",".join(map(str, self.syn_ports))]
+        if self.dport is not None:
+            a += ["-p", "tcp", "-m", "tcp", "--dport", str(self.dport)]
+        if self.physdev:
+            a += ["-m", "physdev", "--physdev-in", self.physdev]
+        if self.until is not None:
+            a += ["-m", "time", "--datestop", datestop(self.until)]
+        if self.limit:
+            lim = self.limit
+            a += ["-m", "hashlimit", "--hashlimit-above", lim.rate, "--hashlimit-burst",
+                  str(lim.burst), "--hashlimit-name", lim.name]
+            if lim.per_source:
+                mask = SRC_MASK[family]
+                a += ["--hashlimit-mode", "srcip", "--hashlimit-srcmask", str(mask)]
+            a += ["--hashlimit-htable-size", str(lim.size), "--hashlimit-htable-max",
+                  str(lim.max), "--hashlimit-htable-expire", str(render.LIMITER_IDLE * 1000)]
+        a += ["-g" if self.goto else "-j", self.target]
+        if self.target == "REJECT":
+            a += ["--reject-with", "tcp-reset"]
+        return a
+
+    def comment(self, family: Family) -> str:
+        digest = hashlib.sha1(" ".join(self.args(family)).encode()).hexdigest()[:10]
+        tag = self.tag if self.until is None else f"{self.tag}@{self.until}"
+        return f"{COMMENT} {tag} {digest}"
+
+
+def tally_rule(ifname: str, tag: str) -> Rule:
+    """Where a removed counting rule's count goes (never evaluated)."""
+    return Rule(f"tally:{ifname}:{tag}", "RETURN", iface=ifname)
+
+
+def parse_tally(tag: str) -> tuple[str, str] | None:
+    """(ifname, counting tag) from a tally rule's tag."""
+    kind, _, rest = tag.partition(":")
+    ifname, _, counted = rest.rpartition(":")
+    return (ifname, counted) if kind == "tally" and ifname else None
+
+
+def counted(tag: str) -> tuple[str, int] | None:
+    """(reason, port) a counting tag counts under ("block/25" -> ("block", 25))."""
+    reason, _, port = tag.partition("/")
+    return (reason, int(port)) if reason in render.REASONS and port.isdigit() else None
+
+
+def parse_comment(comment: str) -> tuple[str, int | None] | None:
+    """(tag, until) from one of our comments; None for anyone else's."""
+    parts = comment.split()
+    if len(parts) != 3 or parts[0] != COMMENT:
+        return None
+    tag, _, until = parts[1].partition("@")
+    return tag, int(until) if until.isdigit() else None
+
+
+def datestop(until: int) -> str:
+    """xt_time's --datestop for an action that ends at `until` (a whole
+    second, rounded up): it matches up to and including its second, so the
+    last second is the one before. Resolution 1 s, never early."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(until - 1))
+
+
+def vm_chain(ifname: str) -> str:
+    return f"{VM_CHAIN}{ifname}"
+
+
+def hashlimit_rate(ceiling: Ceiling) -> str:
+    """hashlimit takes an integer per second/minute/hour/day."""
+    per_second = ceiling.rate.per_second
+    for unit, seconds in (("sec", 1), ("min", 60), ("hour", 3600), ("day", 86400)):
+        n = per_second * seconds
+        if abs(n - round(n)) < 1e-9 and round(n) >= 1:
+            return f"{round(n)}/{unit}"
+    return f"{max(1, round(per_second * 86400))}/day"
+
+
+def _limit(kind: str, owner: str, ceiling: Ceiling, per_source: bool) -> Limit:
+    """Named by what it limits and how: a reload that keeps the ceiling keeps
+    the bucket (same name), a changed ceiling starts a fresh one."""
+    rate = hashlimit_rate(ceiling)
+    key = f"{kind}|{owner}|{rate}|{ceiling.burst}|{per_source}"
+    size, most = SIZES["unknown" if per_source else "vm"]
+    return Limit(f"sg{hashlib.sha1(key.encode()).hexdigest()[:12]}", rate, ceiling.burst,
+                 per_source, size, most)
+
+
+def default_limit(policy: Policy) -> Limit | None:
+    """The per-source limiter of interfaces not seen yet (for its fill level)."""
+    c = policy.classes[policy.default_class]
+    return None if c.limit is None else _limit("limit", "*", c.limit, True)
+
+
+def wildcards(policy: Policy) -> list[str]:
+    """The interface patterns as iptables interface names (`veth*` -> `veth+`)."""
+    return [w[:-1] + "+" if w.endswith("*") else w for w in render.iface_wildcards(policy)]
+
+
+def _class_rules(c: VmClass, policy: Policy, owner: str, per_source: bool) -> list[Rule]:
+    rules = []
+    if c.port25 == "block":
+        rules.append(Rule("port25/25", "REJECT", dport=25))
+    limited = sorted({*c.limited_ports, *([25] if c.port25 == "limit" else [])})
+    if c.limit is not None:
+        lim = _limit("limit", owner, c.limit, per_source)
+        rules += [Rule(f"limit/{p}", "REJECT", dport=p, limit=lim) for p in limited]
+    return rules
+
+
+def _action_rules(ifname: str, action: Action, c: VmClass, policy: Policy,
+                  now: float) -> list[Rule]:
+    if action.until is not None and action.until <= now:
+        return []  # over: the kernel stopped matching it already
+    until = None if action.until is None else math.ceil(action.until)
+    ports = sorted(policy.smtp_ports)
+    if action.kind == "block":
+        return [Rule(f"block/{p}", "REJECT", dport=p, until=until) for p in ports]
+    rules = []
+    if c.port25 == "block":
+        rules.append(Rule("port25/25", "REJECT", dport=25, until=until))
+    lim = _limit("throttle", ifname, c.throttle, False)
+    rules += [Rule(f"throttle/{p}", "REJECT", dport=p, until=until, limit=lim)
+              for p in ports if not (p == 25 and c.port25 == "block")]
+    rules.append(Rule("throttled", "RETURN", until=until))  # the class ceiling does not apply
+    return rules
+
+
+def vm_rules(ifname: str, cls: str, action: Action | None, policy: Policy,
+             now: float) -> list[Rule]:
+    c = policy.classes[cls]
+    head = [] if action is None else _action_rules(ifname, action, c, policy, now)
+    return head + _class_rules(c, policy, ifname, per_source=False)
+
+
+def vm_ifaces(desired: Desired) -> dict[str, str]:
+    """Interfaces with a chain of their own -> class: every known VM, and any
+    interface with a block or throttle (as nftables keeps it for any name)."""
+    pol = desired.policy
+    out = dict(desired.classes)
+    for ifname in desired.actions:
+        out.setdefault(ifname, pol.default_class)
+    return {n: (c if c in pol.classes else pol.default_class) for n, c in sorted(out.items())}
+
+
+def relays(policy: Policy, family: Family) -> list[str]:
+    version = 4 if family == "ipv4" else 6
+    return [str(r) for r in policy.relays if r.version == version]
+
+
+def dispatch_rules(desired: Desired, family: Family) -> list[Rule]:
+    pol = desired.policy
+    rules = [Rule("relay", "RETURN", dst=r) for r in relays(pol, family)]
+    for ifname in vm_ifaces(desired):
+        rules.append(Rule("vm", vm_chain(ifname), goto=True, iface=ifname))
+        rules.append(Rule("vm", vm_chain(ifname), goto=True, physdev=ifname))
+    for w in wildcards(pol):
+        rules.append(Rule("unknown", DEFAULT_CHAIN, goto=True, iface=w))
+        rules.append(Rule("unknown", DEFAULT_CHAIN, goto=True, physdev=w))
+    return rules
+
+
+def hook_rules(policy: Policy) -> list[Rule]:
+    """The jump each hook starts with: SMTP SYNs only, everything else passes by."""
+    ports = sorted(policy.smtp_ports)
+    return [Rule("jump", DISPATCH, syn_ports=tuple(ports[i:i + MULTIPORT_MAX]))
+            for i in range(0, len(ports), MULTIPORT_MAX)]
+
+
+def chains(desired: Desired, family: Family, now: float | None = None
+           ) -> dict[str, list[Rule]]:
+    """Our chains (name -> rules in order), dispatch first."""
+    now = time.time() if now is None else now
+    pol = desired.policy
+    out = {DISPATCH: dispatch_rules(desired, family),
+           DEFAULT_CHAIN: _class_rules(pol.classes[pol.default_class], pol, "*",
+                                       per_source=True)}
+    for ifname, cls in vm_ifaces(desired).items():
+        out[vm_chain(ifname)] = vm_rules(ifname, cls, desired.actions.get(ifname), pol, now)
+    return out
+
+
+def restore_text(desired: Desired, family: Family, now: float | None = None) -> str:
+    """What apply() builds, as iptables-restore input (for --dry-run)."""
+    want = chains(desired, family, now)
+    lines = [f"# {family}: ip{'6' if family == 'ipv6' else ''}tables-legacy-restore "
+             "--noflush", "*filter"]
+    lines += [f":{name} - [0:0]" for name in want]
+    for hook in HOOKS:
+        lines += [_line(hook, r, family, insert=True) for r in reversed(hook_rules(
+            desired.policy))]
+    for name, rules in want.items():
+        lines += [_line(name, r, family) for r in rules]
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def _line(chain: str, rule: Rule, family: Family, insert: bool = False) -> str:
+    return " ".join([f"-{'I' if insert else 'A'}", chain, *rule.args(family),
+                     "-m", "comment", "--comment", f'"{rule.comment(family)}"'])
+
+
+def actions_from(rules: Mapping[str, list[tuple[str, int | None]]], now: float
+                 ) -> dict[str, Action]:
+    """Blocks and throttles in force from our VM chains' (tag, until) lists."""
+    out: dict[str, Action] = {}
+    for chain, tags in rules.items():
+        if not chain.startswith(VM_CHAIN):
+            continue
+        ifname = chain[len(VM_CHAIN):]
+        for tag, until in tags:
+            kind = "block" if tag.startswith("block/") else \
+                "throttle" if tag == "throttled" else None
+            if kind is None or (until is not None and until <= now):
+                continue
+            out[ifname] = Action(kind, None if until is None else float(until))  # type: ignore[arg-type]
+            break
+    return out
