@@ -8,6 +8,7 @@
    resident memory vs a process that compiled with bcc in-process.
 3. Agent CPU per /metrics scrape with 1,000 VM interfaces (bench/scrape.py).
 4. Reaction time from a fanout's 100th destination to the block (bench/reaction.py).
+5. Enforcement apply with 1,000 VMs, nftables vs iptables-legacy (bench/apply.py).
 """
 
 from __future__ import annotations
@@ -137,11 +138,13 @@ def main() -> int:
     rows: list[tuple[str, float, str]] = []
     bpf_cost(rows)
     startup(rows)
+    import apply
     import reaction
     import scrape
 
     rows += scrape.run()
     rows += reaction.run()
+    rows += apply.run()
     width = max(len(r[0]) for r in rows)
     print(f"{'benchmark':<{width}}  {'value':>9}  unit")
     for name, value, unit in rows:

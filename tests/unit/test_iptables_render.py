@@ -1,0 +1,160 @@
+"""The iptables rendering and the backend choice: pure logic, no kernel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from smtpguard.enforce import iptables_render as R
+from smtpguard.enforce.desired import Action, Desired
+from smtpguard.enforce.select import choose
+from smtpguard.errors import BackendUnavailable, EnforcerError
+from smtpguard.policy import load_text
+from smtpguard.policy.model import Ceiling
+from smtpguard.policy.units import Rate
+
+GOLDEN = Path(__file__).parent / "golden" / "iptables.rules"
+NOW = 1_800_000_000.0
+POLICY = load_text("""
+relays: [198.51.100.25/32, "2001:db8:25::/64"]
+classes:
+  default: {}
+  verified: {port25: limit, limit: {rate: 600/hour, burst: 20}, throttle: {rate: 1/minute, burst: 2}}
+members: [{class: verified, tenant: acme}]
+""")
+DESIRED = Desired(POLICY, {"vnet1": "default", "vnet2": "verified", "tap7i0": "default"},
+                  {"vnet1": Action("block", NOW + 3600.4), "vnet2": Action("throttle")})
+
+
+def render_all() -> str:
+    return "".join(R.restore_text(DESIRED, fam, NOW) for fam in R.FAMILIES)
+
+
+def test_ruleset_matches_golden() -> None:
+    """The rules a policy gives change only on purpose (regenerate the golden
+    file with SMTPGUARD_GOLDEN=1 when they should)."""
+    import os
+
+    if os.environ.get("SMTPGUARD_GOLDEN") == "1":
+        GOLDEN.write_text(render_all())
+    assert render_all() == GOLDEN.read_text()
+
+
+def test_vm_chain_semantics() -> None:
+    """A block rejects every SMTP port until its time; a throttle swaps in the
+    tighter ceiling on every port not blocked and skips the class ceiling;
+    the class blocks 25 and limits the submission ports."""
+    chains = R.chains(DESIRED, "ipv4", NOW)
+    blocked = chains[R.vm_chain("vnet1")]
+    assert [r.tag for r in blocked[:4]] == ["block/25", "block/465", "block/587", "block/2525"]
+    assert {r.until for r in blocked[:4]} == {1_800_003_601}  # rounded up, never early
+    assert [r.tag for r in blocked[4:]] == ["port25/25", "limit/465", "limit/587", "limit/2525"]
+    throttled = [r.tag for r in chains[R.vm_chain("vnet2")]]
+    assert throttled == ["throttle/25", "throttle/465", "throttle/587", "throttle/2525",
+                         "throttled", "limit/25", "limit/465", "limit/587", "limit/2525"]
+    # One bucket per VM, shared by its limited ports; another VM has its own.
+    lim = {r.limit.name for r in blocked if r.limit}
+    other = {r.limit.name for r in chains[R.vm_chain("tap7i0")] if r.limit}
+    assert len(lim) == 1 and len(other) == 1 and lim != other
+    # Interfaces not seen yet: the default class, limited per source address.
+    assert all(r.limit.per_source for r in chains[R.DEFAULT_CHAIN] if r.limit)
+
+
+def test_dispatch_relays_first_known_vms_then_patterns() -> None:
+    rules = R.dispatch_rules(DESIRED, "ipv6")
+    assert [r.dst for r in rules[:1]] == ["2001:db8:25::/64"]
+    assert [(r.iface, r.physdev) for r in rules[1:3]] == [("tap7i0", None), (None, "tap7i0")]
+    assert all(r.goto for r in rules[1:])  # a VM's chain ends the judgement
+    assert [r.iface for r in rules if r.tag == "unknown" and r.iface] == [
+        "fc-+", "tap+", "veth+", "vnet+"]
+
+
+def test_expired_action_renders_nothing() -> None:
+    d = Desired(POLICY, {"vnet1": "default"}, {"vnet1": Action("block", NOW - 1)})
+    assert [r.tag for r in R.chains(d, "ipv4", NOW)[R.vm_chain("vnet1")]][0] == "port25/25"
+
+
+def test_comments_carry_tag_until_and_digest() -> None:
+    """A rule's comment names what it counts, and changes whenever the rule does."""
+    r = R.Rule("block/25", "REJECT", dport=25, until=1_800_000_100)
+    assert R.parse_comment(r.comment("ipv4"))[:2] == ("block/25", 1_800_000_100)
+    assert r.comment("ipv4") != R.Rule("block/25", "REJECT", dport=25,
+                                       until=1_800_000_101).comment("ipv4")
+    assert R.parse_comment("something else") is None
+    assert R.parse_tally(R.tally_rule("veth-a:b", "limit/587").tag) == ("veth-a:b", "limit/587")
+    assert R.counted("throttle/465") == ("throttle", 465) and R.counted("throttled") is None
+
+
+def test_datestop_is_the_last_second_that_matches() -> None:
+    assert R.datestop(1_800_000_000) == "2027-01-15T07:59:59"  # 1_800_000_000 is 08:00:00 UTC
+
+
+@pytest.mark.parametrize("rate,per,want", [
+    (20, 60, "20/min"), (60, 60, "1/sec"), (100, 3600, "100/hour"), (7, 600, "42/hour"),
+    (1, 86400 * 7, "1/day"), (1000, 1, "1000/sec")])
+def test_hashlimit_rates(rate: int, per: int, want: str) -> None:
+    assert R.hashlimit_rate(Ceiling(rate=Rate(rate, per), burst=1)) == want
+
+
+def test_more_ports_than_one_multiport_match_holds() -> None:
+    pol = load_text("smtp_ports: [" + ", ".join(str(p) for p in range(2000, 2020)) + "]\n"
+                    "classes: {default: {limited_ports: []}}")
+    jumps = R.hook_rules(pol)
+    assert [len(j.syn_ports) for j in jumps] == [15, 5]
+
+
+def test_actions_read_back_from_chain_tags() -> None:
+    tags = {R.vm_chain("a"): [("block/25", 200), ("port25/25", None)],
+            R.vm_chain("b"): [("throttle/587", None), ("throttled", None)],
+            R.vm_chain("c"): [("block/25", 50)],  # lapsed
+            R.DEFAULT_CHAIN: [("port25/25", None)]}
+    assert R.actions_from(tags, now=100) == {"a": Action("block", 200.0),
+                                             "b": Action("throttle", None)}
+
+
+class Made:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def nft_ok() -> Made:
+    return Made("nftables")
+
+
+def nft_missing() -> Made:
+    raise BackendUnavailable("python3-nftables is not importable")
+
+
+def nft_broken() -> Made:
+    raise EnforcerError("applying: some other failure")
+
+
+def test_auto_prefers_nftables() -> None:
+    assert choose("auto", nft_ok, lambda: Made("iptables"), lambda: True).name == "nftables"
+
+
+def test_auto_falls_back_only_where_legacy_tables_are_in_use() -> None:
+    """auto never creates iptables-legacy tables: with nftables unavailable it
+    takes iptables only when the host already runs it, else a clear error."""
+    made: list[str] = []
+
+    def ipt() -> Made:
+        made.append("iptables")
+        return Made("iptables")
+
+    assert choose("auto", nft_missing, ipt, lambda: True).name == "iptables"
+    with pytest.raises(EnforcerError, match="no iptables-legacy tables"):
+        choose("auto", nft_missing, ipt, lambda: False)
+    assert made == ["iptables"]  # not even constructed the second time
+
+
+def test_only_a_not_available_error_falls_back() -> None:
+    with pytest.raises(EnforcerError, match="some other failure"):
+        choose("auto", nft_broken, lambda: Made("iptables"), lambda: True)
+
+
+def test_explicit_choices_are_honoured() -> None:
+    assert choose("iptables", nft_ok, lambda: Made("iptables"), lambda: False).name == "iptables"
+    with pytest.raises(BackendUnavailable):
+        choose("nftables", nft_missing, lambda: Made("iptables"), lambda: True)
