@@ -20,7 +20,8 @@ POLICY = load_text("""
 relays: [198.51.100.25/32, "2001:db8:25::/64"]
 classes:
   default: {}
-  verified: {port25: limit, limit: {rate: 600/hour, burst: 20}, throttle: {rate: 1/minute, burst: 2}}
+  verified: {port25: limit, limit: {rate: 600/hour, burst: 20},
+             throttle: {rate: 1/minute, burst: 2}}
 members: [{class: verified, tenant: acme}]
 """)
 DESIRED = Desired(POLICY, {"vnet1": "default", "vnet2": "verified", "tap7i0": "default"},

@@ -1,5 +1,6 @@
 """The iptables backend: our chains in the filter table of iptables-legacy and
-ip6tables-legacy, through python-iptables (libiptc).
+ip6tables-legacy, through python-iptables (libiptc; iptc_table.py edits a
+table, iptables_render.py says what the rules are).
 
 Each change is one table replace per family, which the kernel swaps in
 atomically: no packet sees a half-applied change. Chains whose rules (by the
@@ -12,7 +13,6 @@ measured) and cannot be undone without a reboot (see enforce/select.py).
 
 from __future__ import annotations
 
-import difflib
 import threading
 import time
 from collections.abc import Iterable
@@ -21,8 +21,8 @@ from typing import Any
 
 from smtpguard import logs
 from smtpguard.enforce import iptables_render as R
-from smtpguard.enforce import render
 from smtpguard.enforce.desired import Action, Capabilities, Desired
+from smtpguard.enforce.iptc_table import FilterTable, Model
 from smtpguard.enforce.nftables import BlockedCount
 from smtpguard.errors import BackendUnavailable, EnforcerError
 from smtpguard.policy.model import Policy
@@ -31,7 +31,6 @@ PROC = Path("/proc/thread-self/net")  # this thread's namespace (the lab runs ag
 TABLE_NAMES = {"ipv4": "ip_tables_names", "ipv6": "ip6_tables_names"}
 HASHLIMIT_PROC = {"ipv4": "ipt_hashlimit", "ipv6": "ip6t_hashlimit"}
 COUNTS_MAX_AGE = 1.0  # seconds a counter reading is reused
-Model = dict[str, list[str]]  # chain -> the comments of its rules, in order
 
 
 def legacy_tables_in_use(proc: Path = PROC) -> bool:
@@ -66,194 +65,14 @@ class IptablesEnforcer:
         self._counts: tuple[float, list[BlockedCount]] | None = None
         self._bridge_seen: bool | None = None
 
-    # -- the kernel, one family at a time ------------------------------------
-    def _table(self, family: R.Family) -> Any:
-        iptc = self.iptc
-        table = iptc.Table(iptc.Table.FILTER) if family == "ipv4" else \
-            iptc.Table6(iptc.Table6.FILTER)
-        table.autocommit = False
-        try:
-            table.refresh()
-        except iptc.IPTCError as exc:
-            raise EnforcerError(f"reading the {family} filter table: {exc}") from exc
-        return table
+    def _table(self, family: R.Family) -> FilterTable:
+        return FilterTable(self.iptc, family)
 
-    def _new_rule(self, family: R.Family, spec: R.Rule) -> Any:
-        iptc = self.iptc
-        r = iptc.Rule() if family == "ipv4" else iptc.Rule6()
-        if spec.iface:
-            r.in_interface = spec.iface
-        if spec.dst:
-            r.dst = spec.dst
-        if spec.syn_ports or spec.dport is not None:
-            r.protocol = "tcp"
-            m = r.create_match("tcp")
-            if spec.syn_ports:
-                m.tcp_flags = ["FIN,SYN,RST,ACK", "SYN"]
-                r.create_match("multiport").dports = ",".join(map(str, spec.syn_ports))
-            else:
-                m.dport = str(spec.dport)
-        if spec.physdev:
-            r.create_match("physdev").physdev_in = spec.physdev
-        if spec.until is not None:
-            r.create_match("time").datestop = R.datestop(spec.until)
-        if spec.limit:
-            lim = spec.limit
-            m = r.create_match("hashlimit")
-            m.hashlimit_above = lim.rate
-            m.hashlimit_burst = str(lim.burst)
-            m.hashlimit_name = lim.name
-            if lim.per_source:
-                m.hashlimit_mode = "srcip"
-                m.hashlimit_srcmask = str(R.SRC_MASK[family])
-            m.hashlimit_htable_size = str(lim.size)
-            m.hashlimit_htable_max = str(lim.max)
-            # python-iptables leaves it 0 otherwise, which the kernel refuses
-            m.hashlimit_htable_expire = str(render.LIMITER_IDLE * 1000)
-        r.create_match("comment").comment = spec.comment(family)
-        if spec.target == "REJECT":
-            r.create_target("REJECT").reject_with = "tcp-reset"
-        elif spec.target == "RETURN":
-            r.create_target("RETURN")
-        else:
-            r.target = iptc.Target(r, spec.target, goto=spec.goto)
-        return r
-
-    @staticmethod
-    def _comment(rule: Any) -> str:
-        for m in rule.matches:
-            if m.name == "comment":
-                return str(m.get_all_parameters().get("comment", [""])[0]).strip('"')
-        return ""
-
-    def _read(self, table: Any) -> Model:
-        """Our chains as the kernel holds them (parses every rule: start, repair)."""
-        out: Model = {}
-        for chain in table.chains:
-            if chain.name.startswith(R.PREFIX):
-                out[chain.name] = [self._comment(r) for r in chain.rules]
-        for hook in R.HOOKS:
-            if table.is_chain(hook):
-                out[hook] = [self._comment(r) for r in self.iptc.Chain(table, hook).rules]
-        return out
-
-    @staticmethod
-    def _counters(table: Any, chain: str) -> list[tuple[int, int]]:
-        """Each rule's (packets, bytes), without parsing the rules."""
-        out = []
-        entry = table.first_rule(chain)
-        while entry:
-            out.append((int(entry.counters.pcnt), int(entry.counters.bcnt)))
-            entry = table.next_rule(entry)
-        return out
-
-    def _delete_at(self, table: Any, chain: str, index: int) -> None:
-        # python-iptables deletes by rule only; libiptc can by position.
-        if table._iptc.iptc_delete_num_entry(chain.encode(), index, table._handle) != 1:
-            raise EnforcerError(f"deleting rule {index} of {chain}: {table.strerror()}")
-
-    def _sync_chain(self, table: Any, family: R.Family, chain: str, have: list[str],
-                    want: list[R.Rule], hook: bool = False,
-                    retired: dict[str, tuple[int, int]] | None = None) -> list[str]:
-        """Edit one chain from `have` to `want` by position. Replaced rules keep
-        the counters of the rules with the same tag they replace; the counts of
-        counting rules that go without a successor are added to `retired`
-        (tag -> packets, bytes). Returns the chain's comments afterwards."""
-        want_c = [r.comment(family) for r in want]
-        if hook:  # only our own rules move; they go first
-            ours = [i for i, c in enumerate(have) if R.parse_comment(c)]
-            if ours == list(range(len(want_c))) and [have[i] for i in ours] == want_c:
-                return have
-            for i in reversed(ours):
-                self._delete_at(table, chain, i)
-            for i, spec in enumerate(want):
-                table.insert_entry(chain, self._new_rule(family, spec).rule, i)
-            return want_c + [c for c in have if not R.parse_comment(c)]
-        if not table.is_chain(chain):
-            table.create_chain(chain)
-            have = []
-        if have == want_c:
-            return have
-        counters = self._counters(table, chain)
-        if len(counters) != len(have):  # edited behind our back: start the chain afresh
-            table.flush_entries(chain)
-            have, counters = [], []
-        carry: dict[str, list[tuple[int, int]]] = {}
-        for c, n in zip(have, counters, strict=True):
-            parsed = R.parse_comment(c)
-            if parsed:
-                carry.setdefault(parsed[0], []).append(n)
-        ops = difflib.SequenceMatcher(a=have, b=want_c, autojunk=False).get_opcodes()
-        for op, i1, i2, j1, j2 in reversed(ops):
-            if op == "equal":
-                continue
-            for _ in range(i2 - i1):
-                self._delete_at(table, chain, i1)
-            for k, spec in enumerate(want[j1:j2]):
-                rule = self._new_rule(family, spec)
-                kept = carry.get(spec.tag)
-                if kept and spec.reason:
-                    rule.counters = kept.pop(0)
-                table.insert_entry(chain, rule.rule, i1 + k)
-        if retired is not None:
-            for tag, left in carry.items():
-                for p, b in left:
-                    if R.counted(tag) and p:
-                        was = retired.get(tag, (0, 0))
-                        retired[tag] = (was[0] + p, was[1] + b)
-        return want_c
-
-    def _tally(self, table: Any, family: R.Family, have: list[str],
-               retired: dict[str, dict[str, tuple[int, int]]], forget: set[str]) -> list[str]:
-        """Add retired counts (ifname -> tag -> counts) to the tally chain and
-        drop the tallies of forgotten interfaces: one rule per (ifname, tag)."""
-        chain = R.TALLY_CHAIN
-        if not table.is_chain(chain):
-            table.create_chain(chain)
-            have = []
-        counters = self._counters(table, chain)
-        if len(counters) != len(have):
-            table.flush_entries(chain)
-            have, counters = [], []
-        totals: dict[tuple[str, str], tuple[int, int]] = {}
-        for c, n in zip(have, counters, strict=True):
-            parsed = R.parse_comment(c)
-            key = R.parse_tally(parsed[0]) if parsed else None
-            if key:
-                totals[key] = n
-        changed = False
-        for ifname, tags in retired.items():
-            for tag, (p, b) in tags.items():
-                was = totals.get((ifname, tag), (0, 0))
-                totals[(ifname, tag)] = (was[0] + p, was[1] + b)
-                changed = True
-        for key in [k for k in totals if k[0] in forget]:
-            del totals[key]
-            changed = True
-        if not changed:
-            return have
-        table.flush_entries(chain)
-        out = []
-        for (ifname, tag), n in sorted(totals.items()):
-            spec = R.tally_rule(ifname, tag)
-            rule = self._new_rule(family, spec)
-            rule.counters = n
-            table.append_entry(chain, rule.rule)
-            out.append(spec.comment(family))
-        return out
-
-    def _commit(self, table: Any, what: str) -> None:
-        try:
-            table.commit()
-        except self.iptc.IPTCError as exc:
-            raise EnforcerError(f"{what}: {exc}") from exc
-
-    def _edit(self, family: R.Family, have: Model, want: dict[str, list[R.Rule]],
+    def _edit(self, ft: FilterTable, have: Model, want: dict[str, list[R.Rule]],
               drop: set[str], hooks: list[R.Rule] | None, trusted: bool) -> Model:
         """One table replace: sync the chains in `want` (targets first, then
         the dispatch that jumps to them), delete the chains in `drop`, put our
         jumps first in the hooks. `have` is what we believe the chains hold."""
-        table = self._table(family)
         new = dict(have)
         retired: dict[str, dict[str, tuple[int, int]]] = {}
         try:
@@ -261,46 +80,28 @@ class IptablesEnforcer:
                 if chain != R.DISPATCH:
                     owner = chain[len(R.VM_CHAIN):] if chain.startswith(R.VM_CHAIN) \
                         else R.UNKNOWN_IFACE
-                    new[chain] = self._sync_chain(table, family, chain, have.get(chain, []),
-                                                  rules, retired=retired.setdefault(owner, {}))
+                    new[chain] = ft.sync_chain(chain, have.get(chain, []), rules,
+                                               retired=retired.setdefault(owner, {}))
             if R.DISPATCH in want:
-                new[R.DISPATCH] = self._sync_chain(table, family, R.DISPATCH,
-                                                   have.get(R.DISPATCH, []), want[R.DISPATCH])
+                new[R.DISPATCH] = ft.sync_chain(R.DISPATCH, have.get(R.DISPATCH, []),
+                                                want[R.DISPATCH])
             for chain in sorted(drop - {R.TALLY_CHAIN}):
                 new.pop(chain, None)
-                if table.is_chain(chain):
-                    table.flush_entries(chain)
-                    table.delete_chain(chain)
+                ft.drop_chain(chain)
             # A VM that goes takes its counts with it (as nftables forgets them).
             forget = {c[len(R.VM_CHAIN):] for c in drop if c.startswith(R.VM_CHAIN)}
-            new[R.TALLY_CHAIN] = self._tally(table, family, have.get(R.TALLY_CHAIN, []),
-                                             retired, forget)
+            new[R.TALLY_CHAIN] = ft.tally(have.get(R.TALLY_CHAIN, []), retired, forget)
             for hook in R.HOOKS if hooks is not None else ():
                 assert hooks is not None
-                mine = [r.comment(family) for r in hooks]
-                if trusted and hook in have and self._jumps_first(table, hook, len(hooks)) \
+                mine = [r.comment(ft.family) for r in hooks]
+                if trusted and hook in have and ft.jumps_first(hook, len(hooks)) \
                         and [c for c in have[hook] if R.parse_comment(c)] == mine:
                     continue
-                new[hook] = self._sync_chain(table, family, hook, self._read_hook(table, hook),
-                                             hooks, hook=True)
+                new[hook] = ft.sync_chain(hook, ft.read_hook(hook), hooks, hook=True)
         except self.iptc.IPTCError as exc:
-            raise EnforcerError(f"building the smtpguard {family} chains: {exc}") from exc
-        self._commit(table, f"applying the smtpguard {family} chains")
+            raise EnforcerError(f"building the smtpguard {ft.family} chains: {exc}") from exc
+        ft.commit(f"applying the smtpguard {ft.family} chains")
         return new
-
-    def _read_hook(self, table: Any, hook: str) -> list[str]:
-        return [self._comment(r) for r in self.iptc.Chain(table, hook).rules]
-
-    @staticmethod
-    def _jumps_first(table: Any, hook: str, n: int) -> bool:
-        """Whether the hook's first n rules jump to our dispatch chain (cheap)."""
-        targets: list[str] = []
-        entry = table.first_rule(hook)
-        while entry and len(targets) < n:
-            t = table.get_target(entry)
-            targets.append(t.decode() if isinstance(t, bytes) else t)
-            entry = table.next_rule(entry)
-        return targets == [R.DISPATCH] * n
 
     def _done(self, desired: Desired, model: dict[str, Model]) -> None:
         self._model = model
@@ -315,10 +116,11 @@ class IptablesEnforcer:
         with self._lock:
             model: dict[str, Model] = {}
             for fam in R.FAMILIES:
-                have = self._read(self._table(fam))
+                ft = self._table(fam)
+                have = ft.read()
                 want = R.chains(desired, fam)
                 drop = {c for c in have if c.startswith(R.PREFIX)} - set(want)
-                model[fam] = self._edit(fam, have, want, drop, R.hook_rules(desired.policy),
+                model[fam] = self._edit(ft, have, want, drop, R.hook_rules(desired.policy),
                                         trusted=False)
             self._done(desired, model)
 
@@ -337,8 +139,9 @@ class IptablesEnforcer:
                 for n in sorted(touched & set(classes))}
             if added or gone:
                 want[R.DISPATCH] = R.dispatch_rules(desired, fam)
-            model[fam] = self._edit(fam, model[fam], want, {R.vm_chain(n) for n in gone},
-                                    None, trusted=True)
+            drop = {R.vm_chain(n) for n in gone}
+            model[fam] = self._edit(self._table(fam), model[fam], want, drop, None,
+                                    trusted=True)
         self._done(desired, model)
 
     def set_vms(self, desired: Desired) -> None:
@@ -384,7 +187,7 @@ class IptablesEnforcer:
     def _trusted(self) -> dict[str, Model]:
         """What our chains hold: what we last wrote, else read from the kernel."""
         if self._model is None:
-            self._model = {fam: self._read(self._table(fam)) for fam in R.FAMILIES}
+            self._model = {fam: self._table(fam).read() for fam in R.FAMILIES}
             self._classes = {c[len(R.VM_CHAIN):]: "?" for c in self._model["ipv4"]
                              if c.startswith(R.VM_CHAIN)}
         return self._model
@@ -417,17 +220,17 @@ class IptablesEnforcer:
 
     def _intact(self, family: R.Family, model: Model) -> bool:
         try:
-            table = self._table(family)
+            ft = self._table(family)
         except EnforcerError:
             return False
         for chain, comments in model.items():
-            if not table.is_chain(chain):
+            if not ft.is_chain(chain):
                 return False
             if chain in R.HOOKS:
-                if not self._jumps_first(table, chain, len(
+                if not ft.jumps_first(chain, len(
                         [c for c in comments if R.parse_comment(c)])):
                     return False
-            elif len(self._counters(table, chain)) != len(comments):
+            elif len(ft.counters(chain)) != len(comments):
                 return False
         return True
 
@@ -449,7 +252,7 @@ class IptablesEnforcer:
             model = self._trusted()
             out = []
             for fam in R.FAMILIES:
-                table = self._table(fam)
+                ft = self._table(fam)
                 for chain, comments in model[fam].items():
                     if chain.startswith(R.VM_CHAIN):
                         owner: str | None = chain[len(R.VM_CHAIN):]
@@ -459,7 +262,7 @@ class IptablesEnforcer:
                         owner = None
                     else:
                         continue
-                    counters = self._counters(table, chain) if table.is_chain(chain) else []
+                    counters = ft.counters(chain) if ft.is_chain(chain) else []
                     if len(counters) != len(comments):
                         continue  # drifted: the repair pass rebuilds it
                     for comment, (packets, _bytes) in zip(comments, counters, strict=True):
@@ -500,18 +303,19 @@ class IptablesEnforcer:
         existed = False
         with self._lock:
             for fam in R.FAMILIES:
-                table = self._table(fam)
+                ft = self._table(fam)
                 for hook in R.HOOKS:
-                    comments = self._read_hook(table, hook)
+                    comments = ft.read_hook(hook)
                     for i in reversed([i for i, c in enumerate(comments)
                                        if R.parse_comment(c)]):
-                        self._delete_at(table, hook, i)
+                        ft.delete_at(hook, i)
                         existed = True
-                for chain in [c.name for c in table.chains if c.name.startswith(R.PREFIX)]:
-                    table.flush_entries(chain)
-                for chain in [c.name for c in table.chains if c.name.startswith(R.PREFIX)]:
-                    table.delete_chain(chain)
+                ours = [c.name for c in ft.table.chains if c.name.startswith(R.PREFIX)]
+                for chain in ours:  # emptied first: they jump to each other
+                    ft.table.flush_entries(chain)
+                for chain in ours:
+                    ft.table.delete_chain(chain)
                     existed = True
-                self._commit(table, f"removing the smtpguard {fam} chains")
+                ft.commit(f"removing the smtpguard {fam} chains")
             self._model = None
         return existed
