@@ -19,6 +19,9 @@
 #ifndef CONN_TABLE_SIZE
 #define CONN_TABLE_SIZE 262144	/* attempts remembered for SYN dedup (LRU) */
 #endif
+#ifndef MAX_RECENT
+#define MAX_RECENT 65536	/* (interface, destination) pairs recorded (LRU) */
+#endif
 
 /* Distinct destinations, per VM, in time slots: a 2048-bit linear-counting
  * bitmap (about 2% error up to 6,000 destinations a window) and 256
@@ -75,6 +78,25 @@ struct conn_key {
 struct conn_val {
 	__u64 first_ns;
 	__u64 state;		/* 64-bit: cmpxchg needs it without alu32 */
+};
+
+/* The record of recent destinations: exact attempts per (interface,
+ * destination address), for the abuse desk's "where did this VM send".
+ * An LRU: a VM spraying more addresses than it holds pushes out the least
+ * recently used ones, and an address pushed out and seen again starts from
+ * one. daddr is stored like conn_key's (IPv4 v4-mapped); family tells the
+ * two apart. */
+struct recent_key {
+	__u32 ifindex;
+	__u8 family;		/* FAMILY_V4 or FAMILY_V6 */
+	__u8 pad[3];
+	__u8 daddr[16];
+};
+
+struct recent_val {
+	__u64 attempts;		/* counted exactly like smtp_stats.attempts */
+	__u64 first_ns;		/* bpf_ktime_get_ns() of the first attempt */
+	__u64 last_ns;		/* and of the newest */
 };
 
 struct hll_slot {

@@ -11,7 +11,8 @@
  * the hook (another tool's) still runs. Enforcement is nftables.
  *
  * Load-time settings (-D from the agent): PIN_DIR, MAX_STATS, MAX_IFACES,
- * CONN_TABLE_SIZE. Run-time settings come from maps: smtp_ports, smtp_config.
+ * CONN_TABLE_SIZE, MAX_RECENT. Run-time settings come from maps: smtp_ports,
+ * smtp_config.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -47,6 +48,10 @@ BPF_TABLE_PINNED("lru_hash", struct conn_key, struct conn_val, smtp_conns,
 /* 6 KiB a VM, allocated only for VMs that try SMTP. */
 BPF_TABLE_PINNED("hash", __u32, struct dest_sketch, smtp_dests,
 		 MAX_IFACES, PIN_DIR "/smtp_dests", BPF_F_NO_PREALLOC);
+/* LRU hashes are always preallocated: MAX_RECENT * ~112 bytes (7 MB at
+ * the default), whether or not the VMs send mail. */
+BPF_TABLE_PINNED("lru_hash", struct recent_key, struct recent_val, smtp_recent,
+		 MAX_RECENT, PIN_DIR "/smtp_recent");
 /* Indexed by port; non-zero means SMTP. An array lookup is inlined by the
  * verifier, which keeps the non-SMTP path to a few instructions. */
 BPF_TABLE_PINNED("array", __u32, __u8, smtp_ports, 65536,
@@ -322,6 +327,33 @@ static __always_inline void count_destination(__u32 ifindex, const __u8 *daddr,
 	hll_add(&d->coarse[coarse & (COARSE_SLOTS - 1)], coarse, h);
 }
 
+/* One more attempt to daddr in the record of recent destinations. */
+static __always_inline void count_recent(__u32 ifindex, __u8 family,
+					 const __u8 *daddr, __u64 now)
+{
+	struct recent_key rk = { .ifindex = ifindex, .family = family };
+	struct recent_val rv = { .attempts = 1, .first_ns = now, .last_ns = now };
+	struct recent_val *v;
+
+	__builtin_memcpy(rk.daddr, daddr, sizeof(rk.daddr));
+	/* Lookup first: a VM's destinations repeat, and an update that finds
+	 * its key still takes the bucket lock and a fresh LRU node. */
+	v = smtp_recent.lookup(&rk);
+	if (!v) {
+		/* Two CPUs may both miss; BPF_NOEXIST lets exactly one insert
+		 * win, and the loser adds to the winner's entry. */
+		if (smtp_recent.insert(&rk, &rv) == 0)
+			return;
+		v = smtp_recent.lookup(&rk);
+		if (!v)
+			return;	/* evicted in between: one count lost */
+	}
+	__sync_fetch_and_add(&v->attempts, 1);
+	/* A plain store: racing CPUs may leave the older of two near-equal
+	 * times, which no reader can tell apart. */
+	v->last_ns = now;
+}
+
 static __always_inline struct smtp_stats *stats_for(__u32 ifindex, __u16 port)
 {
 	struct smtp_key key = { .ifindex = ifindex, .port = port };
@@ -365,6 +397,7 @@ static __always_inline void count_syn(struct __sk_buff *skb, struct l4 *l,
 			__sync_fetch_and_add(&st->attempts, 1);
 			st->last_attempt_ns = now;
 			count_destination(ck.ifindex, ck.daddr, now);
+			count_recent(ck.ifindex, ck.family, ck.daddr, now);
 			return;
 		}
 		old = smtp_conns.lookup(&ck);

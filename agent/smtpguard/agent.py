@@ -107,7 +107,8 @@ class Agent:
         self.responder = Responder(
             self.cfg.state_dir, self.policy, self.datapath.table("smtp_stats"),
             self.datapath.table("smtp_dests"), self.keeper, lambda: self.ifaces,
-            lambda: self.generation, self.clock)
+            lambda: self.generation, self.clock, recent_table=self.datapath.table("smtp_recent"),
+            loaded=lambda: self.loaded)
         self.responder.start()
         if self.cfg.metrics_addr:
             self.metrics_server = serve(self.cfg.metrics_addr, *collectors)

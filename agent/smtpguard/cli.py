@@ -138,6 +138,17 @@ def _parser() -> argparse.ArgumentParser:
                          help="immunity from automatic actions afterwards (default 1h)")
     release.add_argument("--reason", default="")
     op("reload", "re-read the policy (as SIGHUP does) and say whether it was applied")
+    exp = op("explain", "what a VM may do, its state, why and until when")
+    exp.add_argument("vm")
+    exp.add_argument("--json", action="store_true")
+    inc = op("incidents", "incidents and their evidence: `incidents [--vm VM] [--since 24h]`, "
+             "`incidents show ID`")
+    inc.add_argument("show", nargs="?", choices=["show"], help="print one incident in full")
+    inc.add_argument("id", nargs="?", type=int, help="the incident (with show)")
+    inc.add_argument("--vm", help="only this VM's")
+    inc.add_argument("--since", default="", help="only those opened within, e.g. 24h "
+                     "(open ones always show)")
+    inc.add_argument("--json", action="store_true")
     sub.add_parser("version", help="print the version")
     return ap
 
@@ -226,6 +237,8 @@ def _operator(args: argparse.Namespace) -> int:
     if args.command in ("block", "throttle", "release"):
         req.update(vm=args.vm, reason=args.reason)
         req["for"] = args.duration
+    if args.command in ("explain", "incidents"):
+        return _evidence(args, req)
     reply = request(args.socket, req)
     if getattr(args, "json", False):
         print(json.dumps(reply["vms"], indent=2))
@@ -246,6 +259,65 @@ def _operator(args: argparse.Namespace) -> int:
               f"({reply['reason']})")
     if args.command == "reload":
         print(f"policy applied, generation {reply['policy_generation']}")
+    return 0
+
+
+def _evidence(args: argparse.Namespace, req: dict[str, object]) -> int:
+    from smtpguard.control import request
+    from smtpguard.incidents import render
+
+    if args.command == "explain":
+        req["vm"] = args.vm
+        e = request(args.socket, req)["explain"]
+        if args.json:
+            print(json.dumps(e, indent=2))
+            return 0
+        from smtpguard.policy.explain import render as render_policy
+
+        print(render_policy(e))
+        state = e["state"] + (f" until {_when(e['until'])}" if e["until"] else "")
+        if e["state"] != "ok" and not e["enforced"]:
+            state += " (audit mode: not enforced)"
+        print(f"  state now     {state}, since {_when(e['since'])}")
+        if e["state"] != "ok":
+            print(f"  because       {e['reason']} (by {e['actor']})")
+            if e["rule"]:
+                print(f"  rule          {e['rule']['text']} ({e['rule']['where']})")
+        top = e["activity"]["top_destinations"][:5]
+        print(f"  activity      {e['activity']['attempts']} attempts to "
+              f"{e['activity']['destinations']} destinations since its last fresh start"
+              + (": " + ", ".join(f"{d['address']} ({d['attempts']})" for d in top)
+                 if top else ""))
+        if e["incident"]:
+            i = e["incident"]
+            print(f"  incident      {i['id']} ({'open' if not i['closed'] else 'closed'}): "
+                  f"smtpguard incidents show {i['id']}")
+        return 0
+    if args.show:
+        if args.id is None:
+            raise SmtpguardError("incidents show: which incident? (an id)")
+        req.update(cmd="incident", id=args.id)
+        inc = request(args.socket, req)["incident"]
+        print(json.dumps(inc, indent=2) if args.json else render(inc))
+        return 0
+    since = 0.0
+    if args.since:
+        from smtpguard.policy.units import parse_duration
+
+        try:
+            since = time.time() - parse_duration(args.since)
+        except ValueError as exc:
+            raise SmtpguardError(f"--since: {exc}") from exc
+    req.update(vm=args.vm, since=since)
+    rows = request(args.socket, req)["incidents"]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'ID':>6} {'VM':<16} {'OPENED':<16} {'CLOSED':<16} {'STATE':<9} {'MODE':<7} REASON")
+    for r in rows:
+        print(f"{r['id']:>6} {r['vm'][:16]:<16} {_when(r['opened']):<16} "
+              f"{_when(r['closed']) if r['closed'] else 'open':<16} {r['state']:<9} "
+              f"{r['mode'] or '-':<7} {r['reason']}")
     return 0
 
 
@@ -284,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Commands that print for people keep stdout for that; logs go to stderr.
     quiet = args.command in ("policy", "version", "status", "flags", "block", "throttle",
-                             "release", "reload") or (
+                             "release", "reload", "explain", "incidents") or (
         args.command == "lab" and args.lab_command in ("send", "demo"))
     logs.configure(getattr(args, "log_level", "info"), sys.stderr if quiet else None)
     try:
@@ -297,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
             return _policy(args)
         if args.command == "lab":
             return _lab(args)
-        if args.command in ("status", "flags", "block", "throttle", "release", "reload"):
+        if args.command in ("status", "flags", "block", "throttle", "release", "reload",
+                            "explain", "incidents"):
             return _operator(args)
     except SmtpguardError as exc:
         print(f"smtpguard: {exc}", file=sys.stderr)

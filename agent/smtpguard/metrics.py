@@ -87,9 +87,12 @@ class DatapathCollector(Collector):
             for name in STATES:
                 states.add_metric([vm, name], 1 if st == name else 0)
         yield states
-        actions = CounterMetricFamily("smtpguard_enforcement_actions",
-                                      "Actions taken on VMs", labels=["action"])
-        for name in ("flag", "throttle", "block", "release"):
+        actions = CounterMetricFamily(
+            "smtpguard_enforcement_actions",
+            "Actions taken on VMs (would_*: in audit mode, what would have been done)",
+            labels=["action"])
+        for name in ("flag", "throttle", "block", "release", "would_flag", "would_throttle",
+                     "would_block"):
             actions.add_metric([name], h.actions.get(name, 0))
         yield actions
         beat = GaugeMetricFamily("smtpguard_last_loop_timestamp_seconds",

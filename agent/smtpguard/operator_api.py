@@ -92,8 +92,52 @@ def handle(agent: Agent, req: dict[str, Any]) -> dict[str, Any]:
             raise SmtpguardError("policy rejected; the running policy stays in force (see "
                                  "the policy.rejected log for every error)")
         return {"ok": True, "policy_generation": agent.generation}
+    if cmd in ("incidents", "incident", "explain"):
+        return _evidence(agent, cmd, req)
     if cmd == "history":
         assert det is not None
         rows = det.store.history(req.get("vm")) if det.store is not None else []
         return {"ok": True, "transitions": [t.__dict__ for t in rows]}
     raise SmtpguardError(f"unknown command {cmd!r}")
+
+
+def _evidence(agent: Agent, cmd: str, req: dict[str, Any]) -> dict[str, Any]:
+    r = agent.responder
+    assert r is not None
+    if cmd == "incidents":
+        vm = req.get("vm") or None
+        since = float(req.get("since") or 0.0)
+        return {"ok": True, "incidents": r.incidents.list(vm, since)}
+    if cmd == "incident":
+        try:
+            ident = int(req.get("id"))  # type: ignore[arg-type]
+        except (TypeError, ValueError) as exc:
+            raise SmtpguardError(f"incident id {req.get('id')!r} is not a number") from exc
+        inc = r.incidents.show(ident)
+        if inc is None:
+            raise SmtpguardError(f"no incident {ident}")
+        return {"ok": True, "incident": inc}
+    vm, _ifnames = _target(agent, req)
+    return {"ok": True, "explain": explain_vm(agent, vm)}
+
+
+def explain_vm(agent: Agent, vm: str) -> dict[str, Any]:
+    """What the VM may do, its state, why, and until when (`smtpguard explain`)."""
+    from smtpguard.policy.explain import explain
+
+    assert agent.responder is not None and agent.detector is not None
+    vifs = sorted(_vms(agent).get(vm, []), key=lambda v: v.ifname)
+    facts = VmFacts(vm, vifs[0].ifname if vifs else None,
+                    tenant=vifs[0].tenant if vifs else None)
+    e = explain(agent.loaded, facts)
+    rec = agent.detector.record(vm)
+    inc = agent.responder.incidents.latest(vm)
+    last = inc["actions"][-1] if inc else None
+    e.update(interfaces=[v.ifname for v in vifs], state=rec.state, until=rec.until,
+             since=rec.since or None, reason=rec.reason or None, actor=rec.actor,
+             rule=(last or {}).get("rule") if rec.state != "ok" else None,
+             enforced=(last or {}).get("enforced", True),
+             incident=None if inc is None else {
+                 k: inc[k] for k in ("id", "opened", "closed", "state")},
+             activity=agent.responder.activity(vm))
+    return e

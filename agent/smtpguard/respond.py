@@ -1,5 +1,6 @@
 """From counters to consequences: runs detection over fresh counters, turns
-its transitions into enforcement actions, logs them and tells the webhook."""
+its transitions into enforcement actions (or, in audit mode, into what would
+have been done), records incidents, logs them and tells the webhook."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from smtpguard import logs
+from smtpguard.datapath import recent
 from smtpguard.datapath.interfaces import VmIface
 from smtpguard.datapath.snapshot import read_ports
 from smtpguard.detect.engine import Detector
@@ -17,21 +19,31 @@ from smtpguard.detect.machine import Transition
 from smtpguard.enforce.desired import Action
 from smtpguard.enforce.keeper import Keeper
 from smtpguard.errors import SmtpguardError
+from smtpguard.incidents import IncidentBook
 from smtpguard.metrics import LOOP_BUCKETS
+from smtpguard.policy.explain import threshold_text
+from smtpguard.policy.load import LoadedPolicy
+from smtpguard.policy.membership import VmFacts, place
 from smtpguard.policy.model import Policy
 from smtpguard.store import Store
 from smtpguard.webhook import Webhook
 
 SAMPLE_EVERY = 10.0  # seconds between saves of the counter samples
+PRUNE_EVERY = 3600.0  # seconds between prunings of old incidents
+WINDOWS = (("attempts", 60), ("attempts", 3600), ("blocked_attempts", 600),
+           ("failed_handshakes", 600))  # recorded with each incident
 
 
 class Responder:
     def __init__(self, state_dir: Path, policy: Policy, stats: Any, dests: Any,
                  keeper: Keeper | None, ifaces: Callable[[], Mapping[int, VmIface]],
-                 generation: Callable[[], int], clock: Callable[[], float] = time.monotonic
+                 generation: Callable[[], int], clock: Callable[[], float] = time.monotonic,
+                 recent_table: Any = None, loaded: Callable[[], LoadedPolicy] | None = None
                  ) -> None:
         self.log = logs.get()
         self.stats = stats
+        self.recent = recent_table
+        self.loaded = loaded or (lambda: LoadedPolicy(self.detector.policy))
         self.keeper = keeper
         self.ifaces = ifaces
         self.generation = generation
@@ -49,7 +61,9 @@ class Responder:
         self.loop_sum = 0.0
         self.loop_n = 0
         self._next_samples = 0.0
+        self._next_prune = 0.0
         self.last_loop = 0.0
+        self.incidents = IncidentBook(self.store, self.activity, self.context)
         self.configure(policy)
 
     def start(self) -> None:
@@ -59,6 +73,7 @@ class Responder:
             self.detector.start()
         except SmtpguardError as exc:
             self.log.error("store.failed", error=str(exc))
+        self.incidents.start()
         self.reassert()
 
     def reassert(self) -> None:
@@ -106,6 +121,9 @@ class Responder:
             if self.clock() >= self._next_samples:
                 self._next_samples = self.clock() + SAMPLE_EVERY
                 self.detector.save_samples()
+            if self.clock() >= self._next_prune:
+                self._next_prune = self.clock() + PRUNE_EVERY
+                self.incidents.prune(self.detector.policy.incidents.retention)
         except Exception as exc:
             self.log.error("detect.failed", error=str(exc))
             self.log.debug("detect.failed", exc_info=True)
@@ -117,13 +135,20 @@ class Responder:
             if seconds <= b:
                 self.loop_buckets[i] += 1
 
+    def enforced(self, t: Transition) -> bool:
+        """Whether this transition acts in the kernel: not for a VM whose class
+        runs in audit mode, unless an operator decided it."""
+        return t.actor.startswith("operator") or self.mode_of(t.vm) != "audit"
+
     def act(self, t: Transition, ifnames: list[str]) -> None:
         action = {"blocked": "block", "throttled": "throttle"}.get(t.new)
         counted = action or ("release" if t.new == "ok" and t.old in ("blocked", "throttled")
                              else "flag" if t.new == "flagged" else None)
+        enforced = self.enforced(t)
         if counted:
-            self.actions_total[counted] = self.actions_total.get(counted, 0) + 1
-        if self.keeper is None or not ifnames:
+            key = counted if enforced else f"would_{counted}"
+            self.actions_total[key] = self.actions_total.get(key, 0) + 1
+        if self.keeper is None or not ifnames or not enforced:
             return
         if t.new == "blocked":
             self.keeper.set_action(ifnames, Action("block", t.until))
@@ -135,11 +160,76 @@ class Responder:
             self.keeper.set_action(ifnames, None)
 
     def emit(self, t: Transition) -> None:
+        inc = self.incidents.record(t, self.enforced(t))
+        if t.new == "ok" and self.recent is not None:
+            # The VM starts afresh: its next incident lists only what it does next.
+            idx = [v.ifindex for v in self._vifs(t.vm)]
+            try:
+                recent.forget(self.recent, idx)
+            except OSError as exc:
+                self.log.debug("recent.forget_failed", error=str(exc))
         ifaces = sorted(v.ifname for v in self.ifaces().values() if v.vm == t.vm)
         fields = {"vm": t.vm, "interfaces": ifaces, "state": t.new, "previous": t.old,
                   "reason": t.reason, "actor": t.actor, "until": t.until,
-                  "threshold": t.threshold, "figures": t.figures, "offence": t.offence}
+                  "threshold": t.threshold, "figures": t.figures, "offence": t.offence,
+                  "incident": None if inc is None else inc["id"],
+                  "enforced": self.enforced(t)}
         self.log.info(t.event, **fields)
         if self.webhook is not None:
             self.webhook.offer({"event": t.event, "at": t.at, "host": socket.gethostname(),
                                 "policy_generation": self.generation(), **fields})
+
+    # -- evidence ------------------------------------------------------------
+    def _vifs(self, vm: str) -> list[VmIface]:
+        return sorted((v for v in self.ifaces().values() if v.vm == vm),
+                      key=lambda v: v.ifname)
+
+    def class_of(self, vm: str) -> str:
+        vifs = self._vifs(vm)
+        facts = VmFacts(vm, vifs[0].ifname if vifs else None,
+                        tenant=vifs[0].tenant if vifs else None)
+        return place(self.detector.policy, facts).cls
+
+    def mode_of(self, vm: str) -> str:
+        return self.detector.policy.mode_of(self.class_of(vm))
+
+    def activity(self, vm: str) -> dict[str, Any]:
+        """What the VM did since it last started afresh: attempts and top
+        destinations (the datapath's per-VM record), counters per port."""
+        idx = [v.ifindex for v in self._vifs(vm)]
+        dests = recent.top_destinations(self.recent, idx, limit=None) \
+            if self.recent is not None and idx else []
+        top = self.detector.policy.incidents.top_destinations
+        ports: dict[str, dict[str, int]] = {}
+        for ifindex, per_port in read_ports(self.stats).items():
+            if ifindex not in idx:
+                continue
+            for port, c in per_port.items():
+                p = ports.setdefault(str(port), {"attempts": 0, "completed": 0, "reset": 0,
+                                                 "no_answer": 0, "retransmits": 0})
+                for k in p:
+                    p[k] += getattr(c, k)
+        return {"at": time.time(), "attempts": sum(d.attempts for d in dests),
+                "destinations": len(dests),
+                "top_destinations": [{"address": d.address, "attempts": d.attempts}
+                                     for d in dests[:top]],
+                "ports": ports}
+
+    def context(self, vm: str, threshold: str | None) -> dict[str, Any]:
+        """The class, mode, rule and policy an incident records."""
+        loaded = self.loaded()
+        pol = loaded.policy
+        cls = self.class_of(vm)
+        rule = None
+        for i, t in enumerate(pol.classes[cls].thresholds):
+            if t.label == threshold:
+                rule = {"class": cls, "threshold": t.label, "text": threshold_text(t),
+                        "where": loaded.where(f"classes.{cls}.thresholds.{i}")}
+        now = time.monotonic_ns() / 1e9
+        windows = {f"{m}_{w // 60 if w < 3600 else w // 3600}{'m' if w < 3600 else 'h'}":
+                   float(self.detector.windows.value(vm, m, w, now)) for m, w in WINDOWS}
+        return {"class": cls, "mode": pol.mode_of(cls),
+                "interfaces": [v.ifname for v in self._vifs(vm)], "rule": rule,
+                "windows": windows,
+                "policy": {"generation": self.generation(), "digest": loaded.digest,
+                           "files": list(loaded.files) or ["built-in default"]}}

@@ -8,6 +8,7 @@ import json
 import sqlite3
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from smtpguard.detect.machine import Transition, VmRecord
 from smtpguard.errors import StoreError
@@ -27,7 +28,13 @@ CREATE INDEX IF NOT EXISTS transitions_vm_at ON transitions (vm, at);
 CREATE TABLE IF NOT EXISTS samples (
     vm TEXT PRIMARY KEY, at REAL NOT NULL, attempts INTEGER NOT NULL,
     blocked INTEGER NOT NULL, failed INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS incidents (
+    id INTEGER PRIMARY KEY, vm TEXT NOT NULL, opened REAL NOT NULL, closed REAL,
+    data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS incidents_vm_opened ON incidents (vm, opened);
 """
+# Tables are only ever added (CREATE ... IF NOT EXISTS), so the schema stays 1:
+# an older database gains the new ones when a newer agent opens it.
 
 
 class Store:
@@ -110,6 +117,53 @@ class Store:
     def samples(self) -> dict[str, tuple[float, tuple[int, ...]]]:
         rows = self.db.execute("SELECT vm, at, attempts, blocked, failed FROM samples")
         return {r[0]: (r[1], (r[2], r[3], r[4])) for r in rows.fetchall()}
+
+
+    # -- incidents ------------------------------------------------------------
+    def add_incident(self, vm: str, opened: float, data: dict[str, Any]) -> int:
+        try:
+            with self.db:
+                cur = self.db.execute("INSERT INTO incidents (vm, opened, closed, data) "
+                                      "VALUES (?,?,NULL,?)", (vm, opened, json.dumps(data)))
+        except sqlite3.Error as exc:
+            raise StoreError(f"writing {self.path}: {exc}") from exc
+        return int(cur.lastrowid or 0)
+
+    def update_incident(self, ident: int, data: dict[str, Any], closed: float | None) -> None:
+        try:
+            with self.db:
+                self.db.execute("UPDATE incidents SET data=?, closed=? WHERE id=?",
+                                (json.dumps(data), closed, ident))
+        except sqlite3.Error as exc:
+            raise StoreError(f"writing {self.path}: {exc}") from exc
+
+    def incidents(self, vm: str | None = None, since: float = 0.0, open_only: bool = False,
+                  limit: int = 1000) -> list[dict[str, Any]]:
+        q = "SELECT id, data FROM incidents WHERE (opened >= ? OR closed IS NULL)"
+        args: list[object] = [since]
+        if vm is not None:
+            q += " AND vm = ?"
+            args.append(vm)
+        if open_only:
+            q += " AND closed IS NULL"
+        try:
+            rows = self.db.execute(q + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"reading {self.path}: {exc}") from exc
+        return [{**json.loads(r[1]), "id": r[0]} for r in reversed(rows)]
+
+    def incident(self, ident: int) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT id, data FROM incidents WHERE id=?", (ident,)).fetchone()
+        return None if row is None else {**json.loads(row[1]), "id": row[0]}
+
+    def prune_incidents(self, closed_before: float) -> int:
+        try:
+            with self.db:
+                cur = self.db.execute("DELETE FROM incidents WHERE closed IS NOT NULL AND "
+                                      "closed < ?", (closed_before,))
+        except sqlite3.Error as exc:
+            raise StoreError(f"writing {self.path}: {exc}") from exc
+        return int(cur.rowcount)
 
 
 def transition_dict(t: Transition) -> dict[str, object]:

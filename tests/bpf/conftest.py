@@ -12,7 +12,7 @@ PORTS = (25, 465, 587, 2525)
 
 
 def clear(dp: Datapath) -> None:
-    for name in ("smtp_stats", "smtp_conns", "smtp_dests"):
+    for name in ("smtp_stats", "smtp_conns", "smtp_dests", "smtp_recent"):
         dp.table(name).clear()
 
 
@@ -20,7 +20,7 @@ def clear(dp: Datapath) -> None:
 def loaded() -> Iterator[Datapath]:
     ensure_bpffs(Path("/sys/fs/bpf"))
     dp = Datapath(Path(f"/sys/fs/bpf/smtpguard-test/bpf-{uuid.uuid4().hex[:8]}"),
-                  Sizes(max_stats=1024, max_ifaces=64, conn_table=1024))
+                  Sizes(max_stats=1024, max_ifaces=64, conn_table=1024, recent=1024))
     try:
         dp.load()
         dp.set_ports(PORTS)

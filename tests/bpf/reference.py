@@ -11,6 +11,7 @@ a sane data offset, SYN alone, to an SMTP port.
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 
 VLAN = (0x8100, 0x88A8)
@@ -91,3 +92,13 @@ def attempt_key(frame: bytes, ports: set[int]) -> tuple[object, ...] | None:
         return None
     return (family, addrs, sport, dport, seq)
 
+
+def destination(key: tuple[object, ...]) -> str:
+    """The address an attempt is recorded under in smtp_recent, as
+    top_destinations shows it (IPv4, and v4-mapped IPv6, as plain IPv4)."""
+    family, addrs = key[0], key[1]
+    assert isinstance(addrs, bytes)
+    if family == 4:
+        return str(ipaddress.IPv4Address(addrs[4:]))
+    ip = ipaddress.IPv6Address(addrs[16:])
+    return str(ip.ipv4_mapped or ip)

@@ -8,7 +8,7 @@ import errno
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference import attempt_key
+from reference import attempt_key, destination
 
 from conftest import PORTS, clear
 from frames import (
@@ -32,6 +32,7 @@ from frames import (
     syn6,
     tcp,
 )
+from smtpguard.datapath import recent
 from smtpguard.datapath.loader import Datapath
 from smtpguard.datapath.testrun import test_run as run_prog
 
@@ -81,21 +82,30 @@ def attempts(dp: Datapath) -> int:
     return sum(v.attempts for _, v in dp.table("smtp_stats").items())
 
 
+def recorded(dp: Datapath) -> dict[str, int]:
+    """The record of recent destinations, over every interface."""
+    ifindexes = {k.ifindex for k in dp.table("smtp_recent").keys()}
+    return {d.address: d.attempts
+            for d in recent.top_destinations(dp.table("smtp_recent"), ifindexes, None)}
+
+
 @settings(max_examples=1500, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(frame=hostile_frames())
 def test_classifier_counts_exactly_the_attempts(loaded: Datapath, frame: bytes) -> None:
     """The kernel counts a frame iff the reference says it is an attempt, once
-    however often it is seen, and always passes it on (TC_ACT_UNSPEC)."""
+    however often it is seen, under the destination the reference reads from
+    it, and always passes it on (TC_ACT_UNSPEC)."""
     clear(loaded)
-    want = 1 if attempt_key(frame, set(PORTS)) is not None else 0
+    key = attempt_key(frame, set(PORTS))
     for _ in range(2):  # the second copy is a retransmission
         try:
             assert run_prog(loaded.ingress_fd, frame).retval == -1
         except OSError as exc:  # the kernel refuses to build an skb from it
             assert exc.errno == errno.EINVAL
-            want = 0
-    assert attempts(loaded) == want, frame.hex()
+            key = None
+    assert attempts(loaded) == (0 if key is None else 1), frame.hex()
+    assert recorded(loaded) == ({} if key is None else {destination(key): 1}), frame.hex()
 
 
 def test_seeds_are_attempts() -> None:

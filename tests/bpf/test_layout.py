@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -21,7 +22,8 @@ def bcc_module() -> Iterator[Any]:
     ensure_bpffs(Path("/sys/fs/bpf"))
     pin = Path(f"/sys/fs/bpf/smtpguard-test/layout-{uuid.uuid4().hex[:8]}")
     pin.mkdir(parents=True)
-    b = bpfcompile.load(default_bpf_dir(), bpfcompile.cflags(default_bpf_dir(), pin, 64, 8, 64))
+    b = bpfcompile.load(default_bpf_dir(),
+                        bpfcompile.cflags(default_bpf_dir(), pin, 64, 8, 64, 64))
     try:
         yield b
     finally:
@@ -48,3 +50,11 @@ def test_mirror_field_offsets_match_bcc(bcc_module: Any) -> None:
             mine = [(f, getattr(ours, f).offset) for f, *_ in ours._fields_]
             bccs = [(f, getattr(theirs, f).offset) for f, *_ in theirs._fields_]
             assert mine == bccs, name
+
+
+def test_every_pinned_map_has_a_mirror() -> None:
+    """A map the classifier pins is one the loader knows: an unmirrored map
+    would never be checked for a stale shape, opened or forgotten."""
+    source = (default_bpf_dir() / bpfcompile.BPF_SOURCE).read_text()
+    pinned = set(re.findall(r'PIN_DIR "/(\w+)"', source))
+    assert pinned == set(PINNED_MAPS)

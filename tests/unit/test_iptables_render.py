@@ -34,10 +34,10 @@ def render_all() -> str:
 
 def test_ruleset_matches_golden() -> None:
     """The rules a policy gives change only on purpose (regenerate the golden
-    file with SMTPGUARD_GOLDEN=1 when they should)."""
+    file with SMTPGUARD_REGOLD=1 when they should)."""
     import os
 
-    if os.environ.get("SMTPGUARD_GOLDEN") == "1":
+    if os.environ.get("SMTPGUARD_REGOLD") == "1":
         GOLDEN.write_text(render_all())
     assert render_all() == GOLDEN.read_text()
 

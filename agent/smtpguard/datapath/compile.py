@@ -22,13 +22,14 @@ QUIET = ["-Wno-duplicate-decl-specifier", "-Wno-ignored-attributes", "-Wno-macro
 
 
 def cflags(bpf_dir: Path, pin_dir: Path, max_stats: int, max_ifaces: int,
-           conn_table: int) -> list[str]:
+           conn_table: int, recent: int = 65536) -> list[str]:
     return [
         f"-I{bpf_dir}",
         f'-DPIN_DIR="{pin_dir}"',
         f"-DMAX_STATS={max_stats}",
         f"-DMAX_IFACES={max_ifaces}",
         f"-DCONN_TABLE_SIZE={conn_table}",
+        f"-DMAX_RECENT={recent}",
         *QUIET,
     ]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from smtpguard import logs
-from smtpguard.datapath import maps
+from smtpguard.datapath import maps, recent
 from smtpguard.datapath.bpfsys import PinnedMap, map_info, obj_get
 from smtpguard.datapath.compile import BPF_SOURCE, PROGRAMS, build_tag, cflags, prog_pin
 from smtpguard.errors import BpfLoadError
@@ -47,10 +47,12 @@ class Sizes:
     max_stats: int = 32768
     max_ifaces: int = 4096
     conn_table: int = 262144
+    recent: int = 65536
 
     def max_entries(self) -> dict[str, int]:
         return {"smtp_stats": self.max_stats, "smtp_conns": self.conn_table,
-                "smtp_dests": self.max_ifaces, "smtp_ports": 65536, "smtp_config": 1}
+                "smtp_dests": self.max_ifaces, "smtp_recent": self.recent,
+                "smtp_ports": 65536, "smtp_config": 1}
 
 
 def ensure_bpffs(root: Path) -> None:
@@ -130,7 +132,7 @@ class Datapath:
             log.warning("datapath.maps_recreated", changed=stale)
         adopted = all((self.pin_dir / n).exists() for n in PINNED_MAPS)
         flags = cflags(self.bpf_dir, self.pin_dir, self.sizes.max_stats,
-                       self.sizes.max_ifaces, self.sizes.conn_table)
+                       self.sizes.max_ifaces, self.sizes.conn_table, self.sizes.recent)
         tag = build_tag(self.bpf_dir, flags)
         compiled = False
         if not adopted or not all(prog_pin(self.pin_dir, p, tag).exists() for p in PROGRAMS):
@@ -197,6 +199,7 @@ class Datapath:
             with contextlib.suppress(KeyError):
                 del dests[ctypes.c_uint32(ifindex)]
                 removed += 1
+        removed += recent.forget(self.table("smtp_recent"), ifindexes)
         return removed
 
     def close(self) -> None:

@@ -65,6 +65,25 @@ class ConnVal(ctypes.Structure):
     _fields_ = [("first_ns", ctypes.c_uint64), ("state", ctypes.c_uint64)]
 
 
+# Must stay in sync with struct recent_key in bpf/smtp_common.h
+class RecentKey(ctypes.Structure):
+    _fields_ = [
+        ("ifindex", ctypes.c_uint32),
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+        ("daddr", ctypes.c_uint8 * 16),
+    ]
+
+
+# Must stay in sync with struct recent_val in bpf/smtp_common.h
+class RecentVal(ctypes.Structure):
+    _fields_ = [
+        ("attempts", ctypes.c_uint64),
+        ("first_ns", ctypes.c_uint64),
+        ("last_ns", ctypes.c_uint64),
+    ]
+
+
 # Must stay in sync with struct hll_slot in bpf/smtp_common.h
 class HllSlot(ctypes.Structure):
     _fields_ = [
@@ -88,6 +107,7 @@ MIRRORS: dict[str, tuple[type[ctypes.Structure] | type[ctypes.c_uint32], type]] 
     "smtp_stats": (SmtpKey, SmtpStats),
     "smtp_conns": (ConnKey, ConnVal),
     "smtp_dests": (ctypes.c_uint32, DestSketch),
+    "smtp_recent": (RecentKey, RecentVal),
     "smtp_config": (ctypes.c_uint32, SmtpConfig),
 }
 

@@ -193,9 +193,13 @@ def wildcards(policy: Policy) -> list[str]:
     return [w[:-1] + "+" if w.endswith("*") else w for w in render.iface_wildcards(policy)]
 
 
-def _class_rules(c: VmClass, policy: Policy, owner: str, per_source: bool) -> list[Rule]:
-    rules = []
-    if c.port25 == "block":
+def _class_rules(cls: str, policy: Policy, owner: str, per_source: bool) -> list[Rule]:
+    rules: list[Rule] = []
+    c = policy.classes[cls]
+    if policy.mode_of(cls) == "audit":
+        return rules  # counted and detected, never judged
+    # No NAT here (yet): a redirecting class fails closed, port 25 blocked.
+    if c.port25 in ("block", "redirect"):
         rules.append(Rule("port25/25", "REJECT", dport=25))
     limited = sorted({*c.limited_ports, *([25] if c.port25 == "limit" else [])})
     if c.limit is not None:
@@ -213,11 +217,12 @@ def _action_rules(ifname: str, action: Action, c: VmClass, policy: Policy,
     if action.kind == "block":
         return [Rule(f"block/{p}", "REJECT", dport=p, until=until) for p in ports]
     rules = []
-    if c.port25 == "block":
+    blocked25 = c.port25 in ("block", "redirect")
+    if blocked25:
         rules.append(Rule("port25/25", "REJECT", dport=25, until=until))
     lim = _limit("throttle", ifname, c.throttle, False)
     rules += [Rule(f"throttle/{p}", "REJECT", dport=p, until=until, limit=lim)
-              for p in ports if not (p == 25 and c.port25 == "block")]
+              for p in ports if not (p == 25 and blocked25)]
     rules.append(Rule("throttled", "RETURN", until=until))  # the class ceiling does not apply
     return rules
 
@@ -225,8 +230,9 @@ def _action_rules(ifname: str, action: Action, c: VmClass, policy: Policy,
 def vm_rules(ifname: str, cls: str, action: Action | None, policy: Policy,
              now: float) -> list[Rule]:
     c = policy.classes[cls]
-    head = [] if action is None else _action_rules(ifname, action, c, policy, now)
-    return head + _class_rules(c, policy, ifname, per_source=False)
+    audit = policy.mode_of(cls) == "audit"
+    head = [] if action is None or audit else _action_rules(ifname, action, c, policy, now)
+    return head + _class_rules(cls, policy, ifname, per_source=False)
 
 
 def vm_ifaces(desired: Desired) -> dict[str, str]:
@@ -269,8 +275,7 @@ def chains(desired: Desired, family: Family, now: float | None = None
     now = time.time() if now is None else now
     pol = desired.policy
     out = {DISPATCH: dispatch_rules(desired, family),
-           DEFAULT_CHAIN: _class_rules(pol.classes[pol.default_class], pol, "*",
-                                       per_source=True)}
+           DEFAULT_CHAIN: _class_rules(pol.default_class, pol, "*", per_source=True)}
     for ifname, cls in vm_ifaces(desired).items():
         out[vm_chain(ifname)] = vm_rules(ifname, cls, desired.actions.get(ifname), pol, now)
     return out

@@ -175,7 +175,7 @@ class NftablesEnforcer:
         """VM classes changed (a VM came, went or moved): vm_class elements only."""
         cmds: list[dict[str, Any]] = []
         for fam in render.FAMILIES:
-            cmds += render.element_commands(fam, desired, ("vm_class",))
+            cmds += render.element_commands(fam, desired, ("vm_class", "vm_redirect"))
         self._json(cmds, "updating VM classes")
 
     def set_action(self, ifnames: list[str], action: Action | None,

@@ -96,20 +96,32 @@ def iface_wildcards(policy: Policy) -> list[str]:
     return sorted(pruned)
 
 
-def _limited(c: VmClass) -> list[int]:
-    return sorted({*c.limited_ports, *([25] if c.port25 == "limit" else [])})
+def port25_blocked(c: VmClass, family: str) -> bool:
+    """Redirect needs the IP layer's NAT: the bridge table cannot send a
+    connection elsewhere, so there it fails closed and blocks port 25."""
+    return c.port25 == "block" or (c.port25 == "redirect" and family == "bridge")
 
 
-def _class_rules(name: str, c: VmClass, policy: Policy, throttled: bool) -> list[list[Any]]:
+def _limited(c: VmClass, family: str) -> list[int]:
+    on25 = c.port25 == "limit" or (c.port25 == "redirect" and family != "bridge")
+    return sorted({*c.limited_ports, *([25] if on25 else [])})
+
+
+def _class_rules(name: str, c: VmClass, policy: Policy, throttled: bool,
+                 family: str) -> list[list[Any]]:
     rules: list[list[Any]] = []
-    if c.port25 == "block":
+    if policy.mode_of(name) == "audit":
+        return rules  # counted and detected, never judged
+    blocked25 = port25_blocked(c, family)
+    if blocked25:
         rules.append([_match(_p("tcp", "dport"), 25), _jump("reject_port25")])
     ceiling: Ceiling | None
     if throttled:
-        ports = sorted(p for p in policy.smtp_ports if not (p == 25 and c.port25 == "block"))
+        ports = sorted(p for p in policy.smtp_ports if not (p == 25 and blocked25))
         ceiling, limiter, reason = c.throttle, f"thr_{name}", "reject_throttle"
     else:
-        ports, ceiling, limiter, reason = _limited(c), c.limit, f"lim_{name}", "reject_limit"
+        ports, ceiling, limiter, reason = _limited(c, family), c.limit, f"lim_{name}", \
+            "reject_limit"
     if ports and ceiling is not None:
         rules.append([
             _match(_p("tcp", "dport"), {"set": ports}),
@@ -159,14 +171,45 @@ def chains(desired: Desired, family: str, caps: Capabilities) -> dict[str, list[
         "block": [[_jump("reject_block")]],
     }
     for name, c in sorted(pol.classes.items()):
-        out[class_chain(name)] = _class_rules(name, c, pol, throttled=False)
-        out[throttle_chain(name)] = _class_rules(name, c, pol, throttled=True)
+        out[class_chain(name)] = _class_rules(name, c, pol, False, family)
+        out[throttle_chain(name)] = _class_rules(name, c, pol, True, family)
     for reason in REASONS:
         out[f"reject_{reason}"] = _reason_rules(reason, verdict)
+    if family == "inet" and redirecting(pol):
+        out.update(_redirect_chains(pol))
     return out
 
 
-def sets(desired: Desired) -> dict[str, dict[str, Any]]:
+def redirecting(policy: Policy) -> list[str]:
+    """The classes whose port-25 connections go to a relay (enforced ones)."""
+    return sorted(n for n, c in policy.classes.items()
+                  if c.port25 == "redirect" and policy.mode_of(n) != "audit")
+
+
+def _redirect_chains(pol: Policy) -> dict[str, list[list[Any]]]:
+    """DNAT at the nat hook (after the filter at -300 let the SYN through):
+    known VMs by the vm_redirect map, not-yet-seen ones by the patterns when
+    the default class redirects. Relays are left alone."""
+    rules: list[list[Any]] = [
+        [_match(_p("ip", "daddr"), "@relays4"), RETURN],
+        [_match(_p("ip6", "daddr"), "@relays6"), RETURN],
+        [{"vmap": {"key": IIF, "data": "@vm_redirect"}}],
+    ]
+    if pol.default_class in redirecting(pol):
+        rules.append([_match(IIF, "@vm_ifaces"), _jump(f"redir_{pol.default_class}")])
+    out = {"nat_prerouting": [[_match(_p("tcp", "dport"), 25), _jump("redirect")]],
+           "redirect": rules}
+    for name in redirecting(pol):
+        to = []
+        for addr in pol.classes[name].redirect_to:
+            fam = "ip" if addr.version == 4 else "ip6"
+            to.append([_match({"meta": {"key": "nfproto"}}, "ipv4" if fam == "ip" else "ipv6"),
+                       {"dnat": {"family": fam, "addr": str(addr)}}])
+        out[f"redir_{name}"] = to
+    return out
+
+
+def sets(desired: Desired, family: str = "inet") -> dict[str, dict[str, Any]]:
     """Set and map definitions (name -> JSON body without family/table/name)."""
     out: dict[str, dict[str, Any]] = {
         "smtp_ports": {"type": "inet_service"},
@@ -176,6 +219,8 @@ def sets(desired: Desired) -> dict[str, dict[str, Any]]:
         "vm_class": {"type": "ifname", "map": "verdict"},
         "vm_state": {"type": "ifname", "map": "verdict", "flags": ["timeout"]},
     }
+    if family == "inet" and redirecting(desired.policy):
+        out["vm_redirect"] = {"type": "ifname", "map": "verdict"}
     for name in sorted(desired.policy.classes):
         for prefix in ("lim", "thr"):
             out[f"{prefix}_{name}"] = {"type": "ifname", "flags": ["timeout"],
@@ -194,7 +239,9 @@ TYPEOF_SETS = {
     "seen6": f"typeof iifname . ip6 saddr . tcp sport . tcp sequence; size {SIZES['seen']}; "
              f"flags timeout; timeout {SEEN_FOR}s;",
 }
-DATA_SETS = ("smtp_ports", "relays4", "relays6", "vm_ifaces", "vm_class", "vm_state")
+DATA_SETS = ("smtp_ports", "relays4", "relays6", "vm_ifaces", "vm_class", "vm_state",
+             "vm_redirect")
+BASE_CHAINS = {"prerouting": ("filter", PRIORITY), "nat_prerouting": ("nat", -100)}
 
 
 def _prefix(net: Any) -> Any:
@@ -232,6 +279,8 @@ def elements(desired: Desired, now: float | None = None) -> dict[str, list[Any]]
                      for ifname, cls in sorted(desired.classes.items())
                      if cls != pol.default_class],
         "vm_state": state_elements(desired.actions, desired.classes, pol.default_class, now),
+        "vm_redirect": [[ifname, _jump(f"redir_{cls}") if cls in redirecting(pol) else RETURN]
+                        for ifname, cls in sorted(desired.classes.items())],
     }
 
 
@@ -243,9 +292,12 @@ def element_commands(family: str, desired: Desired, names: Iterable[str],
                      now: float | None = None) -> list[dict[str, Any]]:
     """Replace the elements of data sets: flush, then add (one transaction)."""
     elems = elements(desired, now)
+    have = sets(desired, family)
     cmds: list[dict[str, Any]] = []
     for name in names:
-        cmds.append({"flush": {"set" if name not in ("vm_class", "vm_state") else "map":
+        if name not in have:
+            continue  # vm_redirect without a redirecting class
+        cmds.append({"flush": {"set" if "map" not in have[name] else "map":
                                _obj(family, name=name)}})
         if elems[name]:
             cmds.append({"add": {"element": _obj(family, name=name, elem=elems[name])}})
@@ -260,7 +312,7 @@ def table_commands(family: str, desired: Desired, caps: Capabilities,
     rules and data elements are replaced, anything else of ours is pruned."""
     observed = observed or {"sets": {}, "chains": set()}
     wanted_chains = chains(desired, family, caps)
-    wanted_sets = sets(desired)
+    wanted_sets = sets(desired, family)
     cmds: list[dict[str, Any]] = [{"add": {"table": {"family": family, "name": TABLE}}}]
     for name in observed["chains"]:
         cmds.append({"flush": {"chain": _obj(family, name=name)}})
@@ -274,8 +326,9 @@ def table_commands(family: str, desired: Desired, caps: Capabilities,
         cmds.append({"add": {kind: _obj(family, name=name, **body)}})
     for name in wanted_chains:
         chain: dict[str, Any] = _obj(family, name=name)
-        if name == "prerouting":
-            chain.update(type="filter", hook="prerouting", prio=PRIORITY, policy="accept")
+        if name in BASE_CHAINS:
+            kind, prio = BASE_CHAINS[name]
+            chain.update(type=kind, hook="prerouting", prio=prio, policy="accept")
         cmds.append({"add": {"chain": chain}})
     for name in sorted(observed["chains"] - set(wanted_chains)):
         cmds.append({"delete": {"chain": _obj(family, name=name)}})

@@ -19,7 +19,7 @@ def _rule_text(loaded: LoadedPolicy, p: Placement) -> str:
     return f"members.{p.rule} ({what}) at {loaded.where(f'members.{p.rule}')}"
 
 
-def _threshold(t: Threshold) -> str:
+def threshold_text(t: Threshold) -> str:
     action = t.action if t.duration is None else f"{t.action} for {format_duration(t.duration)}"
     return f"{t.label}: {t.metric} >= {t.at_least} in {format_duration(t.window)} -> {action}"
 
@@ -32,16 +32,17 @@ def explain(loaded: LoadedPolicy, facts: VmFacts) -> dict[str, Any]:
     return {
         "vm": facts.vm, "interface": facts.interface, "ips": list(facts.ips),
         "mac": facts.mac, "tenant": facts.tenant,
-        "class": p.cls, "placed_by": _rule_text(loaded, p),
+        "class": p.cls, "mode": pol.mode_of(p.cls), "placed_by": _rule_text(loaded, p),
         "class_defined_at": loaded.where(f"classes.{p.cls}"),
-        "port25": c.port25,
+        "port25": c.port25, "redirect_to": [str(a) for a in c.redirect_to],
         "limit": None if c.limit is None else {"rate": str(c.limit.rate),
                                                "burst": c.limit.burst},
-        "limited_ports": list(c.limited_ports) + ([25] if c.port25 == "limit" else []),
+        "limited_ports": list(c.limited_ports) + ([25] if c.port25 in ("limit", "redirect")
+                                                  else []),
         "throttle": {"rate": str(c.throttle.rate), "burst": c.throttle.burst},
         "relays": [str(r) for r in pol.relays],
         "smtp_ports": list(pol.smtp_ports),
-        "thresholds": [_threshold(t) for t in c.thresholds],
+        "thresholds": [threshold_text(t) for t in c.thresholds],
         "escalation": {"factor": c.escalation.factor,
                        "max": format_duration(c.escalation.max),
                        "forget_after": format_duration(c.escalation.forget_after)},
@@ -56,11 +57,15 @@ def render(e: dict[str, Any]) -> str:
     if e["ips"]:
         who += f", ip {' '.join(e['ips'])}"
     p25 = {"block": "blocked (rejected at once)", "allow": "allowed",
-           "limit": "allowed within the limit below"}[e["port25"]]
+           "limit": "allowed within the limit below",
+           "redirect": f"redirected to {', '.join(e.get('redirect_to') or [])} within the "
+                       "limit below (routed VMs; bridged ones: blocked)"}[e["port25"]]
+    if e.get("mode") == "audit":
+        p25 += " (audit mode: counted and detected, not enforced)"
     lim = e["limit"]
     lines = [
         f"VM {who}",
-        f"  class         {e['class']}",
+        f"  class         {e['class']} ({e.get('mode', 'enforce')} mode)",
         f"  placed by     {e['placed_by']}",
         f"  port 25       {p25}, except to relays",
         f"  relays        {', '.join(e['relays']) or '(none)'} (always allowed, every port)",

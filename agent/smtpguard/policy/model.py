@@ -32,7 +32,8 @@ RateField = Annotated[Rate, BeforeValidator(parse_rate), PlainSerializer(str, re
 Port = Annotated[int, Field(ge=1, le=65535)]
 Metric = Literal["attempts", "destinations", "blocked_attempts", "failed_handshakes"]
 Action = Literal["flag", "throttle", "block"]
-Port25Mode = Literal["block", "limit", "allow"]
+Port25Mode = Literal["block", "limit", "allow", "redirect"]
+Mode = Literal["enforce", "audit"]
 
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
@@ -50,6 +51,16 @@ def _network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise ValueError(f"{value!r} is not an address or CIDR with host bits clear "
                          f"({exc})") from None
 
+
+def _host(value: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        return ipaddress.ip_address(str(value))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address") from None
+
+
+HostAddress = Annotated[ipaddress.IPv4Address | ipaddress.IPv6Address, BeforeValidator(_host),
+                        PlainSerializer(str, return_type=str)]
 
 Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_network),
                     PlainSerializer(str, return_type=str)]
@@ -184,7 +195,9 @@ DEFAULT_THRESHOLDS = (
 
 
 class VmClass(Strict):
+    mode: Mode | None = None  # None: the policy's mode
     port25: Port25Mode = "block"
+    redirect_to: tuple[HostAddress, ...] = ()  # port25: redirect -> this relay (one per family)
     limit: Ceiling | None = Ceiling(rate=Rate(20, 60), burst=10)
     limited_ports: tuple[Port, ...] = (465, 587, 2525)
     throttle: Ceiling = Ceiling(rate=Rate(5, 60), burst=5)
@@ -197,6 +210,12 @@ class VmClass(Strict):
             raise ValueError(f"{AT}limited_ports: port 25 is governed by port25:, not listed here")
         if len(set(self.limited_ports)) != len(self.limited_ports):
             raise ValueError(f"{AT}limited_ports: ports are listed more than once")
+        if self.port25 == "redirect" and not self.redirect_to:
+            raise ValueError(f"{AT}redirect_to: port25: redirect needs the relay to send to")
+        if self.redirect_to and self.port25 != "redirect":
+            raise ValueError(f"{AT}redirect_to: only used with port25: redirect")
+        if len({a.version for a in self.redirect_to}) != len(self.redirect_to):
+            raise ValueError(f"{AT}redirect_to: at most one IPv4 and one IPv6 address")
         if self.limit is None and (self.port25 == "limit" or self.limited_ports):
             raise ValueError(f"{AT}limit: port25: limit and limited_ports need a limit")
         if self.limit and self.throttle.rate.per_second >= self.limit.rate.per_second:
@@ -251,6 +270,13 @@ class Webhook(Strict):
         return v
 
 
+class Incidents(Strict):
+    """Evidence kept for the abuse desk."""
+
+    retention: Duration = 90 * 86400.0
+    top_destinations: int = Field(default=10, ge=1, le=1000)
+
+
 class Enforcement(Strict):
     """Which firewall backend enforces (read at start; `run --backend` wins)."""
 
@@ -263,6 +289,7 @@ def _default_classes() -> dict[str, VmClass]:
 
 class Policy(Strict):
     version: Literal[1] = 1
+    mode: Mode = "enforce"
     smtp_ports: tuple[Port, ...] = (25, 465, 587, 2525)
     relays: tuple[Network, ...] = ()
     interfaces: Interfaces = Interfaces()
@@ -272,6 +299,12 @@ class Policy(Strict):
     members: tuple[Member, ...] = ()
     webhook: Webhook | None = None
     enforcement: Enforcement = Enforcement()
+    incidents: Incidents = Incidents()
+
+    def mode_of(self, cls: str) -> Mode:
+        """A class's mode: its own, else the policy's."""
+        c = self.classes.get(cls)
+        return (c.mode if c is not None else None) or self.mode
 
     @field_validator("smtp_ports")
     @classmethod
