@@ -38,6 +38,7 @@ def status(agent: Agent) -> list[dict[str, Any]]:
         dests = union(snap.ifaces[v.ifindex] for v in vifs if v.ifindex in snap.ifaces)
         rows.append({
             "vm": vm, "interfaces": sorted(v.ifname for v in vifs), "class": cls,
+            "mode": agent.policy.mode_of(cls),
             "port25": agent.policy.classes[cls].port25,
             "attempts_1m": det.windows.value(vm, "attempts", 60, now),
             "attempts_1h": det.windows.value(vm, "attempts", 3600, now),
