@@ -22,7 +22,7 @@ from typing import Any
 from smtpguard import logs
 from smtpguard.enforce import iptables_render as R
 from smtpguard.enforce.desired import Action, Capabilities, Desired
-from smtpguard.enforce.iptc_table import FilterTable, Model
+from smtpguard.enforce.iptc_table import Model, XtTable
 from smtpguard.enforce.nftables import BlockedCount
 from smtpguard.errors import BackendUnavailable, EnforcerError
 from smtpguard.policy.model import Policy
@@ -63,12 +63,13 @@ class IptablesEnforcer:
         self._model: dict[str, Model] | None = None
         self._classes: dict[str, str] | None = None  # interfaces with a chain -> class
         self._counts: tuple[float, list[BlockedCount]] | None = None
+        self._nat_model: dict[str, Model] = {}  # family -> our nat chains, when redirecting
         self._bridge_seen: bool | None = None
 
-    def _table(self, family: R.Family) -> FilterTable:
-        return FilterTable(self.iptc, family)
+    def _table(self, family: R.Family) -> XtTable:
+        return XtTable(self.iptc, family)
 
-    def _edit(self, ft: FilterTable, have: Model, want: dict[str, list[R.Rule]],
+    def _edit(self, ft: XtTable, have: Model, want: dict[str, list[R.Rule]],
               drop: set[str], hooks: list[R.Rule] | None, trusted: bool) -> Model:
         """One table replace: sync the chains in `want` (targets first, then
         the dispatch that jumps to them), delete the chains in `drop`, put our
@@ -90,8 +91,9 @@ class IptablesEnforcer:
                 ft.drop_chain(chain)
             # A VM that goes takes its counts with it (as nftables forgets them).
             forget = {c[len(R.VM_CHAIN):] for c in drop if c.startswith(R.VM_CHAIN)}
-            new[R.TALLY_CHAIN] = ft.tally(have.get(R.TALLY_CHAIN, []), retired, forget)
-            for hook in R.HOOKS if hooks is not None else ():
+            if ft.name == "filter":
+                new[R.TALLY_CHAIN] = ft.tally(have.get(R.TALLY_CHAIN, []), retired, forget)
+            for hook in ft.hooks if hooks is not None else ():
                 assert hooks is not None
                 mine = [r.comment(ft.family) for r in hooks]
                 if trusted and hook in have and ft.jumps_first(hook, len(hooks)) \
@@ -100,8 +102,33 @@ class IptablesEnforcer:
                 new[hook] = ft.sync_chain(hook, ft.read_hook(hook), hooks, hook=True)
         except self.iptc.IPTCError as exc:
             raise EnforcerError(f"building the smtpguard {ft.family} chains: {exc}") from exc
-        ft.commit(f"applying the smtpguard {ft.family} chains")
+        ft.commit(f"applying the smtpguard {ft.family} {ft.name} chains")
         return new
+
+    def _has_table(self, family: R.Family, name: str) -> bool:
+        path = self.proc / TABLE_NAMES[family]
+        return path.exists() and name in path.read_text().split()
+
+    def _nat(self, desired: Desired) -> None:
+        """The nat table's SMTPG-NAT and its jump from PREROUTING while a
+        class redirects; removed when none does. A nat table is never
+        created for nothing."""
+        for fam in R.FAMILIES:
+            want = R.nat_rules(desired, fam)
+            if not want and not self._has_table(fam, "nat"):
+                self._nat_model.pop(fam, None)
+                continue
+            nt = XtTable(self.iptc, fam, "nat")
+            have = nt.read()
+            if not want and not have.get(R.NAT_CHAIN) and not any(
+                    R.parse_comment(c) for h in R.NAT_HOOKS for c in have.get(h, [])):
+                continue
+            chains = {R.NAT_CHAIN: want} if want else {}
+            drop = set() if want else {c for c in have if c.startswith(R.PREFIX)}
+            self._nat_model[fam] = self._edit(nt, have, chains, drop,
+                                              R.nat_hook_rules(desired.policy), trusted=False)
+            if not want:
+                self._nat_model.pop(fam, None)
 
     def _done(self, desired: Desired, model: dict[str, Model]) -> None:
         self._model = model
@@ -122,6 +149,7 @@ class IptablesEnforcer:
                 drop = {c for c in have if c.startswith(R.PREFIX)} - set(want)
                 model[fam] = self._edit(ft, have, want, drop, R.hook_rules(desired.policy),
                                         trusted=False)
+            self._nat(desired)
             self._done(desired, model)
 
     def _update(self, desired: Desired, touched: set[str]) -> None:
@@ -135,7 +163,7 @@ class IptablesEnforcer:
         gone = set(self._classes or {}) - set(classes)
         for fam in R.FAMILIES:
             want: dict[str, list[R.Rule]] = {
-                R.vm_chain(n): R.vm_rules(n, classes[n], desired.actions.get(n), pol, now)
+                R.vm_chain(n): R.vm_rules(n, classes[n], desired.actions.get(n), pol, now, fam)
                 for n in sorted(touched & set(classes))}
             if added or gone:
                 want[R.DISPATCH] = R.dispatch_rules(desired, fam)
@@ -153,6 +181,8 @@ class IptablesEnforcer:
             after = R.vm_ifaces(desired)
             self._update(desired, {n for n in set(before) | set(after)
                                    if before.get(n) != after.get(n)})
+            if self._nat_model or R.redirecting(desired.policy):
+                self._nat(desired)  # who is redirected follows the VMs
 
     def set_action(self, ifnames: list[str], action: Action | None,
                    classes: dict[str, str] | None = None, default_class: str = "default"
@@ -213,20 +243,22 @@ class IptablesEnforcer:
                 return list(R.FAMILIES)
             out: list[str] = []
             for fam in R.FAMILIES:
-                if not self._intact(fam, self._model[fam]):
+                if not self._intact(fam, self._model[fam]) or (
+                        fam in self._nat_model and not self._intact(
+                            fam, self._nat_model[fam], "nat")):
                     out.append(fam)
             self._check_bridge()
             return out
 
-    def _intact(self, family: R.Family, model: Model) -> bool:
+    def _intact(self, family: R.Family, model: Model, table: str = "filter") -> bool:
         try:
-            ft = self._table(family)
+            ft = XtTable(self.iptc, family, table)
         except EnforcerError:
             return False
         for chain, comments in model.items():
             if not ft.is_chain(chain):
                 return False
-            if chain in R.HOOKS:
+            if chain in ft.hooks:
                 if not ft.jumps_first(chain, len(
                         [c for c in comments if R.parse_comment(c)])):
                     return False
@@ -302,9 +334,11 @@ class IptablesEnforcer:
             return False
         existed = False
         with self._lock:
-            for fam in R.FAMILIES:
-                ft = self._table(fam)
-                for hook in R.HOOKS:
+            for fam, name in [(f, t) for f in R.FAMILIES for t in ("filter", "nat")]:
+                if not self._has_table(fam, name):
+                    continue
+                ft = XtTable(self.iptc, fam, name)
+                for hook in ft.hooks:
                     comments = ft.read_hook(hook)
                     for i in reversed([i for i, c in enumerate(comments)
                                        if R.parse_comment(c)]):
@@ -316,6 +350,7 @@ class IptablesEnforcer:
                 for chain in ours:
                     ft.table.delete_chain(chain)
                     existed = True
-                ft.commit(f"removing the smtpguard {fam} chains")
+                ft.commit(f"removing the smtpguard {fam} {name} chains")
             self._model = None
+            self._nat_model = {}
         return existed

@@ -46,6 +46,8 @@ VM_CHAIN = f"{PREFIX}-V-"
 # Nothing jumps here: its rules only hold the counts of counting rules that
 # were removed (a block lifted, a class changed), so per-VM counts never go back.
 TALLY_CHAIN = f"{PREFIX}-TALLY"
+NAT_CHAIN = f"{PREFIX}-NAT"  # in the nat table: port-25 redirects
+NAT_HOOKS = ("PREROUTING",)
 HOOKS = ("FORWARD", "INPUT")
 COMMENT = "smtpguard"
 UNKNOWN_IFACE = "*"  # what counters of not-yet-seen interfaces are reported under
@@ -81,6 +83,8 @@ class Rule:
     dport: int | None = None
     until: int | None = None  # epoch seconds: matches only until then (xt_time)
     limit: Limit | None = None
+    not_dnat: bool = False  # only connections not redirected by our DNAT
+    to: str | None = None  # DNAT's destination (the nat table's redirect)
 
     @property
     def reason(self) -> str | None:
@@ -102,6 +106,8 @@ class Rule:
             a += ["-p", "tcp", "-m", "tcp", "--dport", str(self.dport)]
         if self.physdev:
             a += ["-m", "physdev", "--physdev-in", self.physdev]
+        if self.not_dnat:
+            a += ["-m", "conntrack", "!", "--ctstate", "DNAT"]
         if self.until is not None:
             a += ["-m", "time", "--datestop", datestop(self.until)]
         if self.limit:
@@ -116,6 +122,8 @@ class Rule:
         a += ["-g" if self.goto else "-j", self.target]
         if self.target == "REJECT":
             a += ["--reject-with", "tcp-reset"]
+        if self.to:
+            a += ["--to-destination", self.to]
         return a
 
     def comment(self, family: Family) -> str:
@@ -193,15 +201,28 @@ def wildcards(policy: Policy) -> list[str]:
     return [w[:-1] + "+" if w.endswith("*") else w for w in render.iface_wildcards(policy)]
 
 
-def _class_rules(cls: str, policy: Policy, owner: str, per_source: bool) -> list[Rule]:
+def redirect_to(c: VmClass, family: Family) -> str | None:
+    """Where a redirecting class sends port 25 in this family (None: nowhere)."""
+    version = 4 if family == "ipv4" else 6
+    return next((str(a) for a in c.redirect_to if a.version == version), None) \
+        if c.port25 == "redirect" else None
+
+
+def blocks25(c: VmClass, family: Family) -> bool:
+    """A redirect without a relay in this family fails closed."""
+    return c.port25 == "block" or (c.port25 == "redirect" and not redirect_to(c, family))
+
+
+def _class_rules(cls: str, policy: Policy, owner: str, per_source: bool,
+                 family: Family) -> list[Rule]:
     rules: list[Rule] = []
     c = policy.classes[cls]
     if policy.mode_of(cls) == "audit":
         return rules  # counted and detected, never judged
-    # No NAT here (yet): a redirecting class fails closed, port 25 blocked.
-    if c.port25 in ("block", "redirect"):
+    if blocks25(c, family):
         rules.append(Rule("port25/25", "REJECT", dport=25))
-    limited = sorted({*c.limited_ports, *([25] if c.port25 == "limit" else [])})
+    on25 = c.port25 == "limit" or redirect_to(c, family) is not None
+    limited = sorted({*c.limited_ports, *([25] if on25 else [])})
     if c.limit is not None:
         lim = _limit("limit", owner, c.limit, per_source)
         rules += [Rule(f"limit/{p}", "REJECT", dport=p, limit=lim) for p in limited]
@@ -209,7 +230,7 @@ def _class_rules(cls: str, policy: Policy, owner: str, per_source: bool) -> list
 
 
 def _action_rules(ifname: str, action: Action, c: VmClass, policy: Policy,
-                  now: float) -> list[Rule]:
+                  now: float, family: Family) -> list[Rule]:
     if action.until is not None and action.until <= now:
         return []  # over: the kernel stopped matching it already
     until = None if action.until is None else math.ceil(action.until)
@@ -217,7 +238,7 @@ def _action_rules(ifname: str, action: Action, c: VmClass, policy: Policy,
     if action.kind == "block":
         return [Rule(f"block/{p}", "REJECT", dport=p, until=until) for p in ports]
     rules = []
-    blocked25 = c.port25 in ("block", "redirect")
+    blocked25 = blocks25(c, family)
     if blocked25:
         rules.append(Rule("port25/25", "REJECT", dport=25, until=until))
     lim = _limit("throttle", ifname, c.throttle, False)
@@ -228,11 +249,12 @@ def _action_rules(ifname: str, action: Action, c: VmClass, policy: Policy,
 
 
 def vm_rules(ifname: str, cls: str, action: Action | None, policy: Policy,
-             now: float) -> list[Rule]:
+             now: float, family: Family) -> list[Rule]:
     c = policy.classes[cls]
     audit = policy.mode_of(cls) == "audit"
-    head = [] if action is None or audit else _action_rules(ifname, action, c, policy, now)
-    return head + _class_rules(cls, policy, ifname, per_source=False)
+    head = [] if action is None or audit else \
+        _action_rules(ifname, action, c, policy, now, family)
+    return head + _class_rules(cls, policy, ifname, False, family)
 
 
 def vm_ifaces(desired: Desired) -> dict[str, str]:
@@ -252,7 +274,9 @@ def relays(policy: Policy, family: Family) -> list[str]:
 
 def dispatch_rules(desired: Desired, family: Family) -> list[Rule]:
     pol = desired.policy
-    rules = [Rule("relay", "RETURN", dst=r) for r in relays(pol, family)]
+    # A connection our DNAT sent to a relay still meets its VM's ceiling.
+    rules = [Rule("relay", "RETURN", dst=r, not_dnat=bool(redirecting(pol)))
+             for r in relays(pol, family)]
     for ifname in vm_ifaces(desired):
         rules.append(Rule("vm", vm_chain(ifname), goto=True, iface=ifname))
         rules.append(Rule("vm", vm_chain(ifname), goto=True, physdev=ifname))
@@ -275,10 +299,47 @@ def chains(desired: Desired, family: Family, now: float | None = None
     now = time.time() if now is None else now
     pol = desired.policy
     out = {DISPATCH: dispatch_rules(desired, family),
-           DEFAULT_CHAIN: _class_rules(pol.default_class, pol, "*", per_source=True)}
+           DEFAULT_CHAIN: _class_rules(pol.default_class, pol, "*", True, family)}
     for ifname, cls in vm_ifaces(desired).items():
-        out[vm_chain(ifname)] = vm_rules(ifname, cls, desired.actions.get(ifname), pol, now)
+        out[vm_chain(ifname)] = vm_rules(ifname, cls, desired.actions.get(ifname), pol, now,
+                                         family)
     return out
+
+
+def redirecting(policy: Policy) -> list[str]:
+    """Classes whose port 25 goes to a relay (enforced ones)."""
+    return sorted(n for n, c in policy.classes.items()
+                  if c.port25 == "redirect" and policy.mode_of(n) != "audit")
+
+
+def nat_rules(desired: Desired, family: Family) -> list[Rule]:
+    """SMTPG-NAT, in the nat table's PREROUTING: each known VM of a
+    redirecting class to its relay (bridged ones by --physdev-in, which
+    br_netfilter provides), the others left alone, then the patterns when the
+    default class redirects. Empty when no class redirects."""
+    pol = desired.policy
+    if not redirecting(pol):
+        return []
+    rules = [Rule("relay", "RETURN", dst=r) for r in relays(pol, family)]
+    default_to = redirect_to(pol.classes[pol.default_class], family) \
+        if pol.default_class in redirecting(pol) else None
+    for ifname, cls in vm_ifaces(desired).items():
+        to = redirect_to(pol.classes[cls], family) if cls in redirecting(pol) else None
+        if to is None and default_to is None:
+            continue  # nothing below would catch it
+        target = "DNAT" if to else "RETURN"
+        rules.append(Rule("redirect" if to else "vm", target, iface=ifname, to=to))
+        rules.append(Rule("redirect" if to else "vm", target, physdev=ifname, to=to))
+    if default_to:
+        for w in wildcards(pol):
+            rules.append(Rule("redirect", "DNAT", iface=w, to=default_to))
+            rules.append(Rule("redirect", "DNAT", physdev=w, to=default_to))
+    return rules
+
+
+def nat_hook_rules(policy: Policy) -> list[Rule]:
+    """PREROUTING's first rule in the nat table (only new connections meet it)."""
+    return [Rule("jump", NAT_CHAIN, syn_ports=(25,))] if redirecting(policy) else []
 
 
 def restore_text(desired: Desired, family: Family, now: float | None = None) -> str:
@@ -293,6 +354,12 @@ def restore_text(desired: Desired, family: Family, now: float | None = None) -> 
     for name, rules in want.items():
         lines += [_line(name, r, family) for r in rules]
     lines.append("COMMIT")
+    if redirecting(desired.policy):
+        lines += ["*nat", f":{NAT_CHAIN} - [0:0]"]
+        lines += [_line(hook, r, family, insert=True) for hook in NAT_HOOKS
+                  for r in nat_hook_rules(desired.policy)]
+        lines += [_line(NAT_CHAIN, r, family) for r in nat_rules(desired, family)]
+        lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
 

@@ -1,5 +1,6 @@
-"""One family's filter table through python-iptables (libiptc): reading our
-chains, editing them by position while keeping counters, committing.
+"""One table (filter, or nat for redirects) of one family through
+python-iptables (libiptc): reading our chains, editing them by position while
+keeping counters, committing.
 
 Nothing here decides what the rules should be (iptables_render does) or when
 to change them (the backend, iptables.py). Every FilterTable is a fresh read
@@ -18,17 +19,19 @@ from smtpguard.errors import EnforcerError
 Model = dict[str, list[str]]  # chain -> the comments of its rules, in order
 
 
-class FilterTable:
-    def __init__(self, iptc: Any, family: R.Family) -> None:
+class XtTable:
+    def __init__(self, iptc: Any, family: R.Family, name: str = "filter") -> None:
         self.iptc = iptc
         self.family = family
-        table = iptc.Table(iptc.Table.FILTER) if family == "ipv4" else \
-            iptc.Table6(iptc.Table6.FILTER)
+        self.name = name
+        self.hooks = R.HOOKS if name == "filter" else R.NAT_HOOKS
+        self.entry = R.DISPATCH if name == "filter" else R.NAT_CHAIN  # what hooks jump to
+        table = iptc.Table(name) if family == "ipv4" else iptc.Table6(name)
         table.autocommit = False
         try:
             table.refresh()  # python-iptables' tables are process-wide: re-read
         except iptc.IPTCError as exc:
-            raise EnforcerError(f"reading the {family} filter table: {exc}") from exc
+            raise EnforcerError(f"reading the {family} {name} table: {exc}") from exc
         self.table = table
 
     def is_chain(self, chain: str) -> bool:
@@ -56,6 +59,8 @@ class FilterTable:
                 m.dport = str(spec.dport)
         if spec.physdev:
             r.create_match("physdev").physdev_in = spec.physdev
+        if spec.not_dnat:
+            r.create_match("conntrack").ctstate = "!DNAT"
         if spec.until is not None:
             r.create_match("time").datestop = R.datestop(spec.until)
         if spec.limit:
@@ -74,6 +79,8 @@ class FilterTable:
         r.create_match("comment").comment = spec.comment(self.family)
         if spec.target == "REJECT":
             r.create_target("REJECT").reject_with = "tcp-reset"
+        elif spec.target == "DNAT":
+            r.create_target("DNAT").to_destination = spec.to
         elif spec.target == "RETURN":
             r.create_target("RETURN")
         else:
@@ -93,7 +100,7 @@ class FilterTable:
         for chain in self.table.chains:
             if chain.name.startswith(R.PREFIX):
                 out[chain.name] = [self.comment(r) for r in chain.rules]
-        for hook in R.HOOKS:
+        for hook in self.hooks:
             if self.table.is_chain(hook):
                 out[hook] = [self.comment(r) for r in self.iptc.Chain(self.table, hook).rules]
         return out
@@ -211,12 +218,12 @@ class FilterTable:
         return [self.comment(r) for r in self.iptc.Chain(self.table, hook).rules]
 
     def jumps_first(self, hook: str, n: int) -> bool:
-        """Whether the hook's first n rules jump to our dispatch chain (cheap)."""
+        """Whether the hook's first n rules jump to our chain (cheap)."""
         targets: list[str] = []
         entry = self.table.first_rule(hook)
         while entry and len(targets) < n:
             t = self.table.get_target(entry)
             targets.append(t.decode() if isinstance(t, bytes) else t)
             entry = self.table.next_rule(entry)
-        return targets == [R.DISPATCH] * n
+        return targets == [self.entry] * n
 

@@ -115,6 +115,12 @@ def _class_rules(name: str, c: VmClass, policy: Policy, throttled: bool,
     blocked25 = port25_blocked(c, family)
     if blocked25:
         rules.append([_match(_p("tcp", "dport"), 25), _jump("reject_port25")])
+    elif c.port25 == "redirect":  # a family without a relay to send to fails closed
+        have = {a.version for a in c.redirect_to}
+        for version, proto in ((4, "ipv4"), (6, "ipv6")):
+            if version not in have:
+                rules.append([_match({"meta": {"key": "nfproto"}}, proto),
+                              _match(_p("tcp", "dport"), 25), _jump("reject_port25")])
     ceiling: Ceiling | None
     if throttled:
         ports = sorted(p for p in policy.smtp_ports if not (p == 25 and blocked25))

@@ -59,7 +59,7 @@ def render(e: dict[str, Any]) -> str:
     p25 = {"block": "blocked (rejected at once)", "allow": "allowed",
            "limit": "allowed within the limit below",
            "redirect": f"redirected to {', '.join(e.get('redirect_to') or [])} within the "
-                       "limit below (routed VMs; bridged ones: blocked)"}[e["port25"]]
+                       "limit below"}[e["port25"]]
     if e.get("mode") == "audit":
         p25 += " (audit mode: counted and detected, not enforced)"
     lim = e["limit"]
