@@ -5,12 +5,13 @@ PY     := $(VENV)/bin/python
 SG     := $(VENV)/bin/smtpguard
 PYTEST ?= -q
 
-.PHONY: setup run test test-unit lint bench install uninstall clean-lab help
+.PHONY: setup run test test-unit test-reliability lint bench install uninstall clean-lab help
 
 help:
 	@echo "make setup    install Debian packages, kernel headers, the venv (.venv/)"
 	@echo "make run      lab + agent on the built-in default policy, live table (Ctrl-C ends)"
-	@echo "make test     lint, then unit, BPF and integration tests (root)"
+	@echo "make test     lint, then unit, BPF, integration and short reliability tests (root)"
+	@echo "make test-reliability  the long reliability suite: 100 kills, 500-interface churn (root)"
 	@echo "make lint     ruff and mypy"
 	@echo "make bench    classifier cost per packet, start-up time and memory (root)"
 	@echo "make install  the agent in /opt/smtpguard, the systemd unit, /etc/smtpguard"
@@ -30,6 +31,10 @@ lint: setup
 test: lint
 	@scripts/setup.sh --test
 	$(PY) -m pytest $(PYTEST)
+
+test-reliability: setup
+	@scripts/setup.sh --test
+	SMTPGUARD_RELIABILITY=full $(PY) -m pytest $(PYTEST) -s tests/reliability
 
 test-unit: setup
 	$(PY) -m pytest $(PYTEST) tests/unit

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-PRIVILEGED_DIRS = ("bpf", "integration")
+PRIVILEGED_DIRS = ("bpf", "integration", "reliability")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

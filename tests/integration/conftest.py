@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from smtpguard.datapath import attach
+from smtpguard.datapath.interfaces import dump_links
 from smtpguard.lab import topology
 from smtpguard.netns import run_in
 
@@ -159,6 +161,29 @@ def send(lab: topology.Lab, vm: str, connections: int, port: int = 25, ipv6: boo
     out = subprocess.run(args, capture_output=True, text=True, check=True, timeout=120)
     result: dict[str, int] = json.loads(out.stdout)["outcomes"]
     return result
+
+
+def our_filters(lab: topology.Lab) -> dict[str, int]:
+    """ifname -> number of smtpg_* tc filters on it, in the lab's hypervisor."""
+    def count() -> dict[str, int]:
+        from pyroute2 import IPRoute
+
+        out = {}
+        with IPRoute() as ipr:
+            for ev in dump_links(ipr):
+                n = 0
+                for parent in (attach.INGRESS, attach.EGRESS):
+                    try:
+                        msgs = ipr.get_filters(ev.ifindex, parent=parent)
+                    except Exception:
+                        continue
+                    n += sum(1 for m in msgs if str(
+                        m.get_nested("TCA_OPTIONS", "TCA_BPF_NAME") or "").startswith("smtpg_"))
+                if n:
+                    out[ev.ifname] = n
+        return out
+
+    return run_in(lab.hv, count)
 
 
 def require_root() -> None:

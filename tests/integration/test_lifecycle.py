@@ -8,37 +8,12 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import AgentProc, send
-from smtpguard.datapath import attach
-from smtpguard.datapath.interfaces import dump_links
+from conftest import AgentProc, our_filters, send
 from smtpguard.lab import topology
 from smtpguard.netns import run_in
 
 ATTEMPTS = "smtpguard_smtp_connection_attempts_total"
 Pair = tuple[topology.Lab, AgentProc]
-
-
-def our_filters(lab: topology.Lab) -> dict[str, int]:
-    """ifname -> number of smtpg_* tc filters on it, in the lab's hypervisor."""
-    def count() -> dict[str, int]:
-        from pyroute2 import IPRoute
-
-        out = {}
-        with IPRoute() as ipr:
-            for ev in dump_links(ipr):
-                n = 0
-                for parent in (attach.INGRESS, attach.EGRESS):
-                    try:
-                        msgs = ipr.get_filters(ev.ifindex, parent=parent)
-                    except Exception:
-                        continue
-                    n += sum(1 for m in msgs if str(
-                        m.get_nested("TCA_OPTIONS", "TCA_BPF_NAME") or "").startswith("smtpg_"))
-                if n:
-                    out[ev.ifname] = n
-        return out
-
-    return run_in(lab.hv, count)
 
 
 def pinned_stats_ifindexes(pin_dir: Path) -> set[int]:
