@@ -110,6 +110,14 @@ struct dest_sketch {
 	struct hll_slot coarse[COARSE_SLOTS];
 };
 
+/* smtp_full: how often a full map made the classifier skip something, by map.
+ * A full smtp_stats leaves an (interface, port) uncounted; a full smtp_dests
+ * leaves a VM's destinations unsketched. Never silent: the agent exports
+ * these next to each map's fill level. (LRU maps evict instead.) */
+#define FULL_STATS 0
+#define FULL_DESTS 1
+#define FULL_SLOTS 2
+
 struct smtp_config {
 	__u64 no_answer_ns;
 };

@@ -58,6 +58,9 @@ BPF_TABLE_PINNED("array", __u32, __u8, smtp_ports, 65536,
 		 PIN_DIR "/smtp_ports");
 BPF_TABLE_PINNED("array", __u32, struct smtp_config, smtp_config, 1,
 		 PIN_DIR "/smtp_config");
+/* Indexed by FULL_*: only written when a map is full, so one shared array. */
+BPF_TABLE_PINNED("array", __u32, __u64, smtp_full, FULL_SLOTS,
+		 PIN_DIR "/smtp_full");
 /* Never written: the zero value a new sketch starts from (too big for the
  * stack). */
 BPF_PERCPU_ARRAY(sketch_zero, struct dest_sketch, 1);
@@ -302,6 +305,14 @@ static __always_inline void hll_add(struct hll_slot *s, __u64 epoch, __u32 h)
 		s->reg[idx] = rank;
 }
 
+static __always_inline void map_full(__u32 which)
+{
+	__u64 *n = smtp_full.lookup(&which);
+
+	if (n)
+		__sync_fetch_and_add(n, 1);
+}
+
 static __always_inline void count_destination(__u32 ifindex, const __u8 *daddr,
 					      __u64 now)
 {
@@ -317,8 +328,10 @@ static __always_inline void count_destination(__u32 ifindex, const __u8 *daddr,
 			return;
 		smtp_dests.insert(&ifindex, z);
 		d = smtp_dests.lookup(&ifindex);
-		if (!d)
-			return;	/* map full: attempts still count */
+		if (!d) {
+			map_full(FULL_DESTS);	/* attempts still count */
+			return;
+		}
 	}
 	h = addr_hash(daddr);
 	fine = now >> FINE_SLOT_SHIFT;
@@ -424,8 +437,10 @@ int smtpg_ingress(struct __sk_buff *skb)
 		return TC_ACT_UNSPEC;
 
 	st = stats_for(skb->ifindex, dport);
-	if (!st)
-		return TC_ACT_UNSPEC;	/* map full; its fill level is exported */
+	if (!st) {
+		map_full(FULL_STATS);	/* counted, and exported with the fill level */
+		return TC_ACT_UNSPEC;
+	}
 	__sync_fetch_and_add(&st->packets, 1);
 	__sync_fetch_and_add(&st->bytes, skb->len);
 

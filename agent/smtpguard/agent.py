@@ -94,7 +94,8 @@ class Agent:
         self._ipr = IPRoute()
         self.reconcile()
         collectors: list[Any] = [DatapathCollector(
-            self.snapshot, lambda: self.ifaces, lambda: self.datapath.loaded, self.health)]
+            self.snapshot, lambda: self.ifaces, lambda: self.datapath.loaded, self.health,
+            self.datapath.fill)]
         if self.cfg.enforce:
             from smtpguard.enforce.select import construct
 

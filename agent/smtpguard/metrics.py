@@ -59,11 +59,13 @@ class DatapathCollector(Collector):
     def __init__(self, snapshot: Callable[[], Snapshot],
                  ifaces: Callable[[], Mapping[int, VmIface]],
                  loaded: Callable[[], bool],
-                 health: Callable[[], Health] = Health) -> None:
+                 health: Callable[[], Health] = Health,
+                 fill: Callable[[], Mapping[str, tuple[int, int, int]]] | None = None) -> None:
         self._snapshot = snapshot
         self._ifaces = ifaces
         self._loaded = loaded
         self._health = health
+        self._fill = fill
 
     def collect(self) -> Iterator[Metric]:
         yield InfoMetricFamily("smtpguard_build", "Agent build", value={"version": __version__})
@@ -72,6 +74,7 @@ class DatapathCollector(Collector):
         loaded.add_metric([], 1 if self._loaded() else 0)
         yield loaded
         h = self._health()
+        yield from self._maps()
         gen = GaugeMetricFamily("smtpguard_policy_generation",
                                 "Increases by one each time a reloaded policy is applied")
         gen.add_metric([], h.policy_generation)
@@ -162,6 +165,33 @@ class DatapathCollector(Collector):
             for window, n in sorted(union(snaps).items()):
                 dests.add_metric([vm, window], n)
         yield from (attempts, retrans, handshakes, sent, dests)
+
+
+    def _maps(self) -> Iterator[Metric]:
+        """Fill of the classifier's hash maps, and how often one was full:
+            smtpguard_bpf_map_entries{map="smtp_stats"} 4000.0
+            smtpguard_bpf_map_size{map="smtp_stats"} 32768.0
+            smtpguard_bpf_map_full_total{map="smtp_stats"} 0.0"""
+        if self._fill is None:
+            return
+        try:
+            fill = self._fill()
+        except Exception:
+            logs.get().debug("metrics.map_fill_failed", exc_info=True)
+            return
+        entries = GaugeMetricFamily("smtpguard_bpf_map_entries",
+                                    "Entries in each classifier map that can fill up",
+                                    labels=["map"])
+        size = GaugeMetricFamily("smtpguard_bpf_map_size", "Capacity of each of those maps",
+                                 labels=["map"])
+        full = CounterMetricFamily(
+            "smtpguard_bpf_map_full", "Times the classifier found the map full and skipped "
+            "counting (stats) or sketching (dests)", labels=["map"])
+        for name, (n, cap, times) in sorted(fill.items()):
+            entries.add_metric([name], n)
+            size.add_metric([name], cap)
+            full.add_metric([name], times)
+        yield from (entries, size, full)
 
 
 class EnforcementCollector(Collector):

@@ -52,7 +52,7 @@ class Sizes:
     def max_entries(self) -> dict[str, int]:
         return {"smtp_stats": self.max_stats, "smtp_conns": self.conn_table,
                 "smtp_dests": self.max_ifaces, "smtp_recent": self.recent,
-                "smtp_ports": 65536, "smtp_config": 1}
+                "smtp_ports": 65536, "smtp_config": 1, "smtp_full": len(maps.FULL_SLOTS)}
 
 
 def ensure_bpffs(root: Path) -> None:
@@ -181,6 +181,15 @@ class Datapath:
     def set_no_answer(self, seconds: float) -> None:
         self.table("smtp_config")[ctypes.c_uint32(0)] = maps.SmtpConfig(
             no_answer_ns=int(seconds * 1e9))
+
+    def fill(self) -> dict[str, tuple[int, int, int]]:
+        """map -> (entries, capacity, times the classifier found it full), for
+        the hash maps that can fill up; the LRU maps evict instead."""
+        sizes = self.sizes.max_entries()
+        full = self.table("smtp_full")
+        return {name: (sum(1 for _ in self.table(name).keys()), sizes[name],
+                       int(full[ctypes.c_uint32(slot)].value))
+                for name, slot in maps.FULL_SLOTS.items()}
 
     def forget(self, ifindexes: set[int]) -> int:
         """Delete every map entry of these interfaces; returns how many."""

@@ -109,7 +109,10 @@ MIRRORS: dict[str, tuple[type[ctypes.Structure] | type[ctypes.c_uint32], type]] 
     "smtp_dests": (ctypes.c_uint32, DestSketch),
     "smtp_recent": (RecentKey, RecentVal),
     "smtp_config": (ctypes.c_uint32, SmtpConfig),
+    "smtp_full": (ctypes.c_uint32, ctypes.c_uint64),
 }
+# Must stay in sync with FULL_* in bpf/smtp_common.h
+FULL_SLOTS = {"smtp_stats": 0, "smtp_dests": 1}
 
 
 def addr_bytes(addr: str) -> bytes:
