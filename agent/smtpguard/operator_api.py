@@ -107,7 +107,12 @@ def _evidence(agent: Agent, cmd: str, req: dict[str, Any]) -> dict[str, Any]:
     assert r is not None
     if cmd == "incidents":
         vm = req.get("vm") or None
-        since = float(req.get("since") or 0.0)
+        try:
+            since = float(req.get("since") or 0.0)
+        except (TypeError, ValueError) as exc:
+            raise SmtpguardError(f"since {req.get('since')!r} is not a time") from exc
+        if vm is not None and not isinstance(vm, str):
+            raise SmtpguardError("vm must be a name")
         return {"ok": True, "incidents": r.incidents.list(vm, since)}
     if cmd == "incident":
         try:

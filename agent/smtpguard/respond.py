@@ -145,10 +145,12 @@ class Responder:
         counted = action or ("release" if t.new == "ok" and t.old in ("blocked", "throttled")
                              else "flag" if t.new == "flagged" else None)
         enforced = self.enforced(t)
-        if counted:
+        if counted and (enforced or counted != "release"):
             key = counted if enforced else f"would_{counted}"
             self.actions_total[key] = self.actions_total.get(key, 0) + 1
-        if self.keeper is None or not ifnames or not enforced:
+        # A release always goes through: it only ever removes enforcement (say,
+        # a block from before the class switched to audit).
+        if self.keeper is None or not ifnames or (not enforced and t.new != "ok"):
             return
         if t.new == "blocked":
             self.keeper.set_action(ifnames, Action("block", t.until))
