@@ -104,6 +104,10 @@ class NftablesEnforcer:
                 caps = Capabilities()
         self.caps = caps
         self._lock = threading.Lock()  # one libnftables context, two threads
+        # Scrapes list whole sets (the dedup memory can hold 131,072 elements,
+        # seconds to list): on a context of their own, never holding up the loop.
+        self._scrape = _nft()
+        self._scrape_lock = threading.Lock()
 
     # -- low level ---------------------------------------------------------
     def _json(self, cmds: list[dict[str, Any]], what: str) -> None:
@@ -115,27 +119,17 @@ class NftablesEnforcer:
     def _list(self, family: str) -> dict[str, Any] | None:
         with self._lock:
             rc, out, _err = self.n.cmd(f"list table {family} {render.TABLE}")
-        if rc != 0:
-            return None
-        result: dict[str, Any] = {"sets": {}, "chains": set(), "counters": {}, "rules": 0}
-        for obj in json.loads(out)["nftables"]:
-            for kind in ("set", "map"):
-                if kind in obj:
-                    result["sets"][obj[kind]["name"]] = obj[kind]
-            if "chain" in obj:
-                result["chains"].add(obj["chain"]["name"])
-            if "counter" in obj:
-                result["counters"][obj["counter"]["name"]] = obj["counter"]
-            if "rule" in obj:
-                result["rules"] += 1
-        return result
+        return None if rc != 0 else _parse_table(out)
 
     def observe(self) -> dict[str, dict[str, Any] | None]:
         return {fam: self._list(fam) for fam in render.FAMILIES}
 
     def drift(self, desired: Desired) -> list[str]:
-        """Families whose table is missing or lost rules (flushed, deleted)."""
-        return [fam for fam, t in self.observe().items() if t is None or t.get("rules", 0)
+        """Families whose table is missing or lost rules (flushed, deleted).
+        Counted over netlink (pyroute2): libnftables would fetch every set
+        element first, seconds when the dedup memory is full."""
+        have = rule_counts()
+        return [fam for fam in render.FAMILIES if fam not in have or have[fam]
                 != sum(len(r) for r in render.chains(desired, fam, self.caps).values())]
 
     # -- the backend interface ---------------------------------------------
@@ -205,10 +199,7 @@ class NftablesEnforcer:
         now = time.time()
         out: dict[str, Action] = {}
         for fam in render.FAMILIES:
-            table = self._list(fam)
-            if table is None:
-                continue
-            for elem in table["sets"].get("vm_state", {}).get("elem", []):
+            for elem in self._list_set(fam, "vm_state", "map").get("elem", []):
                 key, verdict = elem
                 if isinstance(key, dict):
                     ifname = key["elem"]["val"]
@@ -220,14 +211,16 @@ class NftablesEnforcer:
                 out.setdefault(ifname, Action(kind, until))  # type: ignore[arg-type]
         return out
 
-    def _list_set(self, family: str, name: str) -> dict[str, Any]:
-        with self._lock:
-            rc, out, _err = self.n.cmd(f"list set {family} {render.TABLE} {name}")
+    def _list_set(self, family: str, name: str, kind: str = "set",
+                  scrape: bool = False) -> dict[str, Any]:
+        n, lock = (self._scrape, self._scrape_lock) if scrape else (self.n, self._lock)
+        with lock:
+            rc, out, _err = n.cmd(f"list {kind} {family} {render.TABLE} {name}")
         if rc != 0:
             return {}
         for obj in json.loads(out)["nftables"]:
-            if "set" in obj:
-                return dict(obj["set"])
+            if kind in obj:
+                return dict(obj[kind])
         return {}
 
     def blocked_counts(self) -> list[BlockedCount]:
@@ -240,14 +233,17 @@ class NftablesEnforcer:
         return out
 
     def report(self) -> tuple[list[BlockedCount], dict[tuple[str, str], tuple[int, int]], int]:
-        """Blocked counts, set fill levels and overflows from one listing per family."""
+        """Blocked counts, set fill levels and overflows from one listing per
+        family, on the scrape's own libnftables context."""
         counts: list[BlockedCount] = []
         fill: dict[tuple[str, str], tuple[int, int]] = {}
         overflow = 0
         for fam in render.FAMILIES:
-            table = self._list(fam)
-            if table is None:
+            with self._scrape_lock:
+                rc, out, _err = self._scrape.cmd(f"list table {fam} {render.TABLE}")
+            if rc != 0:
                 continue
+            table = _parse_table(out)
             overflow += int(table["counters"].get("overflow", {}).get("packets", 0))
             for name, st in table["sets"].items():
                 if st.get("size"):
@@ -296,6 +292,45 @@ class NftablesEnforcer:
             if rc != 0:
                 raise EnforcerError(f"creating dedup sets: {err.strip()}")
             logs.get().debug("nft.typeof_sets_created", sets=script)
+
+
+def _parse_table(out: str) -> dict[str, Any]:
+    """A `list table` (JSON) as sets, chains, named counters and a rule count."""
+    result: dict[str, Any] = {"sets": {}, "chains": set(), "counters": {}, "rules": 0}
+    for obj in json.loads(out)["nftables"]:
+        for kind in ("set", "map"):
+            if kind in obj:
+                result["sets"][obj[kind]["name"]] = obj[kind]
+        if "chain" in obj:
+            result["chains"].add(obj["chain"]["name"])
+        if "counter" in obj:
+            result["counters"][obj["counter"]["name"]] = obj["counter"]
+        if "rule" in obj:
+            result["rules"] += 1
+    return result
+
+
+NFPROTO = {1: "inet", 7: "bridge"}
+
+
+def rule_counts() -> dict[str, int]:
+    """family -> rules in our table, over netlink: a dump of rules only, which
+    stays milliseconds whatever the sets hold. A family without our table is
+    absent."""
+    from pyroute2.nftables.main import NFTables
+
+    nft = NFTables(nfgen_family=0)  # every family
+    try:
+        out = {NFPROTO[c["nfgen_family"]]: 0 for c in nft.get_chains()
+               if c.get_attr("NFTA_CHAIN_TABLE") == render.TABLE
+               and c["nfgen_family"] in NFPROTO}
+        for r in nft.get_rules():
+            fam = NFPROTO.get(r["nfgen_family"])
+            if fam in out and r.get_attr("NFTA_RULE_TABLE") == render.TABLE:
+                out[fam] += 1
+    finally:
+        nft.close()
+    return out
 
 
 def _counts(family: str, reason: str, listed: dict[str, Any]) -> list[BlockedCount]:
