@@ -95,13 +95,15 @@ def test_sigkill_anywhere_never_lapses_and_never_duplicates(tmp_path: Path,
                 with open(agent.log_path, "ab") as out:
                     proc = subprocess.Popen(agent.args(), stdout=out,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-                time.sleep(rng.uniform(0.0, 2.5))  # imports, load, attach, apply, loop
-                if rng.random() < 0.4 and proc.poll() is None:
-                    proc.send_signal(signal.SIGHUP)  # and kill it in the middle of the reload
-                    reloads += 1
-                    time.sleep(rng.uniform(0.0, 0.3))
-                proc.kill()
-                proc.wait()
+                try:
+                    time.sleep(rng.uniform(0.0, 2.5))  # imports, load, attach, apply, loop
+                    if rng.random() < 0.4 and proc.poll() is None:
+                        proc.send_signal(signal.SIGHUP)  # kill it in the middle of the reload
+                        reloads += 1
+                        time.sleep(rng.uniform(0.0, 0.3))
+                finally:
+                    proc.kill()
+                    proc.wait()
             agent.start()
             agent.wait_event("enforce.applied")
             time.sleep(1)
