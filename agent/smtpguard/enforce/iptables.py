@@ -21,6 +21,7 @@ from typing import Any
 
 from smtpguard import logs
 from smtpguard.enforce import iptables_render as R
+from smtpguard.enforce import render
 from smtpguard.enforce.desired import Action, Capabilities, Desired
 from smtpguard.enforce.iptc_table import Model, XtTable
 from smtpguard.enforce.nftables import BlockedCount
@@ -181,7 +182,7 @@ class IptablesEnforcer:
             after = R.vm_ifaces(desired)
             self._update(desired, {n for n in set(before) | set(after)
                                    if before.get(n) != after.get(n)})
-            if self._nat_model or R.redirecting(desired.policy):
+            if self._nat_model or render.redirecting(desired.policy):
                 self._nat(desired)  # who is redirected follows the VMs
 
     def set_action(self, ifnames: list[str], action: Action | None,

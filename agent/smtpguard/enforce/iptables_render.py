@@ -275,7 +275,7 @@ def relays(policy: Policy, family: Family) -> list[str]:
 def dispatch_rules(desired: Desired, family: Family) -> list[Rule]:
     pol = desired.policy
     # A connection our DNAT sent to a relay still meets its VM's ceiling.
-    rules = [Rule("relay", "RETURN", dst=r, not_dnat=bool(redirecting(pol)))
+    rules = [Rule("relay", "RETURN", dst=r, not_dnat=bool(render.redirecting(pol)))
              for r in relays(pol, family)]
     for ifname in vm_ifaces(desired):
         rules.append(Rule("vm", vm_chain(ifname), goto=True, iface=ifname))
@@ -306,25 +306,19 @@ def chains(desired: Desired, family: Family, now: float | None = None
     return out
 
 
-def redirecting(policy: Policy) -> list[str]:
-    """Classes whose port 25 goes to a relay (enforced ones)."""
-    return sorted(n for n, c in policy.classes.items()
-                  if c.port25 == "redirect" and policy.mode_of(n) != "audit")
-
-
 def nat_rules(desired: Desired, family: Family) -> list[Rule]:
     """SMTPG-NAT, in the nat table's PREROUTING: each known VM of a
     redirecting class to its relay (bridged ones by --physdev-in, which
     br_netfilter provides), the others left alone, then the patterns when the
     default class redirects. Empty when no class redirects."""
     pol = desired.policy
-    if not redirecting(pol):
+    if not render.redirecting(pol):
         return []
     rules = [Rule("relay", "RETURN", dst=r) for r in relays(pol, family)]
     default_to = redirect_to(pol.classes[pol.default_class], family) \
-        if pol.default_class in redirecting(pol) else None
+        if pol.default_class in render.redirecting(pol) else None
     for ifname, cls in vm_ifaces(desired).items():
-        to = redirect_to(pol.classes[cls], family) if cls in redirecting(pol) else None
+        to = redirect_to(pol.classes[cls], family) if cls in render.redirecting(pol) else None
         if to is None and default_to is None:
             continue  # nothing below would catch it
         target = "DNAT" if to else "RETURN"
@@ -339,7 +333,7 @@ def nat_rules(desired: Desired, family: Family) -> list[Rule]:
 
 def nat_hook_rules(policy: Policy) -> list[Rule]:
     """PREROUTING's first rule in the nat table (only new connections meet it)."""
-    return [Rule("jump", NAT_CHAIN, syn_ports=(25,))] if redirecting(policy) else []
+    return [Rule("jump", NAT_CHAIN, syn_ports=(25,))] if render.redirecting(policy) else []
 
 
 def restore_text(desired: Desired, family: Family, now: float | None = None) -> str:
@@ -354,7 +348,7 @@ def restore_text(desired: Desired, family: Family, now: float | None = None) -> 
     for name, rules in want.items():
         lines += [_line(name, r, family) for r in rules]
     lines.append("COMMIT")
-    if redirecting(desired.policy):
+    if render.redirecting(desired.policy):
         lines += ["*nat", f":{NAT_CHAIN} - [0:0]"]
         lines += [_line(hook, r, family, insert=True) for hook in NAT_HOOKS
                   for r in nat_hook_rules(desired.policy)]

@@ -276,6 +276,7 @@ def state_elements(actions: Mapping[str, Action], classes: Mapping[str, str],
 
 def elements(desired: Desired, now: float | None = None) -> dict[str, list[Any]]:
     pol = desired.policy
+    redirects = set(redirecting(pol))
     return {
         "smtp_ports": sorted(pol.smtp_ports),
         "relays4": [_prefix(r) for r in pol.relays if r.version == 4],
@@ -285,7 +286,7 @@ def elements(desired: Desired, now: float | None = None) -> dict[str, list[Any]]
                      for ifname, cls in sorted(desired.classes.items())
                      if cls != pol.default_class],
         "vm_state": state_elements(desired.actions, desired.classes, pol.default_class, now),
-        "vm_redirect": [[ifname, _jump(f"redir_{cls}") if cls in redirecting(pol) else RETURN]
+        "vm_redirect": [[ifname, _jump(f"redir_{cls}") if cls in redirects else RETURN]
                         for ifname, cls in sorted(desired.classes.items())],
     }
 
