@@ -61,6 +61,13 @@ BPF_TABLE_PINNED("array", __u32, struct smtp_config, smtp_config, 1,
 /* Indexed by FULL_*: only written when a map is full, so one shared array. */
 BPF_TABLE_PINNED("array", __u32, __u64, smtp_full, FULL_SLOTS,
 		 PIN_DIR "/smtp_full");
+/* The agent's doorbell: set to 1 when counts change, cleared by the agent
+ * before it reads them. The agent watches this one word (mmap'd) instead of
+ * reading every map on a timer, so it reacts within milliseconds and idles
+ * when nothing happens. Mostly read, so CPUs share the cache line. */
+BPF_TABLE_PINNED("array", __u32, __u32, smtp_wake, 1,
+		 PIN_DIR "/smtp_wake", BPF_F_MMAPABLE);
+
 /* Never written: the zero value a new sketch starts from (too big for the
  * stack). */
 BPF_PERCPU_ARRAY(sketch_zero, struct dest_sketch, 1);
@@ -313,6 +320,15 @@ static __always_inline void map_full(__u32 which)
 		__sync_fetch_and_add(n, 1);
 }
 
+static __always_inline void wake_agent(void)
+{
+	__u32 zero = 0;
+	__u32 *w = smtp_wake.lookup(&zero);
+
+	if (w && !*w)
+		*w = 1;
+}
+
 static __always_inline void count_destination(__u32 ifindex, const __u8 *daddr,
 					      __u64 now)
 {
@@ -411,6 +427,7 @@ static __always_inline void count_syn(struct __sk_buff *skb, struct l4 *l,
 			st->last_attempt_ns = now;
 			count_destination(ck.ifindex, ck.daddr, now);
 			count_recent(ck.ifindex, ck.family, ck.daddr, now);
+			wake_agent();
 			return;
 		}
 		old = smtp_conns.lookup(&ck);
@@ -419,8 +436,10 @@ static __always_inline void count_syn(struct __sk_buff *skb, struct l4 *l,
 	if (old && old->state == CONN_PENDING &&
 	    now - old->first_ns >= no_answer_ns() &&
 	    __sync_val_compare_and_swap(&old->state, CONN_PENDING,
-					CONN_NO_ANSWER) == CONN_PENDING)
+					CONN_NO_ANSWER) == CONN_PENDING) {
 		__sync_fetch_and_add(&st->no_answer, 1);
+		wake_agent();
+	}
 }
 
 int smtpg_ingress(struct __sk_buff *skb)
@@ -498,5 +517,6 @@ int smtpg_egress(struct __sk_buff *skb)
 		__sync_fetch_and_add(&st->completed, 1);
 	else
 		__sync_fetch_and_add(&st->reset, 1);
+	wake_agent();
 	return TC_ACT_UNSPEC;
 }

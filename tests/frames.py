@@ -64,3 +64,11 @@ def syn4(src: str = "198.18.0.11", dst: str = "198.19.0.1", sport: int = 40000,
 def syn6(src: str = "fdac:25::b", dst: str = "fdac:26::1", sport: int = 40000,
          dport: int = 25, seq: int = 1000) -> bytes:
     return eth(ipv6(src, dst, tcp(sport, dport, SYN, seq)), ETH_P_IPV6)
+
+
+def answer(flags: int, isn: int, family: int = 4) -> bytes:
+    """The sink's reply to syn4/syn6(seq=isn), as the VM's egress sees it."""
+    seg = tcp(25, 40000, flags, seq=777, ack=isn + 1)
+    if family == 4:
+        return eth(ipv4("198.19.0.1", "198.18.0.11", seg), ETH_P_IP)
+    return eth(ipv6("fdac:26::1", "fdac:25::b", seg), ETH_P_IPV6)

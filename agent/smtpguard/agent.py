@@ -17,6 +17,7 @@ from typing import Any
 from smtpguard import logs, operator_api
 from smtpguard.control import DEFAULT_SOCKET, ControlServer
 from smtpguard.datapath import attach
+from smtpguard.datapath.doorbell import Doorbell
 from smtpguard.datapath.interfaces import LinkEvent, LinkMonitor, VmIface, classify, dump_links
 from smtpguard.datapath.loader import Datapath, Sizes, ensure_bpffs
 from smtpguard.datapath.snapshot import Snapshot, take
@@ -33,6 +34,7 @@ from smtpguard.sdnotify import Notifier
 DEFAULT_PIN_DIR = Path("/sys/fs/bpf/smtpguard/default")
 DEFAULT_STATE_DIR = Path("/var/lib/smtpguard")
 DEFAULT_METRICS = "127.0.0.1:9725"
+POLL = 0.01  # seconds between looks at the doorbell and the command queue
 
 
 @dataclass
@@ -47,7 +49,12 @@ class AgentConfig:
     sizes: Sizes = field(default_factory=Sizes)
     enforce: bool = True
     control_socket: Path | None = DEFAULT_SOCKET
-    detect_interval: float = 0.25
+    # Detection runs when the classifier rings (counts changed; see
+    # datapath/doorbell.py), at most every 2x its last duration, never less
+    # than wake_gap apart, and at least every detect_interval (windows age,
+    # blocks expire).
+    detect_interval: float = 1.0
+    wake_gap: float = 0.01
     backend: str | None = None  # auto, nftables, iptables; None: the policy's
 
 
@@ -69,6 +76,8 @@ class Agent:
         self.control: ControlServer | None = None
         self.commands: queue.Queue[tuple[dict[str, Any], Future[dict[str, Any]]]] = queue.Queue()
         self._next_detect = 0.0
+        self._earliest_detect = 0.0
+        self._bell: Doorbell | None = None
         self.datapath = Datapath(cfg.pin_dir, cfg.sizes)
         self.log = logs.get()
         # Replaced, never mutated: the metrics thread reads it without a lock.
@@ -89,6 +98,7 @@ class Agent:
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         ensure_bpffs(self.cfg.bpffs)
         self.datapath.load()
+        self._bell = self.datapath.doorbell()
         self._apply_datapath_policy()
         self._monitor.start()  # subscribe before the dump: nothing falls between
         self._ipr = IPRoute()
@@ -174,6 +184,9 @@ class Agent:
             self._watcher.stop()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
+        if self._bell is not None:
+            self._bell.close()
+            self._bell = None
         self.datapath.close()
         self.log.info("agent.stopped", interfaces=len(self.ifaces))
 
@@ -186,11 +199,9 @@ class Agent:
             if timeout <= 0:
                 break
             self._serve_commands()
-            if self.responder is not None and self.clock() >= self._next_detect:
-                self._next_detect = self.clock() + self.cfg.detect_interval
-                self.responder.detect()
+            self._detect()
             try:
-                ev = self._monitor.events.get(timeout=min(timeout, 0.05))
+                ev = self._monitor.events.get(timeout=min(timeout, POLL))
             except queue.Empty:
                 if self._reload.is_set():
                     break
@@ -213,6 +224,20 @@ class Agent:
             # attachment of new interfaces) down with it.
             self.log.error("agent.housekeeping_failed", error=str(exc))
             self.log.debug("agent.housekeeping_failed", exc_info=True)
+
+    def _detect(self) -> None:
+        """Detection when the classifier rang or detect_interval passed. A busy
+        host (the bell ringing all the time) gets at most a third of a CPU."""
+        if self.responder is None:
+            return
+        now = self.clock()
+        if now < self._next_detect and not (
+                now >= self._earliest_detect and self._bell is not None and self._bell.rung()):
+            return
+        self.responder.detect()
+        took = self.clock() - now
+        self._next_detect = now + self.cfg.detect_interval
+        self._earliest_detect = now + took + max(self.cfg.wake_gap, 2 * took)
 
     # -- the control socket --------------------------------------------------
     def submit(self, req: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from frames import (
     SYN,
     TCP,
     UDP,
+    answer,
     eth,
     ext,
     frag6,
@@ -158,14 +159,6 @@ def test_bytes_and_packets_to_smtp_ports(dp: Datapath) -> None:
     ingress(dp, eth(ipv4("198.18.0.11", "198.19.0.1", tcp(40000, 80, ACK)), ETH_P_IP))
     ((_, v),) = dp.table("smtp_stats").items()
     assert (v.packets, v.bytes, v.attempts) == (3, 3 * len(data), 0)
-
-
-def answer(flags: int, isn: int, family: int = 4) -> bytes:
-    """The sink's reply to syn4/syn6(seq=isn), as the VM's egress sees it."""
-    seg = tcp(25, 40000, flags, seq=777, ack=isn + 1)
-    if family == 4:
-        return eth(ipv4("198.19.0.1", "198.18.0.11", seg), ETH_P_IP)
-    return eth(ipv6("fdac:26::1", "fdac:25::b", seg), ETH_P_IPV6)
 
 
 @pytest.mark.parametrize("family", [4, 6])

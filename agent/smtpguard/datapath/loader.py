@@ -24,6 +24,7 @@ from smtpguard import logs
 from smtpguard.datapath import maps, recent
 from smtpguard.datapath.bpfsys import PinnedMap, map_info, obj_get
 from smtpguard.datapath.compile import BPF_SOURCE, PROGRAMS, build_tag, cflags, prog_pin
+from smtpguard.datapath.doorbell import Doorbell
 from smtpguard.errors import BpfLoadError
 
 PINNED_MAPS: dict[str, tuple[type[Any], type[Any]]] = {
@@ -52,7 +53,8 @@ class Sizes:
     def max_entries(self) -> dict[str, int]:
         return {"smtp_stats": self.max_stats, "smtp_conns": self.conn_table,
                 "smtp_dests": self.max_ifaces, "smtp_recent": self.recent,
-                "smtp_ports": 65536, "smtp_config": 1, "smtp_full": len(maps.FULL_SLOTS)}
+                "smtp_ports": 65536, "smtp_config": 1, "smtp_full": len(maps.FULL_SLOTS),
+                "smtp_wake": 1}
 
 
 def ensure_bpffs(root: Path) -> None:
@@ -170,6 +172,10 @@ class Datapath:
 
     def table(self, name: str) -> PinnedMap:
         return self.tables[name]
+
+    def doorbell(self) -> Doorbell:
+        """The word the classifier sets when counts change (see doorbell.py)."""
+        return Doorbell(self.table("smtp_wake").fd)
 
     def set_ports(self, ports: Iterable[int]) -> None:
         """Mark exactly these ports as SMTP, in one batch update."""

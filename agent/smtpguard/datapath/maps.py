@@ -110,6 +110,7 @@ MIRRORS: dict[str, tuple[type[ctypes.Structure] | type[ctypes.c_uint32], type]] 
     "smtp_recent": (RecentKey, RecentVal),
     "smtp_config": (ctypes.c_uint32, SmtpConfig),
     "smtp_full": (ctypes.c_uint32, ctypes.c_uint64),
+    "smtp_wake": (ctypes.c_uint32, ctypes.c_uint32),
 }
 # Must stay in sync with FULL_* in bpf/smtp_common.h
 FULL_SLOTS = {"smtp_stats": 0, "smtp_dests": 1}
