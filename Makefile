@@ -13,7 +13,7 @@ help:
 	@echo "make test     lint, then unit, BPF, integration and short reliability tests (root)"
 	@echo "make test-reliability  the long reliability suite: 100 kills, 500-interface churn (root)"
 	@echo "make lint     ruff and mypy"
-	@echo "make bench    classifier cost per packet, start-up time and memory (root)"
+	@echo "make bench    benchmarks beside their baselines, one table (root; BENCH=\"reaction apply\" for some)"
 	@echo "make install  the agent in /opt/smtpguard, the systemd unit, /etc/smtpguard"
 	@echo "make uninstall  remove them (config and state kept; PURGE=1 removes those too)"
 	@echo "make clean-lab remove a lab left behind by a killed run"
@@ -43,7 +43,7 @@ clean-lab: setup
 	$(SG) lab down
 
 bench: setup
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(BENCH)
 
 install:
 	scripts/install.sh

@@ -1,25 +1,31 @@
 """smtpguard benchmarks: every comparison measured side by side in one run.
 
-    make bench            (root; prints a table, writes bench/results/bench.json)
+    make bench                       all of them (root; ~7 min on 2 cores)
+    make bench BENCH="reaction bpf"  some of them
 
-1. Classifier cost per packet by BPF_PROG_TEST_RUN, against an empty tc
-   program measured the same way in the same run.
-2. Start-up: compiling with bcc vs reusing the pinned build, and the agent's
-   resident memory vs a process that compiled with bcc in-process.
-3. Agent CPU per /metrics scrape with 1,000 VM interfaces (bench/scrape.py).
-4. Reaction time from a fanout's 100th destination to the block (bench/reaction.py).
-5. Enforcement apply with 1,000 VMs, nftables vs iptables-legacy (bench/apply.py).
+Prints one table (value, the baseline measured beside it, the target from
+the benchmarks issue, a verdict) and writes bench/results/bench.json.
+
+1. throughput.py  non-SMTP throughput between two lab VMs: no agent, the
+                  agent with 1,000 VMs' policy, a naive 1,000-rule chain
+2. (here)         classifier cost per packet by BPF_PROG_TEST_RUN, against
+                  an empty tc program measured the same way
+3. counting.py    attempts counted / offered at this machine's top SYN rate
+4. ceiling.py     accepted / configured at 10x overload, three ceilings
+5. reaction.py    threshold crossed -> next attempt stopped, 100 trials
+6. footprint.py   start-up to ready (100 interfaces), RSS (1,000)
+7. apply.py       policy apply with 1,000 VMs, nftables and iptables-legacy
+8. footprint.py, scrape.py  agent CPU at idle and per /metrics scrape
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +34,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import frames as f  # noqa: E402
 from smtpguard.datapath.loader import Datapath, Sizes, ensure_bpffs  # noqa: E402
 from smtpguard.datapath.testrun import test_run  # noqa: E402
+from table import Row, machine, render, write_json  # noqa: E402
 
 EMPTY = b"""
 #include <uapi/linux/pkt_cls.h>
@@ -93,69 +100,53 @@ def bpf_cost(rows: list[tuple[str, float, str]]) -> None:
         shutil.rmtree(pin, ignore_errors=True)
 
 
-def startup(rows: list[tuple[str, float, str]]) -> None:
-    pin = Path(f"/sys/fs/bpf/smtpguard-bench/{uuid.uuid4().hex[:8]}")
-    try:
-        t0 = time.monotonic()
-        dp = Datapath(pin)
-        dp.load()
-        cold = time.monotonic() - t0
-        dp.close()
-        t0 = time.monotonic()
-        dp = Datapath(pin)
-        dp.load()
-        warm = time.monotonic() - t0
-        dp.close()
-        rows.append(("load: compile in child + pin", cold * 1000, "ms"))
-        rows.append(("load: reuse pinned build", warm * 1000, f"ms ({cold / warm:.0f}x faster)"))
-    finally:
-        shutil.rmtree(pin, ignore_errors=True)
-    probe = ("import sys; sys.path[:0]=[%r]; from smtpguard.datapath.loader import Datapath; "
-             "from pathlib import Path; import shutil; p=Path(%r); d=Datapath(p); d.load(); "
-             "print(open('/proc/self/status').read()); shutil.rmtree(p)")
-    inproc = ("from bcc import BPF; from smtpguard.datapath import compile as c; "
-              "from smtpguard.datapath.loader import default_bpf_dir as d; from pathlib import "
-              "Path; import shutil; p=Path(%r); p.mkdir(parents=True); "
-              "b=c.load(d(), c.cflags(d(), p, 32768, 4096, 262144)); "
-              "print(open('/proc/self/status').read()); shutil.rmtree(p)")
-
-    def measure(code: str) -> float:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             check=True).stdout
-        return next(int(ln.split()[1]) / 1024 for ln in out.splitlines()
-                    if ln.startswith("VmRSS"))
-
-    path = f"/sys/fs/bpf/smtpguard-bench/{uuid.uuid4().hex[:8]}"
-    agent_like = measure(probe % (str(ROOT / "agent"), path))
-    bcc_in = measure(inproc % f"/sys/fs/bpf/smtpguard-bench/{uuid.uuid4().hex[:8]}")
-    rows.append(("RSS after load, bcc in-process", bcc_in, "MB"))
-    rows.append(("RSS after load, as the agent does", agent_like,
-                 f"MB ({agent_like / bcc_in:.2f} of in-process)"))
+def bpf_rows() -> list[Row]:
+    raw: list[tuple[str, float, str]] = []
+    bpf_cost(raw)
+    return [Row("2 BPF cost", n, v, u) for n, v, u in raw]
 
 
-def main() -> int:
-    ensure_bpffs(Path("/sys/fs/bpf"))
-    rows: list[tuple[str, float, str]] = []
-    bpf_cost(rows)
-    startup(rows)
+def sections() -> dict[str, Callable[[], list[Row]]]:
     import apply
+    import ceiling
+    import counting
+    import footprint
     import reaction
     import scrape
+    import throughput
 
-    rows += scrape.run()
-    rows += reaction.run()
-    rows += apply.run()
-    width = max(len(r[0]) for r in rows)
-    print(f"{'benchmark':<{width}}  {'value':>9}  unit")
-    for name, value, unit in rows:
-        print(f"{name:<{width}}  {value:>9.1f}  {unit}")
-    out = ROOT / "bench" / "results"
-    out.mkdir(exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(
-        [{"benchmark": n, "value": round(v, 2), "unit": u} for n, v, u in rows], indent=2))
-    print(f"\nwritten to {out / 'bench.json'}")
+    return {"throughput": throughput.run, "bpf": bpf_rows, "counting": counting.run,
+            "ceiling": ceiling.run, "reaction": reaction.run, "footprint": footprint.run,
+            "apply": apply.run, "scrape": scrape.run}
+
+
+def main(argv: list[str]) -> int:
+    """make bench [BENCH="reaction apply"]: all benchmarks, or the named ones."""
+    ensure_bpffs(Path("/sys/fs/bpf"))
+    known = sections()
+    chosen = argv or list(known)
+    unknown = [n for n in chosen if n not in known]
+    if unknown:
+        print(f"unknown benchmark {', '.join(unknown)}; known: {', '.join(known)}",
+              file=sys.stderr)
+        return 2
+    t0 = time.monotonic()
+    rows: list[Row] = []
+    for name in chosen:
+        t = time.monotonic()
+        rows += known[name]()
+        print(f"bench: {name} done in {time.monotonic() - t:.0f} s", file=sys.stderr)
+    rows.sort(key=lambda r: r.section.split()[0])  # stable: each module's order stays
+    seconds = time.monotonic() - t0
+    m = machine()
+    print(f"\nsmtpguard benchmarks, {m['cpus']} x {m['cpu']}, kernel {m['kernel']}, "
+          f"{seconds / 60:.1f} min\n")
+    print(render(rows))
+    out = ROOT / "bench" / "results" / "bench.json"
+    write_json(rows, out, seconds)
+    print(f"\nwritten to {out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
