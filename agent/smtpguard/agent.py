@@ -308,7 +308,7 @@ class Agent:
     def reconcile(self) -> None:
         """Match the kernel to the interfaces now present: attach where the
         policy says, detach our filters elsewhere, forget what vanished."""
-        links = dump_links(self._ipr)
+        links = dump_links()
         present = {ev.ifindex for ev in links}
         for ev in links:
             self.on_link(ev)
@@ -428,7 +428,7 @@ def cleanup(cfg: AgentConfig) -> int:
     log = logs.get()
     removed = 0
     with IPRoute() as ipr:
-        for ev in dump_links(ipr):
+        for ev in dump_links():
             if attach.ours(ipr, ev.ifindex):
                 attach.detach(ipr, ev.ifindex, ev.ifname)
                 removed += 1

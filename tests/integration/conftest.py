@@ -170,7 +170,7 @@ def our_filters(lab: topology.Lab) -> dict[str, int]:
 
         out = {}
         with IPRoute() as ipr:
-            for ev in dump_links(ipr):
+            for ev in dump_links():
                 n = 0
                 for parent in (attach.INGRESS, attach.EGRESS):
                     try:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from smtpguard.datapath import linkdump
 from smtpguard.policy.model import InterfacePattern
 
 _VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,62}$")
@@ -82,13 +83,9 @@ def link_event(msg: Any) -> LinkEvent | None:
     )
 
 
-def dump_links(ipr: Any) -> list[LinkEvent]:
-    """Every link now, as 'new' events."""
-    out = []
-    for msg in ipr.get_links():
-        out.append(LinkEvent("new", int(msg["index"]), str(msg.get_attr("IFLA_IFNAME")),
-                             msg.get_attr("IFLA_IFALIAS")))
-    return out
+def dump_links() -> list[LinkEvent]:
+    """Every link now (in this thread's namespace), as 'new' events."""
+    return [LinkEvent("new", index, name, alias) for index, name, alias in linkdump.links()]
 
 
 class LinkMonitor:
