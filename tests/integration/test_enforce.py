@@ -325,3 +325,27 @@ def test_bridged_vm_with_and_without_br_netfilter(enforced: Pair, br_netfilter: 
     assert send(lab, "vm2", 2, port=25, to=RELAY4) == {"completed": 2}
     assert agent.counter(BLOCKED, vm="vm2", port="25", reason="port25") == 3
     assert agent.counter(BLOCKED, vm="vm2", port="587", reason="limit") == 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_vm_in_a_looser_class_gets_its_own_ceiling_not_the_default_too(
+        tmp_path: Path, backend: str) -> None:
+    """The class a VM is placed in decides alone: a VM in a class with a
+    higher ceiling is not also held to the default class's ceiling (nftables
+    once jumped to the class chain and came back to the default's)."""
+    require_root()
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY.replace("thresholds: []", """thresholds: []
+  bulk:
+    port25: block
+    limit: {rate: 600/minute, burst: 30}
+    limited_ports: [465, 587, 2525]
+    thresholds: []
+members:
+  - {class: bulk, vm: rvm1}"""))
+    with lab_with_agent(tmp_path, 0, policy, routed=2, enforce=True,
+                        backend=backend) as (lab, agent):
+        agent.wait_event("enforce.applied", backend=backend)
+        assert send(lab, "rvm1", 25, port=587) == {"completed": 25}
+        other = send(lab, "rvm2", 15, port=587)  # the default class: burst 10
+        assert other["completed"] <= 11 and other["completed"] + other["refused"] == 15

@@ -79,8 +79,8 @@ def test_state_elements_carry_remaining_time_and_skip_expired() -> None:
     actions = {"a": Action("block", 100.2), "b": Action("throttle"), "c": Action("block", 50)}
     elems = render.state_elements(actions, {"b": "gold"}, "default", now=60)
     assert elems == [
-        [{"elem": {"val": "a", "timeout": 41}}, {"jump": {"target": "block"}}],
-        ["b", {"jump": {"target": "throttle_gold"}}],
+        [{"elem": {"val": "a", "timeout": 41}}, {"goto": {"target": "block"}}],
+        ["b", {"goto": {"target": "throttle_gold"}}],
     ]
 
 

@@ -206,7 +206,8 @@ class NftablesEnforcer:
                     until = now + float(key["elem"].get("expires", 0))
                 else:
                     ifname, until = key, None
-                target = verdict.get("jump", {}).get("target", "")
+                # elements written by earlier versions carry "jump"
+                target = (verdict.get("goto") or verdict.get("jump") or {}).get("target", "")
                 kind = "block" if target == "block" else "throttle"
                 out.setdefault(ifname, Action(kind, until))  # type: ignore[arg-type]
         return out

@@ -55,6 +55,13 @@ def _jump(target: str) -> dict[str, Any]:
     return {"jump": {"target": target}}
 
 
+def _goto(target: str) -> dict[str, Any]:
+    """A verdict map's choice is final: a VM sent to its class's chain (or
+    its block, throttle or relay) must not come back and meet the default
+    class's rules as well."""
+    return {"goto": {"target": target}}
+
+
 def _seen_key(ip: str) -> dict[str, Any]:
     return {"concat": [IIF, _p(ip, "saddr"), _p("tcp", "sport"), _p("tcp", "sequence")]}
 
@@ -258,8 +265,9 @@ def _prefix(net: Any) -> Any:
 
 def state_elements(actions: Mapping[str, Action], classes: Mapping[str, str],
                    default_class: str, now: float | None = None) -> list[Any]:
-    """vm_state elements: a block jumps to `block`, a throttle to its class's
-    throttle chain; timed ones carry their remaining time (rounded up)."""
+    """vm_state elements: a block goes to `block`, a throttle to its class's
+    throttle chain (which holds the class's port-25 rule too); timed ones
+    carry their remaining time (rounded up)."""
     now = time.time() if now is None else now
     elems = []
     for ifname, action in sorted(actions.items()):
@@ -270,7 +278,7 @@ def state_elements(actions: Mapping[str, Action], classes: Mapping[str, str],
             continue
         key: Any = ifname if left is None else {"elem": {"val": ifname,
                                                           "timeout": max(1, math.ceil(left))}}
-        elems.append([key, _jump(target)])
+        elems.append([key, _goto(target)])
     return elems
 
 
@@ -282,11 +290,11 @@ def elements(desired: Desired, now: float | None = None) -> dict[str, list[Any]]
         "relays4": [_prefix(r) for r in pol.relays if r.version == 4],
         "relays6": [_prefix(r) for r in pol.relays if r.version == 6],
         "vm_ifaces": iface_wildcards(pol),
-        "vm_class": [[ifname, _jump(class_chain(cls))]
+        "vm_class": [[ifname, _goto(class_chain(cls))]
                      for ifname, cls in sorted(desired.classes.items())
                      if cls != pol.default_class],
         "vm_state": state_elements(desired.actions, desired.classes, pol.default_class, now),
-        "vm_redirect": [[ifname, _jump(f"redir_{cls}") if cls in redirects else RETURN]
+        "vm_redirect": [[ifname, _goto(f"redir_{cls}") if cls in redirects else RETURN]
                         for ifname, cls in sorted(desired.classes.items())],
     }
 
