@@ -17,16 +17,11 @@ a model, stated as such, not a measurement.
 
 from __future__ import annotations
 
-import json
-import shutil
 import socket
-import subprocess
 import sys
-import tempfile
 import time
-import uuid
-from pathlib import Path
 
+from labagent import lab_agent
 from smtpguard.lab import topology
 from smtpguard.netns import run_in
 from table import Row
@@ -80,19 +75,6 @@ def trial(ns: str, dest: str) -> float:
     return run_in(ns, run)
 
 
-def _wait_started(log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in log.read_text().splitlines():
-            try:
-                if json.loads(line).get("event") == "agent.started":
-                    return
-            except ValueError:
-                continue
-        time.sleep(0.05)
-    raise RuntimeError(f"agent not started within {timeout} s; see {log}")
-
-
 def pct(values: list[float], p: float) -> float:
     """Nearest-rank percentile."""
     s = sorted(values)
@@ -100,33 +82,11 @@ def pct(values: list[float], p: float) -> float:
 
 
 def run(trials: int = TRIALS) -> list[Row]:
-    lab = topology.Lab(f"sgr{uuid.uuid4().hex[:5]}")
-    tmp = Path(tempfile.mkdtemp(prefix="sgbench"))
-    pin = Path(f"/sys/fs/bpf/smtpguard-bench/{lab.prefix}")
-    (tmp / "policy.yaml").write_text(POLICY)
-    log = tmp / "agent.log"
-    sg = [sys.executable, "-m", "smtpguard.cli", "run", "--netns", lab.hv, "--pin-dir", str(pin)]
-    agent = None
     delays: list[float] = []
-    try:
-        topology.up(lab, 0, routed=trials)
-        with log.open("wb") as out:
-            agent = subprocess.Popen(
-                [*sg, "--state-dir", str(tmp / "state"), "--policy", str(tmp / "policy.yaml"),
-                 "--metrics-addr", "", "--control-socket", "", "--log-interval", "3600"],
-                stdout=out, stderr=subprocess.STDOUT)
-        _wait_started(log, 120)
+    with lab_agent(POLICY, routed=trials, enforce=True) as (lab, _agent):
         time.sleep(1.5)  # every VM has its zero sample
         for n in range(1, trials + 1):
             delays.append(trial(lab.vm_ns(f"rvm{n}"), topology.dest_addr(n)) * 1000)
-    finally:
-        if agent is not None:
-            agent.terminate()
-            agent.wait(20)
-        subprocess.run([*sg, "--cleanup"], capture_output=True, check=False)
-        topology.down(lab)
-        shutil.rmtree(pin, ignore_errors=True)
-        shutil.rmtree(tmp, ignore_errors=True)
     p50, p99 = pct(delays, 50), pct(delays, 99)
     ref = "60 s loop: {} / 20 min log scrape: {}"
     return [
@@ -140,6 +100,5 @@ def run(trials: int = TRIALS) -> list[Row]:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     for r in run(int(sys.argv[1]) if len(sys.argv) > 1 else TRIALS):
         print(r)

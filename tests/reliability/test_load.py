@@ -5,8 +5,6 @@ agent's loop keeps running (its heartbeat never goes stale)."""
 
 from __future__ import annotations
 
-import socket
-import struct
 import threading
 import time
 from pathlib import Path
@@ -14,10 +12,8 @@ from typing import Any
 
 import pytest
 
-import frames as f
 from kit import lab_with_agent, require_root, scale, send
-from smtpguard.lab import topology
-from smtpguard.netns import run_in
+from smtpguard.lab.synflood import dropped, flood
 
 SYNS = scale(300_000, 40_000)
 ATTEMPTS = "smtpguard_smtp_connection_attempts_total"
@@ -31,52 +27,6 @@ classes:
     limited_ports: [465, 587, 2525]
     thresholds: []
 """
-
-
-def mac(ns: str, ifname: str) -> bytes:
-    def run() -> bytes:
-        from pyroute2 import IPRoute
-
-        with IPRoute() as ipr:
-            link = ipr.get_links(ipr.link_lookup(ifname=ifname)[0])[0]
-            return bytes.fromhex(link.get_attr("IFLA_ADDRESS").replace(":", ""))
-
-    return run_in(ns, run)
-
-
-def with_checksum(ip: bytes) -> bytes:
-    """The IPv4 header checksum, which the IP layer checks (tc does not)."""
-    hdr = bytearray(ip[:20])
-    total = sum(struct.unpack("!10H", bytes(hdr)))
-    while total > 0xFFFF:
-        total = (total & 0xFFFF) + (total >> 16)
-    struct.pack_into("!H", hdr, 10, ~total & 0xFFFF)
-    return bytes(hdr) + ip[20:]
-
-
-def dropped() -> int:
-    """Packets the kernel dropped from its input backlogs (all CPUs)."""
-    return sum(int(line.split()[1], 16) for line in Path("/proc/net/softnet_stat")
-               .read_text().splitlines())
-
-
-def flood(lab: topology.Lab, vm: str, n: int, port: int) -> tuple[int, float]:
-    """n SYNs with distinct (port, ISN), raw from the VM's eth0 to its gateway,
-    so the firewall sees them as the VM's own: (sent, seconds)."""
-    vm_mac, gw_mac = mac(lab.vm_ns(vm), "eth0"), mac(lab.hv, f"veth-{vm}")
-
-    def run() -> tuple[int, float]:
-        src = lab.routed_addr(1)
-        frames = [f.eth(with_checksum(f.ipv4(src, topology.dest_addr(i % 200), f.tcp(
-            10000 + i % 50000, port, f.SYN, seq=i))), f.ETH_P_IP, src=vm_mac, dst=gw_mac)
-            for i in range(n)]
-        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
-            s.bind(("eth0", 0))
-            t0 = time.monotonic()
-            sent = sum(1 for fr in frames if s.send(fr))
-            return sent, time.monotonic() - t0
-
-    return run_in(lab.vm_ns(vm), run)
 
 
 @pytest.mark.parametrize("backend", ["nftables", "iptables"])
