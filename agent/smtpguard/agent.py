@@ -206,14 +206,23 @@ class Agent:
                 if self._reload.is_set():
                     break
                 continue
+            before = self.ifaces
             self.on_link(ev)
-            self._enforce_vms()
+            while True:  # a burst (VMs starting, our own attaches) is one update
+                try:
+                    self.on_link(self._monitor.events.get_nowait())
+                except queue.Empty:
+                    break
+            if self.ifaces is not before:
+                self._enforce_vms()
         if self._reload.is_set():
             self._reload.clear()
             self.reload()
         self.notifier.watchdog(self._healthy())
         try:
             self._sweep()
+            if self.keeper is not None:
+                self.keeper.flush()  # retries a class update that failed
             if self.keeper is not None and self.keeper.repair() and self.responder:
                 self.responder.reassert()
             if self.clock() >= self._next_log:

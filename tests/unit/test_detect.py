@@ -156,3 +156,18 @@ def test_windows_drop_vanished_vms() -> None:
     ws.update(1, {"a": (3, 0, 0)})
     assert set(ws.vms) == {"a"} and ws.value("a", "attempts", 60, 1) == 2
     assert ws.value("b", "attempts", 60, 1) == 0
+
+
+def test_windows_skip_unchanged_samples_yet_count_growth_after_a_long_idle() -> None:
+    """Idle VMs get no samples; growth after a day of idling is still counted
+    from the value it had just before (as if sampled every step)."""
+    from smtpguard.detect.windows import Windows
+
+    w = Windows()
+    for t in range(0, 100_000, 1):
+        if t % 1000 == 0 or t < 5:
+            w.update(float(t), {"vm": (7, 0, 0)})
+    assert len(w.vms["vm"]) == 3  # the first sample only, one per tier
+    w.update(100_000.0, {"vm": (10, 0, 0)})
+    assert w.value("vm", "attempts", 60, 100_000.0) == 3
+    assert w.value("vm", "attempts", 3600, 100_000.0) == 3

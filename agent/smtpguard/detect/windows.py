@@ -28,6 +28,7 @@ class VmWindows:
     def __init__(self) -> None:
         self.tiers = [_Tier(s, span) for s, span in TIERS]
         self.last: tuple[float, tuple[int, ...]] | None = None
+        self.unchanged_at = 0.0  # last update that found the values unchanged
 
     def add(self, t: float, values: tuple[int, ...]) -> None:
         if self.last is not None and any(v < o for v, o in zip(values, self.last[1],
@@ -78,7 +79,15 @@ class Windows:
         for vm in set(self.vms) - set(totals):
             del self.vms[vm]
         for vm, values in totals.items():
-            self.vms.setdefault(vm, VmWindows()).add(t, values)
+            w = self.vms.setdefault(vm, VmWindows())
+            if w.last is not None and w.last[1] == values:
+                # Unchanged: no sample (most VMs, most of the time). The last
+                # time it was seen so is recorded when the counter moves on.
+                w.unchanged_at = t
+                continue
+            if w.last is not None and w.unchanged_at > w.last[0]:
+                w.add(w.unchanged_at, w.last[1])
+            w.add(t, values)
 
     def value(self, vm: str, metric: str, window: float, now: float, since: float = 0.0) -> int:
         w = self.vms.get(vm)
