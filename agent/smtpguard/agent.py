@@ -62,7 +62,8 @@ class Agent:
     """Discovery, attachment and reporting; everything in the kernel outlives it."""
 
     def __init__(self, cfg: AgentConfig, loaded: LoadedPolicy,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 datapath: Datapath | None = None) -> None:
         self.cfg = cfg
         self.loaded = loaded
         self.generation = 1
@@ -78,7 +79,8 @@ class Agent:
         self._next_detect = 0.0
         self._earliest_detect = 0.0
         self._bell: Doorbell | None = None
-        self.datapath = Datapath(cfg.pin_dir, cfg.sizes)
+        # Possibly prepared already (compiling while the CLI imported us).
+        self.datapath = datapath or Datapath(cfg.pin_dir, cfg.sizes)
         self.log = logs.get()
         # Replaced, never mutated: the metrics thread reads it without a lock.
         self.ifaces: Mapping[int, VmIface] = {}

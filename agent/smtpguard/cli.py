@@ -154,14 +154,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from smtpguard.agent import Agent, AgentConfig, cleanup
-    from smtpguard.datapath.loader import Sizes
-    from smtpguard.policy import load_path
+    from smtpguard.datapath.loader import Datapath, Sizes, ensure_bpffs
 
     if args.netns:
         from smtpguard.netns import enter
 
         enter(args.netns)
+    datapath = None
+    if not (args.cleanup or args.dry_run):
+        # A build not pinned yet compiles (about a second) while the rest of
+        # the agent is imported and set up.
+        ensure_bpffs(Path("/sys/fs/bpf"))
+        datapath = Datapath(args.pin_dir, Sizes(conn_table=args.conn_table_size))
+        datapath.prepare()
+    from smtpguard.agent import Agent, AgentConfig, cleanup
+    from smtpguard.policy import load_path
+
     cfg = AgentConfig(
         policy_path=args.policy, state_dir=args.state_dir, pin_dir=args.pin_dir,
         metrics_addr=args.metrics_addr or None, log_interval=args.log_interval,
@@ -185,7 +193,7 @@ def _run(args: argparse.Namespace) -> int:
 
         sys.stdout.write(dry_run(desired, probe()))
         return 0
-    agent = Agent(cfg, load_path(args.policy))
+    agent = Agent(cfg, load_path(args.policy), datapath=datapath)
     agent.install_signals()
     agent.run()
     return 0

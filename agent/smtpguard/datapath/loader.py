@@ -116,14 +116,22 @@ class Datapath:
         self.egress_fd = -1
         self.compile_seconds = 0.0
         self.tables: dict[str, PinnedMap] = {}
+        self._tag = ""
+        self._adopted = False
+        self._child: subprocess.Popen[str] | None = None
+        self._started = 0.0
 
     @property
     def loaded(self) -> bool:
         return self.ingress_fd >= 0
 
-    def load(self) -> None:
-        """Open (compiling first if needed) the programs and the pinned maps."""
-        log = logs.get(pin_dir=str(self.pin_dir))
+    def prepare(self) -> None:
+        """Drop pins of another shape and, when this build is not pinned yet,
+        start compiling it in a child. Called early (the CLI does, before it
+        imports the rest of the agent), the compile overlaps the agent's own
+        start-up; load() waits for it."""
+        if self._tag:
+            return
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         stale = stale_pins(self.pin_dir, self.sizes)
         if stale:
@@ -131,43 +139,53 @@ class Datapath:
             for name in PINNED_MAPS:
                 with contextlib.suppress(FileNotFoundError):
                     (self.pin_dir / name).unlink()
-            log.warning("datapath.maps_recreated", changed=stale)
-        adopted = all((self.pin_dir / n).exists() for n in PINNED_MAPS)
+            logs.get(pin_dir=str(self.pin_dir)).warning("datapath.maps_recreated",
+                                                        changed=stale)
+        self._adopted = all((self.pin_dir / n).exists() for n in PINNED_MAPS)
         flags = cflags(self.bpf_dir, self.pin_dir, self.sizes.max_stats,
                        self.sizes.max_ifaces, self.sizes.conn_table, self.sizes.recent)
-        tag = build_tag(self.bpf_dir, flags)
-        compiled = False
-        if not adopted or not all(prog_pin(self.pin_dir, p, tag).exists() for p in PROGRAMS):
-            self._compile(flags, tag)
-            compiled = True
+        self._tag = build_tag(self.bpf_dir, flags)
+        if not self._adopted or not all(prog_pin(self.pin_dir, p, self._tag).exists()
+                                        for p in PROGRAMS):
+            self._started = time.monotonic()
+            self._child = subprocess.Popen(
+                [sys.executable, "-m", "smtpguard.datapath.compile", "--bpf-dir",
+                 str(self.bpf_dir), "--pin-dir", str(self.pin_dir), "--tag", self._tag,
+                 "--", *flags],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def load(self) -> None:
+        """Open (compiling first if needed) the programs and the pinned maps."""
+        self.prepare()
+        compiled = self._child is not None
+        if self._child is not None:
+            child, self._child = self._child, None
+            self._finish(child)
         try:
             self.ingress_fd, self.egress_fd = (
-                obj_get(str(prog_pin(self.pin_dir, p, tag))) for p in PROGRAMS)
+                obj_get(str(prog_pin(self.pin_dir, p, self._tag))) for p in PROGRAMS)
             self.tables = {name: PinnedMap(str(self.pin_dir / name), key, leaf)
                            for name, (key, leaf) in PINNED_MAPS.items()}
         except OSError as exc:
             self.close()
             raise BpfLoadError(f"opening pinned objects in {self.pin_dir}: {exc}") from exc
-        log.info("bpf.loaded", build=tag, compiled=compiled, adopted=adopted,
-                 compile_seconds=round(self.compile_seconds, 3))
+        logs.get(pin_dir=str(self.pin_dir)).info(
+            "bpf.loaded", build=self._tag, compiled=compiled, adopted=self._adopted,
+            compile_seconds=round(self.compile_seconds, 3))
 
-    def _compile(self, flags: list[str], tag: str) -> None:
-        t0 = time.monotonic()
-        out = subprocess.run(
-            [sys.executable, "-m", "smtpguard.datapath.compile", "--bpf-dir",
-             str(self.bpf_dir), "--pin-dir", str(self.pin_dir), "--tag", tag, "--", *flags],
-            capture_output=True, text=True, check=False)
-        self.compile_seconds = time.monotonic() - t0
-        if out.returncode == 0:
+    def _finish(self, child: subprocess.Popen[str]) -> None:
+        _out, err = child.communicate()
+        self.compile_seconds = time.monotonic() - self._started
+        if child.returncode == 0:
             return
-        last = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
+        last = (err.strip().splitlines() or ["(no output)"])[-1]
         if not Path(f"/lib/modules/{os.uname().release}/build").exists():
             raise BpfLoadError(
                 f"compiling {BPF_SOURCE}: no kernel headers at "
                 f"/lib/modules/{os.uname().release}/build (run: make setup)")
-        if "No module named 'bcc'" in out.stderr:
+        if "No module named 'bcc'" in err:
             raise BpfLoadError("bcc is not importable (Debian's python3-bpfcc: make setup)")
-        logs.get().debug("bpf.compile_output", stderr=out.stderr[-4000:])
+        logs.get().debug("bpf.compile_output", stderr=err[-4000:])
         raise BpfLoadError(f"compiling {BPF_SOURCE}: {last}")
 
     def table(self, name: str) -> PinnedMap:
@@ -226,6 +244,7 @@ class Datapath:
         for t in self.tables.values():
             t.close()
         self.tables = {}
+        self._tag = ""  # a later load() looks at the pins afresh
 
     def unpin(self) -> None:
         """Remove the pinned maps and programs (for --cleanup)."""
