@@ -72,14 +72,15 @@ if __name__ == "__main__":
     from pyroute2 import netns as nsmod
 
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
-    for k in ("tap", "veth"):
+    kinds: tuple[Literal["tap", "veth"], ...] = ("tap", "veth")
+    for k in kinds:
         ns = f"sgmany{uuid.uuid4().hex[:5]}"
         nsmod.create(ns)
         try:
             t0 = time.monotonic()
-            made = add_ifaces(ns, count, kind=k)  # type: ignore[arg-type]
+            made = set(add_ifaces(ns, count, kind=k))
 
-            def up() -> int:
+            def up(made: set[str] = made) -> int:
                 with IPRoute() as ipr:
                     return sum(1 for m in ipr.get_links() if m["flags"] & 1
                                and m.get_attr("IFLA_IFNAME") in made)
