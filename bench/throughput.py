@@ -7,6 +7,12 @@ all. Every frame between the two VMs crosses veth-vm1 and veth-vm2 (the tc
 classifiers, both hooks) and the bridge's netfilter hooks.
 
   none       nothing of ours in the hypervisor
+  tc floor   an empty tc program on both hooks of the two VMs' interfaces,
+             attached as smtpguard attaches its own: what any tc classifier
+             costs before it does anything
+  nft floor  empty base chains where smtpguard hooks (bridge and inet
+             prerouting, priority -300): what any nftables enforcement costs
+             a packet before its first rule
   smtpguard  the real agent (BPF on all 1,000 interfaces + nftables), every
              VM in a class with port 25 blocked and a ceiling on 465/587/2525,
              so its per-VM maps hold 1,000 elements
@@ -66,7 +72,12 @@ N = 1000  # VM interfaces in the hypervisor, the lab's two included
 ROUNDS = 7
 SECONDS = 1
 PAYLOAD = 18  # UDP payload bytes: 60-byte frames (64 with FCS)
-CONFIGS = ("none", "smtpguard", "naive")
+CONFIGS = ("none", "tc floor", "nft floor", "smtpguard", "naive")
+FLOOR_TABLE = "sgbench_floor"
+EMPTY = b"""
+#include <uapi/linux/pkt_cls.h>
+int empty(struct __sk_buff *skb) { return TC_ACT_UNSPEC; }
+"""
 TARGET = 0.97
 POLICY = """version: 1
 classes:
@@ -173,6 +184,14 @@ def _detach_all() -> None:
                 attach.detach(ipr, ev.ifindex, ev.ifname)
 
 
+def _attach_empty(fd: int) -> None:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        for name in ("veth-vm1", "veth-vm2"):
+            attach.attach(ipr, ipr.link_lookup(ifname=name)[0], name, fd, fd)
+
+
 def _our_filters() -> int:
     """Interfaces in this namespace with our filter on both hooks."""
     from pyroute2 import IPRoute
@@ -238,6 +257,19 @@ def naive(lab: topology.Lab, ruleset: str | None) -> None:
     listed = _sh(*hv, "list", "chain", "bridge", NAIVE_TABLE, "forward")
     if listed.count("tcp dport 25 drop") != N:
         raise RuntimeError("the naive chain does not hold one rule per VM")
+
+
+def floor(lab: topology.Lab, on: bool) -> None:
+    """Empty base chains at smtpguard's hooks (on), or none (off)."""
+    hv = ["ip", "netns", "exec", lab.hv, "nft"]
+    for fam in ("bridge", "inet"):
+        if on:
+            subprocess.run([*hv, f"add table {fam} {FLOOR_TABLE}; add chain {fam} "
+                            f"{FLOOR_TABLE} p {{ type filter hook prerouting priority -300; "
+                            f"policy accept; }}"], check=True)
+        else:
+            subprocess.run([*hv, "delete", "table", fam, FLOOR_TABLE], capture_output=True,
+                           check=False)
 
 
 def _rx_packets(ns: str) -> int:
@@ -329,6 +361,10 @@ def measure_all() -> tuple[Figures, dict[str, Any]]:
     server: subprocess.Popen[bytes] | None = None
     got: Figures = {c: {"tcp": [], "udp": []} for c in CONFIGS}
     info: dict[str, Any] = {"starts": [], "settle": [], "agent_cpu": []}
+    from bcc import BPF
+
+    empty = BPF(text=EMPTY)
+    empty_fd = empty.load_func(b"empty", BPF.SCHED_CLS).fd
     try:
         topology.up(lab, 2)
         vnets = add_ifaces(lab.hv, N - 2)
@@ -346,6 +382,10 @@ def measure_all() -> tuple[Figures, dict[str, Any]]:
                     info["settle"].append(agent.settle())
                 elif config == "naive":
                     naive(lab, ruleset)
+                elif config == "tc floor":
+                    run_in(lab.hv, lambda: _attach_empty(empty_fd))
+                elif config == "nft floor":
+                    floor(lab, True)
                 else:
                     check_off(lab)
                 cpu, t0 = agent.cpu_seconds(), time.monotonic()
@@ -357,12 +397,17 @@ def measure_all() -> tuple[Figures, dict[str, Any]]:
                     agent.off()
                 elif config == "naive":
                     naive(lab, None)
+                elif config == "tc floor":
+                    run_in(lab.hv, _detach_all)
+                elif config == "nft floor":
+                    floor(lab, False)
     finally:
         if server is not None:
             server.terminate()
             server.wait(10)
         agent.cleanup()
         naive(lab, None)
+        floor(lab, False)
         topology.down(lab)
         shutil.rmtree(tmp, ignore_errors=True)
     return got, info
@@ -438,6 +483,18 @@ def run() -> list[Row]:
                  f"{spread('none', 'udp')}"),
         judged("smtpguard", "udp", "64-byte packets, smtpguard on (1,000 VMs)", "packets/s",
                ""),
+        judged("tc floor", "udp", "64-byte packets, empty tc programs only", "packets/s",
+               "the floor of any tc classifier: an empty program on both hooks of the two "
+               "VMs' interfaces, no tables"),
+        Row(SECTION, "per-packet cost, empty tc programs only", cost("tc floor", True),
+            "us CPU", f"smtpguard {cost('smtpguard', True):.2f} us CPU",
+            note="of smtpguard's per-packet cost, this much is the tc hook itself"),
+        judged("nft floor", "udp", "64-byte packets, empty nftables base chains only",
+               "packets/s", "the floor of any nftables enforcement here: empty base chains "
+               "at bridge and inet prerouting (br_netfilter hands bridged frames to both)"),
+        Row(SECTION, "per-packet cost, empty nftables base chains only", cost("nft floor", True),
+            "us CPU", f"smtpguard {cost('smtpguard', True):.2f} us CPU",
+            note="of smtpguard's per-packet cost, this much is netfilter's hooks being on"),
         Row(SECTION, "per-packet cost, smtpguard on", cost("smtpguard", True), "us CPU",
             f"no agent {1e6 / med('none', 'udp', True):.2f} us CPU/packet",
             note=f"1/pps - 1/pps(no agent), pps per CPU-second, median of the rounds; from "
