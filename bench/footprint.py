@@ -25,6 +25,7 @@ import uuid
 from pathlib import Path
 
 from many import add_ifaces
+from smtpguard.lab.proc import stop
 from smtpguard.netns import run_in
 from table import Row
 
@@ -77,10 +78,8 @@ class Agent:
         return took
 
     def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(30)
-            self.proc = None
+        stop(self.proc, timeout=30)
+        self.proc = None
 
     @property
     def pid(self) -> int:

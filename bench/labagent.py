@@ -20,6 +20,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from smtpguard.lab import topology
+from smtpguard.lab.proc import stop
 from smtpguard.netns import run_in
 
 METRICS = "127.0.0.1:9725"  # inside the lab's hypervisor namespace
@@ -90,13 +91,7 @@ def lab_agent(policy: str, vms: int = 0, routed: int = 0,
             time.sleep(0.1)
         yield lab, agent
     finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc)
         subprocess.run([*sg, "--cleanup"], capture_output=True, check=False)
         topology.down(lab)
         shutil.rmtree(pin, ignore_errors=True)

@@ -63,7 +63,7 @@ from many import add_ifaces
 from smtpguard.datapath import attach
 from smtpguard.datapath.interfaces import dump_links
 from smtpguard.datapath.loader import ensure_bpffs
-from smtpguard.lab import topology
+from smtpguard.lab import proc, topology
 from smtpguard.netns import run_in
 from table import Row, fmt
 
@@ -151,13 +151,7 @@ class Agent:
         return time.monotonic() - t0
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        proc.stop(self.proc)
         self.proc = None
 
     def off(self) -> None:

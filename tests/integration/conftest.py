@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from smtpguard.datapath import attach
 from smtpguard.datapath.interfaces import dump_links
-from smtpguard.lab import topology
+from smtpguard.lab import proc, topology
 from smtpguard.netns import run_in
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,13 +72,7 @@ class AgentProc:
         self.wait_event("agent.started", timeout=60)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        proc.stop(self.proc, sig)
         self.proc = None
 
     def cleanup(self) -> None:
