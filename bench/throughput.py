@@ -59,6 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bpfcost import EMPTY
 from many import add_ifaces
 from smtpguard.datapath import attach
 from smtpguard.datapath.interfaces import dump_links
@@ -74,10 +75,6 @@ SECONDS = 1
 PAYLOAD = 18  # UDP payload bytes: 60-byte frames (64 with FCS)
 CONFIGS = ("none", "tc floor", "nft floor", "smtpguard", "naive")
 FLOOR_TABLE = "sgbench_floor"
-EMPTY = b"""
-#include <uapi/linux/pkt_cls.h>
-int empty(struct __sk_buff *skb) { return TC_ACT_UNSPEC; }
-"""
 TARGET = 0.97
 POLICY = """version: 1
 classes:
@@ -357,7 +354,7 @@ def measure_all() -> tuple[Figures, dict[str, Any]]:
     info: dict[str, Any] = {"starts": [], "settle": [], "agent_cpu": []}
     from bcc import BPF
 
-    empty = BPF(text=EMPTY)
+    empty = BPF(text=EMPTY)  # the same empty program as bpfcost's baseline
     empty_fd = empty.load_func(b"empty", BPF.SCHED_CLS).fd
     try:
         topology.up(lab, 2)
