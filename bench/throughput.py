@@ -34,7 +34,8 @@ neighbours move far less (1-3% run to run for small packets; TCP bulk stays
 noisier, 5-15%, so read its verdict with the per-round spread in its note).
 For UDP the receiving iperf3 is left out (it spins on recv whatever arrives;
 the delivery into vm2 runs in the sender's context). Raw throughput and its
-ratio are reported beside it. Configurations are interleaved over ROUNDS;
+ratio are reported beside it. Configurations are interleaved over ROUNDS, each
+round starting at the next configuration;
 figures are medians, ratios the median of each round's ratio to that round's
 no-agent run. Between rounds the agent is switched off (filters detached,
 tables deleted) and restarted on its pinned build, as a restart would, and
@@ -71,7 +72,7 @@ from table import Row, fmt
 SECTION = "1 throughput"
 N = 1000  # VM interfaces in the hypervisor, the lab's two included
 ROUNDS = 7
-SECONDS = 1
+SECONDS = 2
 PAYLOAD = 18  # UDP payload bytes: 60-byte frames (64 with FCS)
 CONFIGS = ("none", "tc floor", "nft floor", "smtpguard", "naive")
 FLOOR_TABLE = "sgbench_floor"
@@ -365,8 +366,10 @@ def measure_all() -> tuple[Figures, dict[str, Any]]:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         ksoftirqd = _ksoftirqd()
         time.sleep(0.3)
-        for _ in range(ROUNDS):
-            for config in CONFIGS:
+        for r in range(ROUNDS):
+            # Each round starts at another configuration: a position in the
+            # round (right after an agent stopped, say) favours none of them.
+            for config in CONFIGS[r % len(CONFIGS):] + CONFIGS[:r % len(CONFIGS)]:
                 if config == "smtpguard":
                     info["starts"].append(agent.start())
                     info["coverage"] = check_on(lab)
