@@ -71,6 +71,21 @@ BPF_TABLE_PINNED("array", __u32, __u64, smtp_full, FULL_SLOTS,
  * when nothing happens. Mostly read, so CPUs share the cache line. */
 BPF_TABLE_PINNED("array", __u32, __u32, smtp_wake, 1,
 		 PIN_DIR "/smtp_wake", BPF_F_MMAPABLE);
+/* ... and when the word goes from 0 to 1, one record in this ring, whose fd
+ * the agent waits on (epoll), so it sleeps until there is something to do:
+ * at most one record per agent cycle. BPF_RINGBUF_OUTPUT spelled out, as bcc
+ * has no pinned form of it. */
+struct smtp_wake_ring_table_t {
+	int key;
+	u32 leaf;
+	int (*ringbuf_output)(void *, u64, u64);
+	void *(*ringbuf_reserve)(u64);
+	void (*ringbuf_discard)(void *, u64);
+	void (*ringbuf_submit)(void *, u64);
+	u32 max_entries;
+};
+__attribute__((section("maps/ringbuf:" PIN_DIR "/smtp_wake_ring")))
+struct smtp_wake_ring_table_t smtp_wake_ring = { .max_entries = 4096 };
 
 /* Never written: the zero value a new sketch starts from (too big for the
  * stack). */
@@ -334,8 +349,14 @@ static __always_inline void wake_agent(void)
 	__u32 zero = 0;
 	__u32 *w = smtp_wake.lookup(&zero);
 
-	if (w && !*w)
+	if (w && !*w) {
+		__u32 one = 1;
+
 		*w = 1;
+		/* Two CPUs may both get here: two records, one wake-up. A full
+		 * ring is harmless: the agent also looks at the word each tick. */
+		smtp_wake_ring.ringbuf_output(&one, sizeof(one), 0);
+	}
 }
 
 static __always_inline void count_destination(__u32 ifindex, const __u8 *daddr,

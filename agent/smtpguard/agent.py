@@ -34,7 +34,7 @@ from smtpguard.sdnotify import Notifier
 DEFAULT_PIN_DIR = Path("/sys/fs/bpf/smtpguard/default")
 DEFAULT_STATE_DIR = Path("/var/lib/smtpguard")
 DEFAULT_METRICS = "127.0.0.1:9725"
-POLL = 0.01  # seconds between looks at the doorbell and the command queue
+POLL = 0.25  # the longest the loop sleeps (it also wakes on events, commands, the bell)
 
 
 @dataclass
@@ -79,6 +79,7 @@ class Agent:
         self._next_detect = 0.0
         self._earliest_detect = 0.0
         self._bell: Doorbell | None = None
+        self._listener: threading.Thread | None = None
         # Possibly prepared already (compiling while the CLI imported us).
         self.datapath = datapath or Datapath(cfg.pin_dir, cfg.sizes)
         self.log = logs.get()
@@ -101,6 +102,8 @@ class Agent:
         ensure_bpffs(self.cfg.bpffs)
         self.datapath.load()
         self._bell = self.datapath.doorbell()
+        self._listener = threading.Thread(target=self._listen, name="doorbell", daemon=True)
+        self._listener.start()
         self._apply_datapath_policy()
         self._monitor.start()  # subscribe before the dump: nothing falls between
         self._ipr = IPRoute()
@@ -187,8 +190,10 @@ class Agent:
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
         if self._bell is not None:
-            self._bell.close()
-            self._bell = None
+            bell, self._bell = self._bell, None
+            if self._listener is not None:
+                self._listener.join(2 * POLL)
+            bell.close()
         self.datapath.close()
         self.log.info("agent.stopped", interfaces=len(self.ifaces))
 
@@ -203,8 +208,10 @@ class Agent:
             self._serve_commands()
             self._detect()
             try:
-                ev = self._monitor.events.get(timeout=min(timeout, POLL))
+                ev = self._monitor.events.get(timeout=self._wait(timeout))
             except queue.Empty:
+                ev = None
+            if ev is None:  # a wake-up (the doorbell, a command) or a timeout
                 if self._reload.is_set():
                     break
                 continue
@@ -212,9 +219,11 @@ class Agent:
             self.on_link(ev)
             while True:  # a burst (VMs starting, our own attaches) is one update
                 try:
-                    self.on_link(self._monitor.events.get_nowait())
+                    more = self._monitor.events.get_nowait()
                 except queue.Empty:
                     break
+                if more is not None:
+                    self.on_link(more)
             if self.ifaces is not before:
                 self._enforce_vms()
         if self._reload.is_set():
@@ -236,6 +245,22 @@ class Agent:
             self.log.error("agent.housekeeping_failed", error=str(exc))
             self.log.debug("agent.housekeeping_failed", exc_info=True)
 
+    def _wait(self, timeout: float) -> float:
+        """How long the loop may sleep: until the tick ends, the next periodic
+        detection, or, with the bell rung while detection was held back, the
+        earliest it may run again; at most POLL (signals, reloads)."""
+        now = self.clock()
+        wait = min(timeout, POLL, self._next_detect - now)
+        if self._bell is not None and self._bell.pending():
+            wait = min(wait, self._earliest_detect - now)
+        return max(wait, 0.001)
+
+    def _listen(self) -> None:
+        """The doorbell's thread: a record in the ring wakes the loop."""
+        while not self._stop.is_set() and self._bell is not None:
+            if self._bell.wait(POLL):
+                self._monitor.events.put(None)
+
     def _detect(self) -> None:
         """Detection when the classifier rang or detect_interval passed. A busy
         host (the bell ringing all the time) gets at most a third of a CPU."""
@@ -255,6 +280,7 @@ class Agent:
         """Called on the control thread: run `req` on the main loop, wait."""
         fut: Future[dict[str, Any]] = Future()
         self.commands.put((req, fut))
+        self._monitor.events.put(None)  # wake the loop
         return fut.result(timeout=30)
 
     def _serve_commands(self) -> None:

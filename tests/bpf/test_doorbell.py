@@ -30,3 +30,23 @@ def test_a_new_attempt_rings_and_a_retransmission_does_not(dp: Datapath) -> None
         assert bell.rung() and not bell.rung()  # two changes, one ring
     finally:
         bell.close()
+
+
+def test_the_ring_wakes_a_sleeper_once_per_ring(dp: Datapath) -> None:
+    """A record per 0 -> 1 of the word: the agent sleeps on the ring, wakes
+    on a new attempt, and is not woken again until it answered."""
+    bell = dp.doorbell()
+    try:
+        bell.rung()
+        while bell.wait(0.01):  # what earlier tests left
+            pass
+        assert not bell.wait(0.05)
+        run_prog(dp.ingress_fd, f.syn4(seq=400))
+        assert bell.wait(1.0)
+        run_prog(dp.ingress_fd, f.syn4(seq=401))  # the word is still set: no record
+        assert not bell.wait(0.05)
+        assert bell.rung()
+        run_prog(dp.ingress_fd, f.syn4(seq=402))
+        assert bell.wait(1.0)
+    finally:
+        bell.close()

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from smtpguard.datapath import compile as bpfcompile
-from smtpguard.datapath.loader import PINNED_MAPS, default_bpf_dir, ensure_bpffs
+from smtpguard.datapath.loader import PINNED_MAPS, WAKE_RING, default_bpf_dir, ensure_bpffs
 
 
 @pytest.fixture(scope="module")
@@ -57,4 +57,4 @@ def test_every_pinned_map_has_a_mirror() -> None:
     would never be checked for a stale shape, opened or forgotten."""
     source = (default_bpf_dir() / bpfcompile.BPF_SOURCE).read_text()
     pinned = set(re.findall(r'PIN_DIR "/(\w+)"', source))
-    assert pinned == set(PINNED_MAPS)
+    assert pinned == {*PINNED_MAPS, WAKE_RING}

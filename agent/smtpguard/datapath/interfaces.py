@@ -93,7 +93,8 @@ class LinkMonitor:
     sockets belong to the thread that made them)."""
 
     def __init__(self) -> None:
-        self.events: queue.Queue[LinkEvent] = queue.Queue()
+        # None: a wake-up for the agent's loop from another thread
+        self.events: queue.Queue[LinkEvent | None] = queue.Queue()
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="link-monitor", daemon=True)

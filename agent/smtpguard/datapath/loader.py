@@ -29,6 +29,9 @@ from smtpguard.errors import BpfLoadError
 
 PINNED_MAPS: dict[str, tuple[type[Any], type[Any]]] = {
     **maps.MIRRORS, "smtp_ports": (ctypes.c_uint32, ctypes.c_uint8)}
+# Ring buffers have no keys or values to mirror or check, and hold no
+# per-VM data: the doorbell opens this one itself.
+WAKE_RING = "smtp_wake_ring"
 
 
 def default_bpf_dir() -> Path:
@@ -193,7 +196,7 @@ class Datapath:
 
     def doorbell(self) -> Doorbell:
         """The word the classifier sets when counts change (see doorbell.py)."""
-        return Doorbell(self.table("smtp_wake").fd)
+        return Doorbell(self.table("smtp_wake").fd, str(self.pin_dir / WAKE_RING))
 
     def set_ports(self, ports: Iterable[int]) -> None:
         """Mark exactly these ports as SMTP, in one batch update."""
