@@ -250,9 +250,11 @@ class Agent:
         detection, or, with the bell rung while detection was held back, the
         earliest it may run again; at most POLL (signals, reloads)."""
         now = self.clock()
-        wait = min(timeout, POLL, self._next_detect - now)
-        if self._bell is not None and self._bell.pending():
-            wait = min(wait, self._earliest_detect - now)
+        wait = min(timeout, POLL)
+        if self.responder is not None:
+            wait = min(wait, self._next_detect - now)
+            if self._bell is not None and self._bell.pending():
+                wait = min(wait, self._earliest_detect - now)
         return max(wait, 0.001)
 
     def _listen(self) -> None:

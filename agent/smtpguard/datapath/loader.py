@@ -163,7 +163,11 @@ class Datapath:
         compiled = self._child is not None
         if self._child is not None:
             child, self._child = self._child, None
-            self._finish(child)
+            try:
+                self._finish(child)
+            except BpfLoadError:
+                self._tag = ""  # a later load() starts over
+                raise
         try:
             self.ingress_fd, self.egress_fd = (
                 obj_get(str(prog_pin(self.pin_dir, p, self._tag))) for p in PROGRAMS)
