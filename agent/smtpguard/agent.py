@@ -259,8 +259,11 @@ class Agent:
 
     def _listen(self) -> None:
         """The doorbell's thread: a record in the ring wakes the loop."""
-        while not self._stop.is_set() and self._bell is not None:
-            if self._bell.wait(POLL):
+        while not self._stop.is_set():
+            bell = self._bell  # shutdown() clears it, then joins us
+            if bell is None:
+                return
+            if bell.wait(POLL):
                 self._monitor.events.put(None)
 
     def _detect(self) -> None:

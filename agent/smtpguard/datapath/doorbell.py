@@ -29,6 +29,8 @@ class Doorbell:
                                    mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
         self._producer = mmap.mmap(self._ring, mmap.PAGESIZE, mmap.MAP_SHARED,
                                    mmap.PROT_READ, offset=mmap.PAGESIZE)
+        self._poll = select.poll()
+        self._poll.register(self._ring, select.POLLIN)
 
     def pending(self) -> bool:
         """Whether the bell rang and was not answered yet."""
@@ -44,9 +46,7 @@ class Doorbell:
     def wait(self, timeout: float) -> bool:
         """Sleep until a record arrives (True) or timeout passes; skips the
         records, so the ring is quiet until the word is cleared and set again."""
-        p = select.poll()
-        p.register(self._ring, select.POLLIN)
-        if not p.poll(int(timeout * 1000)):
+        if not self._poll.poll(int(timeout * 1000)):
             return False
         head = struct.unpack_from("=Q", self._producer, 0)[0]
         struct.pack_into("=Q", self._consumer, 0, head)
