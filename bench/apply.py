@@ -17,7 +17,7 @@ from typing import Any
 from smtpguard.enforce.desired import Action, Desired
 from smtpguard.enforce.nftables import in_scratch_netns
 from smtpguard.policy import Policy
-from table import Row
+from table import Row, pct
 
 N = 1000
 TRIALS = 50
@@ -29,12 +29,6 @@ def _ms(fn: Callable[[], Any]) -> float:
     t0 = time.perf_counter()
     fn()
     return (time.perf_counter() - t0) * 1000
-
-
-def pct(values: list[float], p: float) -> float:
-    """Nearest-rank percentile."""
-    s = sorted(values)
-    return s[max(0, min(len(s) - 1, -(-int(p * len(s)) // 100) - 1))]
 
 
 def measure(make: Callable[[], Any]) -> dict[str, float]:

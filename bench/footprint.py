@@ -24,6 +24,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from labagent import cpu_seconds
 from many import add_ifaces
 from smtpguard.lab.proc import stop
 from smtpguard.netns import run_in
@@ -34,12 +35,6 @@ SECTION_CPU = "8 agent CPU"
 METRICS = "127.0.0.1:9725"
 IDLE_SECONDS = 20.0
 SCRAPES = 10
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
 
 
 def rss_mb(pid: int) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,12 @@ from smtpguard.lab.proc import stop
 from smtpguard.netns import run_in
 
 METRICS = "127.0.0.1:9725"  # inside the lab's hypervisor namespace
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a running process (or kernel thread)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass

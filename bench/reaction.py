@@ -24,7 +24,7 @@ import time
 from labagent import lab_agent
 from smtpguard.lab import topology
 from smtpguard.netns import run_in
-from table import Row
+from table import Row, pct
 
 TRIALS = 100
 ATTEMPTS = 10  # the threshold: this many attempts in a minute blocks
@@ -73,12 +73,6 @@ def trial(ns: str, dest: str) -> float:
         raise RuntimeError(f"{ns}: not stopped within 10 s")
 
     return run_in(ns, run)
-
-
-def pct(values: list[float], p: float) -> float:
-    """Nearest-rank percentile."""
-    s = sorted(values)
-    return s[max(0, min(len(s) - 1, -(-int(p * len(s)) // 100) - 1))]
 
 
 def run(trials: int = TRIALS) -> list[Row]:

@@ -28,6 +28,12 @@ class Row:
         return "-" if self.ok is None else "met" if self.ok else "MISSED"
 
 
+def pct(values: list[float], p: float) -> float:
+    """Nearest-rank percentile."""
+    s = sorted(values)
+    return s[max(0, min(len(s) - 1, -(-int(p * len(s)) // 100) - 1))]
+
+
 def fmt(v: float) -> str:
     if v == 0:
         return "0"

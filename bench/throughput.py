@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import resource
 import shutil
 import statistics
@@ -61,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from bpfcost import EMPTY
+from labagent import cpu_seconds
 from many import add_ifaces
 from smtpguard.datapath import attach
 from smtpguard.datapath.interfaces import dump_links
@@ -134,7 +134,7 @@ class Agent:
 
     def cpu_seconds(self) -> float:
         """User + system CPU the running agent has used."""
-        return 0.0 if self.proc is None else _cpu(self.proc.pid)
+        return 0.0 if self.proc is None else cpu_seconds(self.proc.pid)
 
     def settle(self, timeout: float = 20) -> float:
         """Wait until the agent idles (under 10% of a CPU for a second): a
@@ -275,12 +275,6 @@ def _rx_packets(ns: str) -> int:
     return run_in(ns, read)
 
 
-def _cpu(pid: int) -> float:
-    """User + system CPU seconds of a running process (or kernel thread)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _ksoftirqd() -> list[int]:
     pids = []
     for comm in Path("/proc").glob("[0-9]*/comm"):
@@ -306,8 +300,8 @@ def iperf(lab: topology.Lab, udp: bool, server: int, ksoftirqd: list[int]) -> Fl
     def flow_cpu() -> float:
         """The client counts once reaped (our children's rusage)."""
         reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return (reaped.ru_utime + reaped.ru_stime + sum(map(_cpu, ksoftirqd))
-                + (0 if udp else _cpu(server)))
+        return (reaped.ru_utime + reaped.ru_stime + sum(map(cpu_seconds, ksoftirqd))
+                + (0 if udp else cpu_seconds(server)))
 
     for attempt in range(5):
         before, cpu0 = _rx_packets(lab.vm_ns("vm2")), flow_cpu()
