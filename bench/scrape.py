@@ -43,7 +43,7 @@ def fill(dp: Datapath, ports: tuple[int, ...]) -> dict[int, VmIface]:
                                                              packets=i * 20, bytes=i * 1500)
         sk = maps.DestSketch()
         for s in range(3):
-            sk.fine[s].epoch = now_epoch - s
+            sk.fine[s].epoch = (now_epoch - s) | maps.SLOT_LIVE
             sk.fine[s].bits[0] = 0xFF << s
             sk.fine[s].reg[s] = 3
         dests[ctypes.c_uint32(ifindex)] = sk

@@ -99,8 +99,15 @@ struct recent_val {
 	__u64 last_ns;		/* and of the newest */
 };
 
+/* A slot's epoch is (clock >> shift) | SLOT_LIVE: the live bit tells a
+ * written slot from an empty one (all zeros), so epoch 0 (the first
+ * 8.6 s / 4.6 min after boot) counts like any other. Slots written before
+ * the bit existed hold the bare epoch, which readers still accept (and the
+ * classifier re-tags in place when it writes to the same epoch again). */
+#define SLOT_LIVE (1ULL << 63)
+
 struct hll_slot {
-	__u64 epoch;		/* ktime / slot length; a stale epoch means empty */
+	__u64 epoch;		/* (clock >> shift) | SLOT_LIVE; 0: never written */
 	__u64 bits[LC_WORDS];
 	__u8 reg[HLL_REGS];
 };
@@ -120,6 +127,10 @@ struct dest_sketch {
 
 struct smtp_config {
 	__u64 no_answer_ns;
+	/* Added to bpf_ktime_get_ns() for the sketch's time slots only: 0 in
+	 * production; tests move it to put attempts in the first slots after
+	 * boot without waiting for a reboot. */
+	__u64 slot_offset_ns;
 };
 
 #endif /* SMTP_COMMON_H */

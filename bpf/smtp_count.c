@@ -312,19 +312,24 @@ static __always_inline void hll_add(struct hll_slot *s, __u64 epoch, __u32 h)
 	__u32 idx = h & (HLL_REGS - 1);
 	__u32 bit = (h >> (32 - 11)) & (LC_BITS - 1);
 	__u8 rank = hll_rank(h >> HLL_BITS);
+	__u64 tagged = epoch | SLOT_LIVE;
 
 	/* Reusing a slot of an old epoch: racy across CPUs, so a bit or
 	 * register set during the reset may be lost, which lowers the estimate
-	 * by at most one destination. */
-	if (s->epoch != epoch) {
-		__u64 *r = (__u64 *)s->reg;
+	 * by at most one destination. A slot of this epoch written before the
+	 * live bit existed keeps its bits and only gets the tag. Compared before
+	 * it is stored: a store on every SYN would bounce the line across CPUs. */
+	if (s->epoch != tagged) {
+		if ((s->epoch & ~SLOT_LIVE) != epoch) {
+			__u64 *r = (__u64 *)s->reg;
 #pragma unroll
-		for (int i = 0; i < LC_WORDS; i++)
-			s->bits[i] = 0;
+			for (int i = 0; i < LC_WORDS; i++)
+				s->bits[i] = 0;
 #pragma unroll
-		for (int i = 0; i < HLL_REGS / 8; i++)
-			r[i] = 0;
-		s->epoch = epoch;
+			for (int i = 0; i < HLL_REGS / 8; i++)
+				r[i] = 0;
+		}
+		s->epoch = tagged;
 	}
 	/* Read first: a destination seen before in this slot finds its bit
 	 * set, and a read leaves the line shared by the VM's CPUs where a
@@ -359,6 +364,16 @@ static __always_inline void wake_agent(void)
 	}
 }
 
+/* The sketch's slot clock: bpf_ktime_get_ns() plus the configured offset
+ * (0 but in tests). An inlined array lookup, on new attempts only. */
+static __always_inline __u64 slot_clock(__u64 now)
+{
+	__u32 zero = 0;
+	struct smtp_config *c = smtp_config.lookup(&zero);
+
+	return c ? now + c->slot_offset_ns : now;
+}
+
 static __always_inline void count_destination(__u32 ifindex, const __u8 *daddr,
 					      __u64 now)
 {
@@ -380,6 +395,7 @@ static __always_inline void count_destination(__u32 ifindex, const __u8 *daddr,
 		}
 	}
 	h = addr_hash(daddr);
+	now = slot_clock(now);
 	fine = now >> FINE_SLOT_SHIFT;
 	coarse = now >> COARSE_SLOT_SHIFT;
 	hll_add(&d->fine[fine & (FINE_SLOTS - 1)], fine, h);

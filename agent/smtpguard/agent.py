@@ -345,6 +345,7 @@ class Agent:
     def _apply_datapath_policy(self) -> None:
         self.datapath.set_ports(self.policy.smtp_ports)
         self.datapath.set_no_answer(self.policy.datapath.no_answer_after)
+        self.datapath.set_slot_offset(0)  # the kernel's clock as it is (tests move it)
 
     # -- interfaces --------------------------------------------------------
     def reconcile(self) -> None:

@@ -138,8 +138,9 @@ class Datapath:
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         stale = stale_pins(self.pin_dir, self.sizes)
         if stale:
-            # Counters cannot be carried into maps of another shape.
-            for name in PINNED_MAPS:
+            # What a map of another shape held cannot be carried over; the
+            # others keep their counters (the new build opens them).
+            for name in stale:
                 with contextlib.suppress(FileNotFoundError):
                     (self.pin_dir / name).unlink()
             logs.get(pin_dir=str(self.pin_dir)).warning("datapath.maps_recreated",
@@ -210,8 +211,24 @@ class Datapath:
         self.table("smtp_ports").update_batch(keys, values)
 
     def set_no_answer(self, seconds: float) -> None:
-        self.table("smtp_config")[ctypes.c_uint32(0)] = maps.SmtpConfig(
-            no_answer_ns=int(seconds * 1e9))
+        self._config(no_answer_ns=int(seconds * 1e9))
+
+    def set_slot_offset(self, offset_ns: int) -> None:
+        """Shift the sketch's slot clock (tests only: 0 in production). Readers
+        then take their `now` from slot_now()."""
+        self._config(slot_offset_ns=offset_ns % (1 << 64))
+
+    def slot_now(self) -> int:
+        """CLOCK_MONOTONIC as the sketch's slots see it (with the offset)."""
+        off = int(self.table("smtp_config")[ctypes.c_uint32(0)].slot_offset_ns)
+        return (time.monotonic_ns() + off) % (1 << 64)
+
+    def _config(self, **fields: int) -> None:
+        table = self.table("smtp_config")
+        cfg = table[ctypes.c_uint32(0)]
+        for k, v in fields.items():
+            setattr(cfg, k, v)
+        table[ctypes.c_uint32(0)] = cfg
 
     def fill(self) -> dict[str, tuple[int, int, int]]:
         """map -> (entries, capacity, times the classifier found it full), for

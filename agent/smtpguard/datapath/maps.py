@@ -17,6 +17,7 @@ FINE_SLOTS = 8
 COARSE_SLOTS = 16
 FINE_SLOT_SHIFT = 33  # 8.6 s
 COARSE_SLOT_SHIFT = 38  # 4.6 min
+SLOT_LIVE = 1 << 63  # a written slot's epoch carries it (SLOT_LIVE in bpf/smtp_common.h)
 
 FAMILY_V4 = 4
 FAMILY_V6 = 6
@@ -100,7 +101,15 @@ class DestSketch(ctypes.Structure):
 
 # Must stay in sync with struct smtp_config in bpf/smtp_common.h
 class SmtpConfig(ctypes.Structure):
-    _fields_ = [("no_answer_ns", ctypes.c_uint64)]
+    _fields_ = [("no_answer_ns", ctypes.c_uint64), ("slot_offset_ns", ctypes.c_uint64)]
+
+
+def slot_epoch(raw: int) -> int | None:
+    """A sketch slot's epoch (clock >> shift), or None for a slot never written.
+    Slots written before the live bit existed hold the bare epoch: still read."""
+    if raw & SLOT_LIVE:
+        return raw & ~SLOT_LIVE
+    return raw or None
 
 
 MIRRORS: dict[str, tuple[type[ctypes.Structure] | type[ctypes.c_uint32], type]] = {

@@ -9,7 +9,7 @@ from typing import Any
 
 from smtpguard.datapath import distinct
 from smtpguard.datapath.distinct import Sketch
-from smtpguard.datapath.maps import COARSE_SLOT_SHIFT, FINE_SLOT_SHIFT
+from smtpguard.datapath.maps import COARSE_SLOT_SHIFT, FINE_SLOT_SHIFT, slot_epoch
 
 # window name -> (which tier, slot length as a shift of ns, slots merged):
 # the current slot and the full ones before it, 51-60 s and 55-60 min.
@@ -60,13 +60,19 @@ def read_ports(table: Any) -> dict[int, dict[int, PortCounts]]:
     return out
 
 
+def _in_window(slot: Any, cur: int, n: int) -> bool:
+    """The slot was written in one of the n epochs up to cur."""
+    e = slot_epoch(slot.epoch)
+    return e is not None and cur - n < e <= cur
+
+
 def window_sketches(sketch: Any, now_ns: int) -> dict[str, Sketch]:
     """One interface's sketch, merged over the slots inside each window."""
     out = {}
     for window, (tier, shift, n) in WINDOWS.items():
         cur = now_ns >> shift
         out[window] = distinct.merge(distinct.from_slot(s) for s in getattr(sketch, tier)
-                                     if cur - n < s.epoch <= cur)
+                                     if _in_window(s, cur, n))
     return out
 
 
@@ -113,5 +119,6 @@ def sketch_over(sketch: Any, now_ns: int, window_s: float, since_ns: int = 0) ->
     slot_ns = 1 << shift
     cur = now_ns >> shift
     n = max(1, -(-int(window_s * 1e9) // slot_ns))  # ceil
-    return distinct.merge(distinct.from_slot(s) for s in getattr(sketch, tier)
-                          if cur - n < s.epoch <= cur and (s.epoch << shift) >= since_ns)
+    return distinct.merge(
+        distinct.from_slot(s) for s in getattr(sketch, tier)
+        if _in_window(s, cur, n) and (slot_epoch(s.epoch) or 0) << shift >= since_ns)
