@@ -112,11 +112,12 @@ class Agent:
             self.snapshot, lambda: self.ifaces, lambda: self.datapath.loaded, self.health,
             self.datapath.fill)]
         if self.cfg.enforce:
-            from smtpguard.enforce.select import construct
+            from smtpguard.enforce.select import construct, remove_other_real
 
             requested = self.cfg.backend or self.policy.enforcement.backend
             enforcer = construct(requested)  # type: ignore[arg-type]
             self.log.info("enforce.backend", backend=enforcer.name, requested=requested)
+            remove_other_real(enforcer.name)
             self.keeper = Keeper(enforcer, self.policy, self.clock)
             self.keeper.start(self.ifaces)
             collectors.append(EnforcementCollector(self.keeper.enforcer, lambda: self.ifaces))

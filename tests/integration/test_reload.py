@@ -92,3 +92,22 @@ def test_sighup_reloads_and_a_broken_file_keeps_the_running_policy(tmp_path: Pat
         assert "No such file or directory" in ev["errors"][0]
         assert send(lab, "vm1", 3, port=30001) == {"refused": 3}
         assert agent.counter(ATTEMPTS, vm="vm1", port="30001") == 3
+
+
+def test_an_emptied_policy_file_is_rejected_and_the_running_policy_stays(
+        tmp_path: Path) -> None:
+    """A truncated write (config management leaving an empty or comment-only
+    file) is one located error, not "all defaults": the running policy, with
+    its extra SMTP port, stays in force."""
+    require_root()
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(good(2))
+    with lab_with_agent(tmp_path, 1, policy) as (lab, agent):
+        for n, text in enumerate(["", "# smtpguard policy, being rewritten\n"], start=1):
+            write(policy, text, atomic=n == 2)
+            ev = wait_nth(agent, "policy.rejected", n)
+            assert ev["errors"] == [f"{policy}:1:1: version: required, and this file is "
+                                    "empty (only comments or whitespace)"]
+            assert ev["policy_generation"] == 1
+        assert send(lab, "vm1", 2, port=30002) == {"refused": 2}
+        assert agent.counter(ATTEMPTS, vm="vm1", port="30002") == 2

@@ -13,7 +13,7 @@ from smtpguard.detect.windows import VmWindows, Windows
 from smtpguard.policy import load_text
 from smtpguard.policy.model import Threshold, VmClass
 
-CLS = load_text("""
+CLS = load_text("""version: 1
 classes:
   default:
     thresholds:

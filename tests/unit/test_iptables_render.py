@@ -16,7 +16,7 @@ from smtpguard.policy.units import Rate
 
 GOLDEN = Path(__file__).parent / "golden" / "iptables.rules"
 NOW = 1_800_000_000.0
-POLICY = load_text("""
+POLICY = load_text("""version: 1
 relays: [198.51.100.25/32, "2001:db8:25::/64"]
 classes:
   default: {}
@@ -99,7 +99,8 @@ def test_hashlimit_rates(rate: int, per: int, want: str) -> None:
 
 
 def test_more_ports_than_one_multiport_match_holds() -> None:
-    pol = load_text("smtp_ports: [" + ", ".join(str(p) for p in range(2000, 2020)) + "]\n"
+    ports = ", ".join(str(p) for p in range(2000, 2020))
+    pol = load_text("version: 1\nsmtp_ports: [" + ports + "]\n"
                     "classes: {default: {limited_ports: []}}")
     jumps = R.hook_rules(pol)
     assert [len(j.syn_ports) for j in jumps] == [15, 5]

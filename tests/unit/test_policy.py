@@ -196,6 +196,7 @@ def test_format_duration() -> None:
 
 
 MEMBERS = """
+version: 1
 classes: {default: {}, a: {}, b: {}, c: {}}
 members:
   - {class: a, vm: "mail-*", tenant: acme}
@@ -227,7 +228,7 @@ def test_directory_merge(tmp_path: Path) -> None:
     other lists and values are replaced by the later file; errors point into
     the file that wrote the value."""
     (tmp_path / "10-base.yaml").write_text(
-        "relays: [198.51.100.25/32]\nsmtp_ports: [25, 587]\n"
+        "version: 1\nrelays: [198.51.100.25/32]\nsmtp_ports: [25, 587]\n"
         "classes:\n  default: {port25: block, limited_ports: [587]}\n"
         "  verified: {port25: limit, limited_ports: [587]}\n"
         "members: [{class: verified, tenant: acme}]\n")
@@ -244,10 +245,42 @@ def test_directory_merge(tmp_path: Path) -> None:
     assert str(p.classes["verified"].limit.rate) == "600/hour"  # type: ignore[union-attr]
     assert [m.tenant or m.vm for m in p.members] == ["acme", "mx-*"]
     assert loaded.where("members.1").startswith(str(tmp_path / "50-more.yaml") + ":5:")
+    assert loaded.where("members.0").startswith(str(tmp_path / "10-base.yaml") + ":7:")
     (tmp_path / "60-bad.yaml").write_text("classes:\n  verified: {port25: sometimes}\n")
     with pytest.raises(PolicyErrors) as exc:
         load_path(tmp_path)
     assert exc.value.errors[0].startswith(f"{tmp_path / '60-bad.yaml'}:2:22: classes.verified")
+
+
+@pytest.mark.parametrize("text", [
+    "", "\n\n", "# relays: [198.51.100.25/32]\n", "---\n", "  \n# x\n"])
+def test_an_empty_policy_is_one_located_error(text: str) -> None:
+    """An empty or comment-only file (a truncated write) is not "all
+    defaults": it is one error at FILE:1:1 naming `version`."""
+    assert errors_of(text) == [
+        "p.yaml:1:1: version: required, and this file is empty (only comments or whitespace)"]
+
+
+def test_version_is_required() -> None:
+    """Settings without `version` are an error at 1:1, reported with the others."""
+    assert errors_of("relays: []\n") == [
+        "p.yaml:1:1: version: required (the schema's version: `version: 1`)"]
+    errs = errors_of("\nsmtp_ports: [0]\n")
+    assert errs[0] == "p.yaml:1:1: version: required (the schema's version: `version: 1`)"
+    assert errs[1].startswith("p.yaml:2:14: smtp_ports.0: ")
+
+
+def test_an_empty_file_in_a_directory_is_an_error(tmp_path: Path) -> None:
+    """In a directory too, an empty file is a located error; `version` may be
+    said by any one file."""
+    (tmp_path / "10-base.yaml").write_text("version: 1\nrelays: [198.51.100.25/32]\n")
+    (tmp_path / "50-more.yaml").write_text("members: []\n")
+    load_path(tmp_path)
+    (tmp_path / "60-empty.yaml").write_text("# nothing yet\n")
+    with pytest.raises(PolicyErrors) as exc:
+        load_path(tmp_path)
+    assert exc.value.errors == [f"{tmp_path / '60-empty.yaml'}:1:1: version: required, "
+                                "and this file is empty (only comments or whitespace)"]
 
 
 def test_errors_in_several_files_are_all_reported() -> None:

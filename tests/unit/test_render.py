@@ -35,7 +35,8 @@ def test_rendered_default_ruleset_matches_golden() -> None:
 
 def test_interface_patterns_become_prefix_wildcards() -> None:
     assert render.iface_wildcards(Policy()) == ["fc-*", "tap*", "veth*", "vnet*"]
-    p = load_text("interfaces: {patterns: [{pattern: 'veth*'}, {pattern: 'vethab{vm}'}, "
+    p = load_text("version: 1\n"
+                  "interfaces: {patterns: [{pattern: 'veth*'}, {pattern: 'vethab{vm}'}, "
                   "{pattern: exact0}]}")
     assert render.iface_wildcards(p) == ["exact0", "veth*"]
 
@@ -62,7 +63,8 @@ def test_port25_modes_and_throttle_ports(mode: str, plain: list[object],
                                          throttled: list[object]) -> None:
     """block rejects 25 outright (also when throttled); limit puts 25 under the
     ceiling; a throttle puts every SMTP port not blocked under the tighter one."""
-    pol = load_text(f"classes: {{default: {{port25: {mode}, limited_ports: [465, 587]}}}}")
+    pol = load_text("version: 1\n"
+                    f"classes: {{default: {{port25: {mode}, limited_ports: [465, 587]}}}}")
     chains = render.chains(Desired(pol), "inet", Capabilities())
     assert ports_of(chains["class_default"]) == plain
     assert ports_of(chains["throttle_default"]) == throttled
@@ -112,7 +114,8 @@ def vif(ifindex: int, ifname: str, vm: str, tenant: str | None = None) -> VmIfac
 def test_keeper_classes_vms_and_adopts_kernel_actions() -> None:
     """Start adopts the blocks already in the kernel; VMs get classes by the
     policy's members; vanished interfaces have their counters forgotten."""
-    pol = load_text("classes: {default: {}, gold: {}}\nmembers: [{class: gold, tenant: acme}]")
+    pol = load_text("version: 1\nclasses: {default: {}, gold: {}}\n"
+                    "members: [{class: gold, tenant: acme}]")
     fake = FakeEnforcer()
     fake.state = {"vnet9": Action("block")}
     keeper = Keeper(fake, pol)

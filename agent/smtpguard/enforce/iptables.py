@@ -339,19 +339,22 @@ class IptablesEnforcer:
                 if not self._has_table(fam, name):
                     continue
                 ft = XtTable(self.iptc, fam, name)
+                changed = False
                 for hook in ft.hooks:
                     comments = ft.read_hook(hook)
                     for i in reversed([i for i, c in enumerate(comments)
                                        if R.parse_comment(c)]):
                         ft.delete_at(hook, i)
-                        existed = True
+                        changed = True
                 ours = [c.name for c in ft.table.chains if c.name.startswith(R.PREFIX)]
                 for chain in ours:  # emptied first: they jump to each other
                     ft.table.flush_entries(chain)
                 for chain in ours:
                     ft.table.delete_chain(chain)
-                    existed = True
-                ft.commit(f"removing the smtpguard {fam} {name} chains")
+                    changed = True
+                if changed:  # an unchanged table is not replaced
+                    ft.commit(f"removing the smtpguard {fam} {name} chains")
+                existed |= changed
             self._model = None
             self._nat_model = {}
         return existed

@@ -57,6 +57,23 @@ def in_scratch_netns(fn: Callable[[], T]) -> T:
     return box["r"]
 
 
+def remove_tables(n: Any = None) -> bool:
+    """Delete our tables (bridge and inet `smtpguard`), creating nothing and
+    touching no other table. True if there was anything."""
+    n = n or _nft()
+    existed = False
+    for fam in render.FAMILIES:
+        # Deleted without listing it first: a listing fetches every element
+        # of the dedup sets (seconds once they are full).
+        rc, _out, err = n.json_cmd({"nftables": [
+            {"delete": {"table": {"family": fam, "name": render.TABLE}}}]})
+        if rc == 0:
+            existed = True
+        elif "No such file or directory" not in err:
+            raise EnforcerError(f"deleting table {fam} {render.TABLE}: {err.strip() or rc}")
+    return existed
+
+
 def probe() -> Capabilities:
     """Which families can reject (TCP reset) from prerouting on this kernel."""
     def run() -> Capabilities:
@@ -269,18 +286,8 @@ class NftablesEnforcer:
 
     def remove(self) -> bool:
         """Delete our tables (enforcement off). True if there was anything."""
-        existed = False
-        for fam in render.FAMILIES:
-            # Deleted without listing it first: a listing fetches every element
-            # of the dedup sets (seconds once they are full).
-            with self._lock:
-                rc, _out, err = self.n.json_cmd({"nftables": [
-                    {"delete": {"table": {"family": fam, "name": render.TABLE}}}]})
-            if rc == 0:
-                existed = True
-            elif "No such file or directory" not in err:
-                raise EnforcerError(f"deleting table {fam} {render.TABLE}: {err.strip() or rc}")
-        return existed
+        with self._lock:
+            return remove_tables(self.n)
 
     def _typeof_sets(self, observed: dict[str, dict[str, Any] | None]) -> None:
         """Sets JSON cannot declare; adding them changes no verdict."""

@@ -48,6 +48,40 @@ def choose(requested: Choice, nftables: Callable[[], Enforcer],
         return iptables()
 
 
+def remove_other(running: str, remove: Callable[[], bool]) -> bool:
+    """Remove the other backend's smtpguard objects, in the same start: one
+    left from an earlier run with the other backend would keep rejecting (and
+    counting) the SMTP SYNs first, so the running backend never sees them and
+    its release releases nothing. Only our own objects go; nothing is created
+    (no legacy table where none exists). Logged as one event when there was
+    anything; an error is logged and the start goes on."""
+    other = "iptables" if running == "nftables" else "nftables"
+    try:
+        removed = remove()
+    except (BackendUnavailable, EnforcerError) as exc:
+        logs.get().warning("enforce.other_backend_kept", backend=running, other=other,
+                           error=str(exc), hint="smtpguard --cleanup removes both")
+        return False
+    if removed:
+        logs.get().warning("enforce.other_backend_removed", backend=running, other=other)
+    return removed
+
+
+def remove_other_real(running: str) -> bool:
+    """remove_other() with the real backends."""
+    from smtpguard.enforce.iptables import IptablesEnforcer, legacy_tables_in_use
+    from smtpguard.enforce.nftables import remove_tables
+
+    if running == "nftables":
+        # Without legacy tables there is nothing of ours (and python-iptables
+        # need not even be installed).
+        return remove_other(running, lambda: legacy_tables_in_use() and
+                            IptablesEnforcer().remove())
+    if running == "iptables":
+        return remove_other(running, remove_tables)
+    return False
+
+
 def construct(requested: Choice) -> Enforcer:
     """choose() with the real backends."""
     from smtpguard.enforce.iptables import IptablesEnforcer, legacy_tables_in_use

@@ -181,7 +181,13 @@ def load_documents(docs: list[tuple[str, str]]) -> LoadedPolicy:
         except PolicyErrors as exc:
             errors.extend(exc.errors)
             continue
-        if node is None:
+        if node is None or (isinstance(node, yaml.ScalarNode)
+                            and node.tag == "tag:yaml.org,2002:null"):
+            # An empty or comment-only file is a truncated write (config
+            # management, an editor), not "all defaults": relays and classes
+            # would vanish.
+            errors.append(f"{name}:1:1: version: required, and this file is empty "
+                          "(only comments or whitespace)")
             continue
         if not isinstance(node, yaml.MappingNode):
             errors.append(f"{_mark(node)}: policy: must be a mapping of settings")
@@ -191,18 +197,23 @@ def load_documents(docs: list[tuple[str, str]]) -> LoadedPolicy:
     if errors:
         raise PolicyErrors(errors)
     if root is None:
-        root = yaml.MappingNode("tag:yaml.org,2002:map", [],
-                                yaml.Mark(docs[0][0] if docs else "<policy>", 0, 0, 0, "", 0))
+        raise PolicyErrors([f"{docs[0][0] if docs else '<policy>'}:1:1: version: required"])
+    # Said once for the whole policy: in a directory, any one file may say it.
+    errors = [] if any(isinstance(k, yaml.ScalarNode) and k.value == "version"
+                       for k, _ in root.value) else [
+        f"{root.start_mark.name}:1:1: version: required (the schema's version: `version: 1`)"]
     try:
         data = yaml.SafeLoader("").construct_document(root)
     except yaml.MarkedYAMLError as exc:  # e.g. a tag (`!foo`) no safe constructor knows
         mark = exc.problem_mark or exc.context_mark
         where = f"{mark.name}:{mark.line + 1}:{mark.column + 1}" if mark else _mark(root)
-        raise PolicyErrors([f"{where}: policy: {exc.problem or exc.context}"]) from exc
+        raise PolicyErrors([*errors, f"{where}: policy: {exc.problem or exc.context}"]) from exc
     try:
         policy = Policy.model_validate(data)
     except ValidationError as exc:
-        raise PolicyErrors(_locate(root, exc)) from exc
+        raise PolicyErrors([*errors, *_locate(root, exc)]) from exc
+    if errors:
+        raise PolicyErrors(errors)
     digest = hashlib.sha256("\0".join(t for _, t in docs).encode()).hexdigest()[:12]
     return LoadedPolicy(policy, tuple(n for n, _ in docs), digest, _locations(root))
 
