@@ -13,10 +13,11 @@ import time
 import urllib.request
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from smtpguard import logs
 from smtpguard.errors import LabError
 from smtpguard.lab import topology
 from smtpguard.netns import run_in
@@ -54,6 +55,73 @@ def _scrape(lab: topology.Lab) -> dict[str, dict[str, Any]]:
     return rows
 
 
+class Stop(Exception):
+    """The demo is to end: Ctrl-C, SIGTERM, SIGHUP (its terminal went away), or
+    nobody reads its output any more (a closed pipe, a hung-up terminal)."""
+
+
+class Screen:
+    """The live table. On a terminal it is redrawn in place on the alternate
+    screen, as top and watch do (the scrollback keeps no stale copies), and the
+    last table stays on the normal screen at exit; otherwise plain lines, one
+    per VM and refresh. A write that fails (EPIPE, EIO) means the reader is
+    gone: it raises Stop, and nothing more is written."""
+
+    def __init__(self, out: TextIO, tty: bool) -> None:
+        self.out = out
+        self.tty = tty
+        self.gone = False
+        self._alt = False
+        self._last = ""
+
+    def write(self, text: str) -> None:
+        if self.gone:
+            return
+        try:
+            self.out.write(text)
+            self.out.flush()
+        except OSError as exc:  # BrokenPipeError, or EIO from a hung-up terminal
+            self.hang_up()
+            raise Stop("output closed") from exc
+
+    def hang_up(self) -> None:
+        """Nobody reads any more: whatever is still said (logs, the
+        interpreter's last flush) goes nowhere instead of failing mid-cleanup."""
+        self.gone = True
+        self._alt = False
+        null = open(os.devnull, "w")  # noqa: SIM115 - lives until exit
+        sys.stdout = sys.stderr = null
+        logs.configure("warning", null)
+
+    def say(self, text: str) -> None:
+        """A progress line (never raises: cleanup goes on without a reader)."""
+        with contextlib.suppress(Stop):
+            if self._alt:
+                return  # kept for the normal screen's summary at exit
+            self.write(text + "\n")
+
+    def frame(self, header: str, table: str, rows: list[str]) -> None:
+        if not self.tty:
+            stamp = time.strftime("%H:%M:%S")
+            self.write("".join(f"{stamp} {r}\n" for r in rows))
+            return
+        if not self._alt:
+            self.write("\x1b[?1049h\x1b[?25l")  # alternate screen, cursor hidden
+            self._alt = True
+        self._last = f"{header}\n\n{table}\n"
+        # Home, each line cleared to its end, then everything below: no flicker,
+        # no full-screen clear (which some terminals push into the scrollback).
+        body = "".join(f"{line}\x1b[K\n" for line in self._last.splitlines())
+        self.write(f"\x1b[H{body}\x1b[J")
+
+    def close(self) -> None:
+        """Back to the normal screen, with the last table left on it."""
+        if self._alt:
+            self._alt = False
+            with contextlib.suppress(Stop):
+                self.write("\x1b[?25h\x1b[?1049l" + self._last)
+
+
 def _loop_sender(stop: threading.Event, lab: topology.Lab, args: list[str],
                  pause: float) -> None:
     while not stop.is_set():
@@ -63,10 +131,12 @@ def _loop_sender(stop: threading.Event, lab: topology.Lab, args: list[str],
 
 
 def _table(rows: dict[str, dict[str, Any]], history: dict[str, deque[tuple[float, float]]],
-           now: float) -> str:
+           now: float) -> tuple[str, list[str]]:
+    """The table, and the same figures as plain lines (one per VM)."""
     head = f"{'VM':<6} {'ATTEMPTS':>9} {'PER MIN':>8} {'DEST 1m':>8} {'DONE':>7} " \
            f"{'BLOCKED':>8} {'STATE':<8}  ROLE"
     lines = [head, "-" * len(head)]
+    plain = []
     for vm in sorted(rows):
         r = rows[vm]
         h = history.setdefault(vm, deque())
@@ -79,41 +149,50 @@ def _table(rows: dict[str, dict[str, Any]], history: dict[str, deque[tuple[float
                      f"{r.get('dest_1m', 0):>8.0f} {r.get('completed', 0):>7.0f} "
                      f"{r.get('blocked', 0):>8.0f} {r.get('state', 'ok'):<8}  "
                      f"{ROLES.get(vm, '')}")
-    return "\n".join(lines)
+        plain.append(f"vm={vm} attempts={r.get('attempts', 0):.0f} per_min={rate:.0f} "
+                     f"dest_1m={r.get('dest_1m', 0):.0f} done={r.get('completed', 0):.0f} "
+                     f"blocked={r.get('blocked', 0):.0f} state={r.get('state', 'ok')}")
+    return "\n".join(lines), plain
 
 
-def demo(lab: topology.Lab, duration: float = 0.0) -> None:
-    """Run until Ctrl-C or SIGTERM (or `duration` seconds); always cleans up."""
+def demo(lab: topology.Lab, duration: float = 0.0, out: TextIO | None = None) -> None:
+    """Run until Ctrl-C, SIGTERM, SIGHUP or a closed output (or `duration`
+    seconds); always cleans up: agent, enforcement, sink and namespaces."""
 
     me = os.getpid()
+    out = out or sys.stdout
+    screen = Screen(out, out.isatty())
 
     def interrupt(signum: int, frame: object) -> None:
         # Libraries fork helpers (pyroute2's netns.create does); a helper that
         # inherits this handler must just go, not run our cleanup.
         if os.getpid() != me:
             os._exit(1)
-        raise KeyboardInterrupt
+        if signum == signal.SIGHUP:  # the terminal is gone
+            screen.hang_up()
+        raise Stop(signal.Signals(signum).name)
 
-    signal.signal(signal.SIGTERM, interrupt)
-    if lab.exists():
-        topology.down(lab)  # left over from a killed run
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, interrupt)
     pin_dir = Path(f"/sys/fs/bpf/smtpguard/{lab.prefix}")
     stop = threading.Event()
     agent: subprocess.Popen[bytes] | None = None
     threads: list[threading.Thread] = []
-    tty = sys.stdout.isatty()
     try:
-        print(f"building lab {lab.prefix} (2 VMs, bridge, SMTP sink) ...", flush=True)
+        if lab.exists():
+            topology.down(lab)  # left over from a killed run
+        screen.say(f"building lab {lab.prefix} (2 VMs, bridge, SMTP sink) ...")
         topology.up(lab, 2)
         log_path = lab.state_dir / "agent.log"
-        print(f"starting the agent in {lab.hv} (log: {log_path}) ...", flush=True)
+        screen.say(f"starting the agent in {lab.hv} (log: {log_path}) ...")
         with open(log_path, "ab") as log:
             agent = subprocess.Popen(
                 [*SG, "run", "--netns", lab.hv, "--pin-dir", str(pin_dir),
                  "--state-dir", str(lab.state_dir / "state"), "--metrics-addr", METRICS,
                  "--control-socket", str(lab.state_dir / "control.sock"),
                  "--log-interval", "10"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True)  # our signals are ours to handle, then its turn
         deadline = time.monotonic() + 60
         while True:
             if agent.poll() is not None:
@@ -135,22 +214,26 @@ def demo(lab: topology.Lab, duration: float = 0.0) -> None:
             threads.append(t)
         history: dict[str, deque[tuple[float, float]]] = {}
         start = time.monotonic()
-        while not duration or time.monotonic() - start < duration:
-            rows = _scrape(lab)
-            table = _table(rows, history, time.monotonic())
-            if tty:
-                sys.stdout.write("\x1b[2J\x1b[H")
-            print(f"smtpguard lab {lab.prefix}: live counts from the agent's /metrics; try "
+        header = (f"smtpguard lab {lab.prefix}: live counts from the agent's /metrics; try "
                   f"`smtpguard status --socket {lab.state_dir / 'control.sock'}`\n"
-                  f"Ctrl-C stops and cleans up.\nbuilt-in default policy: port 25 blocked "
-                  f"(except relays), submission ports at 20/minute burst 10, 100 "
-                  f"destinations in a minute blocks a VM for 1h\n\n{table}\n",
-                  flush=True)
+                  "Ctrl-C stops and cleans up.\nbuilt-in default policy: port 25 blocked "
+                  "(except relays), submission ports at 20/minute burst 10, 100 "
+                  "destinations in a minute blocks a VM for 1h\n"
+                  "ATTEMPTS: distinct connection attempts; BLOCKED: those smtpguard "
+                  "rejected (one scrape: never more than ATTEMPTS)")
+        while not duration or time.monotonic() - start < duration:
+            table, plain = _table(_scrape(lab), history, time.monotonic())
+            screen.frame(header, table, plain)
             time.sleep(2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Stop):
         pass
     finally:
-        print("cleaning up ...", flush=True)
+        # A second signal (Ctrl-C again, the hang-up after a SIGTERM) must not
+        # cut the cleanup short.
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        screen.close()
+        screen.say("cleaning up ...")
         stop.set()
         if agent is not None and agent.poll() is None:
             agent.terminate()
@@ -161,3 +244,4 @@ def demo(lab: topology.Lab, duration: float = 0.0) -> None:
         for t in threads:
             t.join(10)
         topology.down(lab)
+        screen.say("lab removed.")
