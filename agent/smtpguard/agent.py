@@ -120,7 +120,10 @@ class Agent:
             remove_other_real(enforcer.name)
             self.keeper = Keeper(enforcer, self.policy, self.clock)
             self.keeper.start(self.ifaces)
-            collectors.append(EnforcementCollector(self.keeper.enforcer, lambda: self.ifaces))
+            # Read before the datapath's counters in each scrape: a SYN is
+            # counted (tc ingress) before nftables can reject it, so rejections
+            # read first never outnumber the attempts read after them.
+            collectors.insert(0, EnforcementCollector(self.keeper.enforcer, lambda: self.ifaces))
         self.responder = Responder(
             self.cfg.state_dir, self.policy, self.datapath.table("smtp_stats"),
             self.datapath.table("smtp_dests"), self.keeper, lambda: self.ifaces,
@@ -279,6 +282,10 @@ class Agent:
         self.responder.detect()
         took = self.clock() - now
         self._next_detect = now + self.cfg.detect_interval
+        wall = time.time()
+        end = self.responder.detector.next_expiry(wall)
+        if end is not None:  # a block ends on time, not up to an interval late
+            self._next_detect = min(self._next_detect, now + (end - wall) + 0.001)
         self._earliest_detect = now + took + max(self.cfg.wake_gap, 2 * took)
 
     # -- the control socket --------------------------------------------------

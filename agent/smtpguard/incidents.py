@@ -187,8 +187,9 @@ def render(inc: dict[str, Any]) -> str:
     lines.append(f"    attempts {act.get('attempts', 0)} to {act.get('destinations', 0)} "
                  "destinations")
     for port, c in sorted((act.get("ports") or {}).items(), key=lambda kv: int(kv[0])):
-        lines.append(f"    port {port}: {c['attempts']} attempts, {c['completed']} completed, "
-                     f"{c['reset']} reset, {c['no_answer']} unanswered")
+        lines.append(f"    port {port}: {c['attempts']} attempts: {c['completed']} completed, "
+                     f"{c.get('rejected', 0)} rejected by smtpguard, {c['reset']} reset, "
+                     f"{c['no_answer']} unanswered, {c.get('pending', 0)} pending")
     lines.append("    top destinations")
     for d in act.get("top_destinations") or []:
         lines.append(f"      {d['address']:<40} {d['attempts']}")

@@ -34,6 +34,44 @@ WINDOWS = (("attempts", 60), ("attempts", 3600), ("blocked_attempts", 600),
            ("failed_handshakes", 600))  # recorded with each incident
 
 
+def outcomes(per_iface: Mapping[int, Mapping[int, Any]], ifindexes: list[int],
+             rejected: Mapping[int, tuple[int, int]]) -> dict[str, dict[str, int]]:
+    """Per port, what became of a VM's attempts, adding up to them: completed,
+    rejected (by smtpguard itself), reset and unanswered (by the other end),
+    pending (no answer yet, or the client gave up before retrying).
+
+    The datapath sees the wire: smtpguard's own TCP reset answers the SYN like
+    a receiver's would, and a SYN it drops is retried until it counts as
+    unanswered. So rejections (distinct attempts, counted by the enforcement)
+    are taken out of the resets where the path rejects with a reset, and out
+    of the unanswered where it drops."""
+    ports: dict[str, dict[str, int]] = {}
+    for ifindex, per_port in per_iface.items():
+        if ifindex not in ifindexes:
+            continue
+        for port, c in per_port.items():
+            p = ports.setdefault(str(port), dict.fromkeys(
+                ("attempts", "completed", "rejected", "reset", "no_answer", "pending",
+                 "retransmits"), 0))
+            for k in ("attempts", "completed", "reset", "no_answer", "retransmits"):
+                p[k] += getattr(c, k)
+    for port, (by_reset, by_drop) in rejected.items():
+        if str(port) not in ports:
+            continue
+        p = ports[str(port)]
+        p["rejected"] = by_reset + by_drop
+        p["reset"] = max(0, p["reset"] - by_reset)
+        p["no_answer"] = max(0, p["no_answer"] - by_drop)
+    for p in ports.values():
+        # Counters read a moment apart may overshoot: the columns still add up.
+        left = max(0, p["attempts"] - p["completed"])
+        for k in ("rejected", "reset", "no_answer"):
+            p[k] = min(p[k], left)
+            left -= p[k]
+        p["pending"] = left
+    return ports
+
+
 class Responder:
     def __init__(self, state_dir: Path, policy: Policy, stats: Any, dests: Any,
                  keeper: Keeper | None, ifaces: Callable[[], Mapping[int, VmIface]],
@@ -202,20 +240,33 @@ class Responder:
         dests = recent.top_destinations(self.recent, idx, limit=None) \
             if self.recent is not None and idx else []
         top = self.detector.policy.incidents.top_destinations
-        ports: dict[str, dict[str, int]] = {}
-        for ifindex, per_port in read_ports(self.stats).items():
-            if ifindex not in idx:
-                continue
-            for port, c in per_port.items():
-                p = ports.setdefault(str(port), {"attempts": 0, "completed": 0, "reset": 0,
-                                                 "no_answer": 0, "retransmits": 0})
-                for k in p:
-                    p[k] += getattr(c, k)
+        ports = outcomes(read_ports(self.stats), idx, self._rejections(vm))
         return {"at": time.time(), "attempts": sum(d.attempts for d in dests),
                 "destinations": len(dests),
                 "top_destinations": [{"address": d.address, "attempts": d.attempts}
                                      for d in dests[:top]],
                 "ports": ports}
+
+    def _rejections(self, vm: str) -> dict[int, tuple[int, int]]:
+        """port -> (attempts smtpguard rejected with a TCP reset, and dropped),
+        for the VM's interfaces, from the enforcement's counters."""
+        if self.keeper is None:
+            return {}
+        names = {v.ifname for v in self._vifs(vm)}
+        caps = self.keeper.enforcer.caps
+        out: dict[int, tuple[int, int]] = {}
+        try:
+            counts = self.keeper.enforcer.blocked_counts()
+        except SmtpguardError as exc:
+            self.log.debug("enforce.counts_failed", error=str(exc))
+            return {}
+        for c in counts:
+            if c.ifname not in names:
+                continue
+            reset = caps.reject_bridge if c.family == "bridge" else caps.reject_inet
+            r, d = out.get(c.port, (0, 0))
+            out[c.port] = (r + c.packets, d) if reset else (r, d + c.packets)
+        return out
 
     def context(self, vm: str, threshold: str | None) -> dict[str, Any]:
         """The class, mode, rule and policy an incident records."""

@@ -57,6 +57,14 @@ class Detector:
         for vm, (at, values) in self.store.samples().items():
             self.windows.vms.setdefault(vm, VmWindows()).add(at - offset, values)
 
+    def next_expiry(self, now: float) -> float | None:
+        """The earliest block, throttle, flag or operator decision to end
+        after now (wall clock), so the loop wakes for it instead of finding it
+        on its next periodic pass."""
+        ends = [t for r in self.records.values()
+                for t in (r.until, r.manual_until, r.flagged_until) if t and t > now]
+        return min(ends, default=None)
+
     def in_force(self) -> list[VmRecord]:
         return [r for r in self.records.values() if r.state in ("blocked", "throttled")]
 

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from smtpguard.policy.model import Threshold, VmClass
+from smtpguard.policy.units import format_duration
 
 RANK = {"ok": 0, "flagged": 1, "throttled": 2, "blocked": 3}
 ACTION_STATE = {"flag": "flagged", "throttle": "throttled", "block": "blocked"}
@@ -65,6 +66,20 @@ class Transition:
 
 Figure = Callable[[Threshold, float], float]  # (threshold, since) -> value
 
+
+
+def figure_text(metric: str, value: float) -> str:
+    """A figure as people read it: distinct destinations are an estimate
+    (a sketch's, within a few percent) and read `~112`; counts are exact."""
+    if metric == "destinations":
+        return f"~{round(value)}"
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:g}"
+
+
+def reason_text(t: Threshold, value: float) -> str:
+    """e.g. `fanout: destinations ~112 >= 100 in 1m`."""
+    return (f"{t.label}: {t.metric} {figure_text(t.metric, value)} >= {t.at_least} "
+            f"in {format_duration(t.window)}")
 
 def block_duration(t: Threshold, cls: VmClass, earlier_blocks: int) -> float:
     """The escalated duration of a block: base x factor^earlier, capped."""
@@ -127,7 +142,7 @@ def decide(rec: VmRecord, cls: VmClass, figure: Figure, blocks_at: Sequence[floa
     t, value = _strongest(fired)
     new = ACTION_STATE[t.action]
     figures = {f.label: v for f, v in fired}
-    reason = f"{t.label}: {t.metric} {value:g} >= {t.at_least} in {t.window:g}s"
+    reason = reason_text(t, value)
     flag_for = max((f.window for f, _ in fired if f.action == "flag"), default=t.window)
     if RANK[new] > RANK[rec.state]:
         if new == "blocked":
