@@ -144,12 +144,18 @@ class XtTable:
         if len(counters) != len(have):  # edited behind our back: start the chain afresh
             self.table.flush_entries(chain)
             have, counters = [], []
-        carry: dict[str, list[tuple[int, int]]] = {}
-        for c, n in zip(have, counters, strict=True):
-            parsed = R.parse_comment(c)
-            if parsed:
-                carry.setdefault(parsed[0], []).append(n)
         ops = difflib.SequenceMatcher(a=have, b=want_c, autojunk=False).get_opcodes()
+        # Only rules that go hand their counts on: a rule that stays keeps its
+        # own, and giving it to a new rule of the same tag too (a throttle's
+        # port-25 rule before the class's) would count those attempts twice.
+        carry: dict[str, list[tuple[int, int]]] = {}
+        for op, i1, i2, _j1, _j2 in ops:
+            if op == "equal":
+                continue
+            for c, n in zip(have[i1:i2], counters[i1:i2], strict=True):
+                parsed = R.parse_comment(c)
+                if parsed:
+                    carry.setdefault(parsed[0], []).append(n)
         for op, i1, i2, j1, j2 in reversed(ops):
             if op == "equal":
                 continue
