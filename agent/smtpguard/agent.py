@@ -18,15 +18,17 @@ from smtpguard import logs, operator_api
 from smtpguard.control import DEFAULT_SOCKET, ControlServer
 from smtpguard.datapath import attach
 from smtpguard.datapath.doorbell import Doorbell
-from smtpguard.datapath.interfaces import LinkEvent, LinkMonitor, VmIface, classify, dump_links
+from smtpguard.datapath.interfaces import LinkEvent, LinkMonitor, VmIface, dump_links
 from smtpguard.datapath.loader import Datapath, Sizes, ensure_bpffs
 from smtpguard.datapath.snapshot import Snapshot, take
 from smtpguard.detect.engine import Detector
 from smtpguard.enforce.keeper import Keeper
 from smtpguard.errors import AttachError, SmtpguardError
+from smtpguard.inventory import patterns
+from smtpguard.inventory.resolve import Resolver
 from smtpguard.metrics import DatapathCollector, EnforcementCollector, Health, serve
 from smtpguard.policy import LoadedPolicy, Policy, load_path
-from smtpguard.policy.membership import VmFacts, place
+from smtpguard.policy.membership import facts_of, place
 from smtpguard.policy.watch import PolicyWatcher
 from smtpguard.respond import Responder
 from smtpguard.sdnotify import Notifier
@@ -87,6 +89,9 @@ class Agent:
         self.ifaces: Mapping[int, VmIface] = {}
         self._ipr: Any = None
         self._monitor = LinkMonitor()
+        self.resolver = Resolver()
+        self.names: dict[str, str] = {}  # vm id -> its name when last seen (status, CLI)
+        self._reidentify = threading.Event()  # a source's mappings changed
         self._forget: set[int] = set()
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -105,6 +110,7 @@ class Agent:
         self._listener = threading.Thread(target=self._listen, name="doorbell", daemon=True)
         self._listener.start()
         self._apply_datapath_policy()
+        self._start_inventory()
         self._monitor.start()  # subscribe before the dump: nothing falls between
         self._ipr = IPRoute()
         self.reconcile()
@@ -119,16 +125,22 @@ class Agent:
             self.log.info("enforce.backend", backend=enforcer.name, requested=requested)
             remove_other_real(enforcer.name)
             self.keeper = Keeper(enforcer, self.policy, self.clock)
-            self.keeper.start(self.ifaces)
             # Read before the datapath's counters in each scrape: a SYN is
             # counted (tc ingress) before nftables can reject it, so rejections
             # read first never outnumber the attempts read after them.
-            collectors.insert(0, EnforcementCollector(self.keeper.enforcer, lambda: self.ifaces))
+            collectors.insert(0, EnforcementCollector(self.keeper.enforcer, lambda: self.ifaces,
+                                                      self.keeper))
         self.responder = Responder(
             self.cfg.state_dir, self.policy, self.datapath.table("smtp_stats"),
             self.datapath.table("smtp_dests"), self.keeper, lambda: self.ifaces,
             lambda: self.generation, self.clock, recent_table=self.datapath.table("smtp_recent"),
             loaded=lambda: self.loaded)
+        self._migrate_state()
+        stored = self.responder.load()
+        if self.keeper is not None:
+            # The VMs' records are the truth; the kernel is adopted only
+            # without a store to say what is in force.
+            self.keeper.start(self.ifaces, self.responder.actions_in_force() if stored else None)
         self.responder.start()
         if self.cfg.metrics_addr:
             self.metrics_server = serve(self.cfg.metrics_addr, *collectors)
@@ -187,6 +199,7 @@ class Agent:
             self.log.debug("agent.final_counts_failed", exc_info=True)
         if self.control is not None:
             self.control.stop()
+        self.resolver.stop()
         if self.responder is not None:
             self.responder.stop()
         if self._watcher is not None:
@@ -218,6 +231,12 @@ class Agent:
             if ev is None:  # a wake-up (the doorbell, a command) or a timeout
                 if self._reload.is_set():
                     break
+                if self._reidentify.is_set():
+                    self._reidentify.clear()
+                    before = self.ifaces
+                    self.reconcile()  # who is behind each interface, asked again
+                    if self.ifaces is not before:
+                        self._enforce_vms()
                 continue
             before = self.ifaces
             self.on_link(ev)
@@ -338,10 +357,13 @@ class Agent:
             self.log.warning("enforce.backend_unchanged", running=self.keeper.enforcer.name,
                              requested=loaded.policy.enforcement.backend,
                              hint="the backend is chosen at start: restart to switch")
+        inventory_changed = loaded.policy.inventory != self.policy.inventory
         self.loaded = loaded
         self.generation += 1
         self.reloads["applied"] += 1
         self._apply_datapath_policy()
+        if inventory_changed:
+            self._start_inventory()
         self.reconcile()
         if self.keeper is not None:
             self.keeper.policy_changed(self.policy, self.ifaces)
@@ -354,6 +376,48 @@ class Agent:
         self.datapath.set_ports(self.policy.smtp_ports)
         self.datapath.set_no_answer(self.policy.datapath.no_answer_after)
         self.datapath.set_slot_offset(0)  # the kernel's clock as it is (tests move it)
+
+    # -- identity ----------------------------------------------------------
+    def _start_inventory(self) -> None:
+        """The policy's identity sources (libvirt, Proxmox), started and given
+        a few seconds to say what they know before the first dump."""
+        from smtpguard.inventory.sources import from_policy
+
+        self.resolver.stop()
+        self.resolver = Resolver(from_policy(self.policy.inventory))
+        self.resolver.start(self._identities_changed)
+        self.resolver.wait_settled(5.0)
+
+    def _identities_changed(self) -> None:
+        """From a source's thread: look every interface up again, soon."""
+        self._reidentify.set()
+        self._monitor.events.put(None)
+
+    def _migrate_state(self) -> None:
+        """State kept by an earlier version under a name the policy alone gave
+        (the interface name, a pattern capture) moves to the VM's id, at the
+        first start that knows ids only: the VM on that interface then is the
+        one the name stood for. Later, a name is never followed to another VM
+        (what stays under an old name belonged to a VM that was not running)."""
+        store = self.responder.store if self.responder is not None else None
+        try:
+            if store is None or store.meta("vm_ids") == "1":
+                return
+            store.set_meta("vm_ids", "1")
+        except SmtpguardError as exc:
+            self.log.error("store.migrate_failed", error=str(exc))
+            return
+        pats = self.policy.interfaces
+        for v in self.ifaces.values():
+            if v.source not in ("libvirt", "proxmox"):
+                continue
+            m = patterns.match(v.ifname, None, pats.patterns, pats.vm_from_ifalias)
+            legacy = m.identity.id if m is not None else v.ifname
+            try:
+                if legacy != v.vm and store.rename_vm(legacy, v.vm):
+                    self.log.info("store.migrated", vm=v.vm, name=v.display, was=legacy)
+            except SmtpguardError as exc:
+                self.log.error("store.migrate_failed", vm=v.vm, was=legacy, error=str(exc))
 
     # -- interfaces --------------------------------------------------------
     def reconcile(self) -> None:
@@ -382,7 +446,8 @@ class Agent:
                 self._drop(ev.ifindex, "vanished")
             return
         pats = self.policy.interfaces
-        vif = classify(ev.ifindex, ev.ifname, ev.ifalias, pats.patterns, pats.vm_from_ifalias)
+        vif = self.resolver.identify(ev.ifindex, ev.ifname, ev.ifalias, pats.patterns,
+                                     pats.vm_from_ifalias)
         known = self.ifaces.get(ev.ifindex)
         if vif is None:
             if known is not None or attach.ours(self._ipr, ev.ifindex):
@@ -403,9 +468,12 @@ class Agent:
             return
         self.unattached.discard(vif.ifindex)
         self.ifaces = {**self.ifaces, vif.ifindex: vif}
-        placed = place(self.policy, VmFacts(vif.vm, vif.ifname, tenant=vif.tenant))
+        self.names[vif.vm] = vif.display
+        placed = place(self.policy, facts_of(vif.vm, [vif]))
         log.info("iface.attached", ifindex=vif.ifindex, pattern=vif.pattern,
-                 renamed=known is not None, tenant=vif.tenant, vm_class=placed.cls)
+                 renamed=known is not None, tenant=vif.tenant, vm_class=placed.cls,
+                 name=vif.display, source=vif.source, uuid=vif.uuid,
+                 previous_vm=None if known is None or known.vm == vif.vm else known.vm)
 
     def _detach(self, ifindex: int, ifname: str) -> None:
         try:

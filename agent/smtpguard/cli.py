@@ -256,14 +256,16 @@ def _operator(args: argparse.Namespace) -> int:
                 f"{'1h':>7} {'DEST 1m':>7} {'DEST 1h':>7} {'STATE':<9} {'UNTIL':<16} REASON")
         print(head)
         for r in reply["vms"]:
-            print(f"{r['vm'][:16]:<16} {','.join(r['interfaces'])[:14] or '-':<14} "
+            print(f"{(r.get('name') or r['vm'])[:16]:<16} "
+                  f"{','.join(r['interfaces'])[:14] or '-':<14} "
                   f"{r['class'][:10]:<10} {r['port25']:<6} {r['attempts_1m']:>6} "
                   f"{r['attempts_1h']:>7} {r['destinations_1m']:>7.0f} "
                   f"{r['destinations_1h']:>7.0f} {r['state']:<9} {_when(r['until']):<16} "
                   f"{r['reason'] if r['state'] != 'ok' else ''}")
         return 0
     if args.command in ("block", "throttle", "release"):
-        print(f"{reply['vm']}: {reply['state']}, until {_when(reply['until'])} "
+        print(f"{reply.get('name') or reply['vm']}: {reply['state']}, until "
+              f"{_when(reply['until'])} "
               f"({reply['reason']})")
     if args.command == "reload":
         print(f"policy applied, generation {reply['policy_generation']}")

@@ -66,8 +66,9 @@ class IncidentBook:
                   "offence": t.offence, "enforced": enforced,
                   "policy_generation": ctx.get("policy", {}).get("generation")}
         if inc is None:
-            inc = {"vm": t.vm, "opened": t.at, "closed": None, "state": t.new,
-                   "mode": ctx.get("mode"), "class": ctx.get("class"),
+            inc = {"vm": t.vm, "name": ctx.get("name"), "uuid": ctx.get("uuid"),
+                   "tenant": ctx.get("tenant"), "opened": t.at, "closed": None,
+                   "state": t.new, "mode": ctx.get("mode"), "class": ctx.get("class"),
                    "interfaces": ctx.get("interfaces", []), "policy": ctx.get("policy"),
                    "trigger": {k: action[k] for k in ("reason", "threshold", "rule",
                                                       "figures", "actor")},
@@ -118,8 +119,8 @@ class IncidentBook:
 
     def list(self, vm: str | None = None, since: float = 0.0) -> list[dict[str, Any]]:
         """Summaries, oldest first."""
-        return [{k: i.get(k) for k in ("id", "vm", "opened", "closed", "state", "mode",
-                                       "class")}
+        return [{k: i.get(k) for k in ("id", "vm", "name", "opened", "closed", "state",
+                                       "mode", "class")}
                 | {"reason": i["actions"][-1]["reason"] if i["state"] != "ok"
                    else i["trigger"]["reason"], "actions": len(i["actions"])}
                 for i in self._all(vm, since)]
@@ -157,6 +158,15 @@ class IncidentBook:
         return len(gone)
 
 
+def _who(inc: dict[str, Any]) -> str:
+    """`web1 (id 6f1c..., tenant acme)`, or the id alone when it is the name."""
+    name = str(inc.get("name") or inc["vm"])
+    extra = [f"id {inc['vm']}"] if name != inc["vm"] else []
+    if inc.get("tenant"):
+        extra.append(f"tenant {inc['tenant']}")
+    return name + (f" ({', '.join(extra)})" if extra else "")
+
+
 def render(inc: dict[str, Any]) -> str:
     """An incident as text an abuse desk can paste into a ticket."""
     def when(t: float | None) -> str:
@@ -166,7 +176,7 @@ def render(inc: dict[str, Any]) -> str:
     trig = inc["trigger"]
     rule = trig.get("rule") or {}
     lines = [
-        f"Incident {inc['id']}: VM {inc['vm']} ({inc.get('class')} class, "
+        f"Incident {inc['id']}: VM {_who(inc)} ({inc.get('class')} class, "
         f"{inc.get('mode')} mode), interfaces {', '.join(inc.get('interfaces') or []) or '-'}",
         f"  opened   {when(inc['opened'])}",
         f"  closed   {when(inc['closed']) if inc['closed'] else 'open, state ' + inc['state']}",

@@ -118,6 +118,16 @@ class DatapathCollector(Collector):
                                      "VM-facing interfaces carrying the classifier")
         attached.add_metric([], len(ifaces))
         yield attached
+        info = GaugeMetricFamily(
+            "smtpguard_vm_info", "1 per VM on this host: its id (the vm label everywhere), "
+            "name, tenant and where the identity came from",
+            labels=["vm", "name", "tenant", "source"])
+        seen: set[str] = set()
+        for v in sorted(ifaces.values(), key=lambda v: v.ifname):
+            if v.vm not in seen:
+                seen.add(v.vm)
+                info.add_metric([v.vm, v.display, v.tenant or "", v.source], 1)
+        yield info
         try:
             snap = self._snapshot()
         except Exception:
@@ -207,11 +217,21 @@ class EnforcementCollector(Collector):
     again. Nothing is exported when the tables cannot be read.
     """
 
-    def __init__(self, enforcer: Any, ifaces: Callable[[], Mapping[int, VmIface]]) -> None:
+    def __init__(self, enforcer: Any, ifaces: Callable[[], Mapping[int, VmIface]],
+                 keeper: Any = None) -> None:
         self._enforcer = enforcer
         self._ifaces = ifaces
+        self._keeper = keeper
 
     def collect(self) -> Iterator[Metric]:
+        if self._keeper is not None:
+            repairs = CounterMetricFamily(
+                "smtpguard_enforcement_repairs",
+                "Interfaces whose block/throttle in the kernel differed from their VM's "
+                "record and were put right (missing, unexpected, changed)", labels=["kind"])
+            for kind, n in sorted(self._keeper.repairs.items()):
+                repairs.add_metric([kind], n)
+            yield repairs
         try:
             counts, fill, overflow = self._enforcer.report()
         except Exception:

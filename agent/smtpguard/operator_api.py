@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from smtpguard.datapath.snapshot import union
 from smtpguard.errors import SmtpguardError
-from smtpguard.policy.membership import VmFacts, place
+from smtpguard.policy.membership import facts_of, place
 from smtpguard.policy.units import parse_duration
 
 if TYPE_CHECKING:
@@ -31,13 +31,17 @@ def status(agent: Agent) -> list[dict[str, Any]]:
     rows = []
     for vm in sorted(set(vms) | {r.vm for r in det.records.values() if r.state != "ok"}):
         vifs = vms.get(vm, [])
-        facts = VmFacts(vm, vifs[0].ifname if vifs else None,
-                        tenant=vifs[0].tenant if vifs else None)
+        facts = facts_of(vm, vifs)
         cls = place(agent.policy, facts).cls
         rec = det.record(vm)
         dests = union(snap.ifaces[v.ifindex] for v in vifs if v.ifindex in snap.ifaces)
+        first = min(vifs, key=lambda v: v.ifname) if vifs else None
         rows.append({
-            "vm": vm, "interfaces": sorted(v.ifname for v in vifs), "class": cls,
+            "vm": vm, "name": first.display if first else known_names(agent).get(vm, vm),
+            "uuid": first.uuid if first else None,
+            "tenant": first.tenant if first else None,
+            "source": first.source if first else None,
+            "interfaces": sorted(v.ifname for v in vifs), "class": cls,
             "mode": agent.policy.mode_of(cls),
             "port25": agent.policy.classes[cls].port25,
             "attempts_1m": det.windows.value(vm, "attempts", 60, now),
@@ -50,14 +54,39 @@ def status(agent: Agent) -> list[dict[str, Any]]:
     return rows
 
 
+def known_names(agent: Agent) -> dict[str, str]:
+    """vm id -> the name it was last seen under (for VMs with no interface now)."""
+    return dict(agent.names)
+
+
+def resolve_vm(agent: Agent, ref: str) -> str:
+    """A VM's id from what an operator types: its id, its name (a libvirt
+    domain's), its UUID, or one of its interfaces. Several VMs of that name:
+    an error naming their ids."""
+    vms = _vms(agent)
+    records = agent.detector.records if agent.detector is not None else {}
+    if ref in vms or ref in records:
+        return ref
+    low = ref.lower()
+    by_iface = [v.vm for v in agent.ifaces.values() if v.ifname == ref]
+    if by_iface:
+        return by_iface[0]
+    hits = {v.vm for v in agent.ifaces.values() if v.display == ref or (v.uuid or "") == low}
+    hits |= {vm for vm, name in known_names(agent).items() if name == ref}
+    if len(hits) > 1:
+        raise SmtpguardError(f"{len(hits)} VMs are named {ref!r}: use one of their ids "
+                             f"({', '.join(sorted(hits))})")
+    if hits:
+        return hits.pop()
+    raise SmtpguardError(f"no VM {ref!r} on this host (by id, name, UUID or interface)")
+
+
 def _target(agent: Agent, req: dict[str, Any]) -> tuple[str, list[str]]:
-    vm = req.get("vm")
-    if not isinstance(vm, str) or not vm:
+    ref = req.get("vm")
+    if not isinstance(ref, str) or not ref:
         raise SmtpguardError("which VM? (vm is missing)")
+    vm = resolve_vm(agent, ref)
     ifnames = sorted(v.ifname for v in _vms(agent).get(vm, []))
-    known = agent.detector is not None and vm in agent.detector.records
-    if not ifnames and not known:
-        raise SmtpguardError(f"no VM {vm!r} on this host")
     return vm, ifnames
 
 
@@ -84,8 +113,8 @@ def handle(agent: Agent, req: dict[str, Any]) -> dict[str, Any]:
     if cmd in ("block", "throttle", "release"):
         vm, ifnames = _target(agent, req)
         tr = det.operator(vm, ifnames, cmd, who, _duration(req), str(req.get("reason") or ""))
-        return {"ok": True, "vm": vm, "state": tr.new, "until": tr.until, "reason": tr.reason,
-                "interfaces": ifnames}
+        return {"ok": True, "vm": vm, "name": known_names(agent).get(vm, vm), "state": tr.new,
+                "until": tr.until, "reason": tr.reason, "interfaces": ifnames}
     if cmd == "reload":
         before = agent.generation
         agent.reload()
@@ -113,6 +142,8 @@ def _evidence(agent: Agent, cmd: str, req: dict[str, Any]) -> dict[str, Any]:
             raise SmtpguardError(f"since {req.get('since')!r} is not a time") from exc
         if vm is not None and not isinstance(vm, str):
             raise SmtpguardError("vm must be a name")
+        if vm is not None:
+            vm = resolve_vm(agent, vm)
         return {"ok": True, "incidents": r.incidents.list(vm, since)}
     if cmd == "incident":
         try:
@@ -133,8 +164,7 @@ def explain_vm(agent: Agent, vm: str) -> dict[str, Any]:
 
     assert agent.responder is not None and agent.detector is not None
     vifs = sorted(_vms(agent).get(vm, []), key=lambda v: v.ifname)
-    facts = VmFacts(vm, vifs[0].ifname if vifs else None,
-                    tenant=vifs[0].tenant if vifs else None)
+    facts = facts_of(vm, vifs)
     e = explain(agent.loaded, facts)
     rec = agent.detector.record(vm)
     inc = agent.responder.incidents.latest(vm)

@@ -23,7 +23,7 @@ from smtpguard.incidents import IncidentBook
 from smtpguard.metrics import LOOP_BUCKETS
 from smtpguard.policy.explain import threshold_text
 from smtpguard.policy.load import LoadedPolicy
-from smtpguard.policy.membership import VmFacts, place
+from smtpguard.policy.membership import facts_of, place
 from smtpguard.policy.model import Policy
 from smtpguard.store import Store
 from smtpguard.webhook import Webhook
@@ -102,30 +102,44 @@ class Responder:
         self._next_prune = 0.0
         self.last_loop = 0.0
         self.incidents = IncidentBook(self.store, self.activity, self.context)
+        self._loaded = False
         self.configure(policy)
 
-    def start(self) -> None:
-        """Resume from the store; blocks and throttles in force get their kernel
-        elements back with the same expiry (even after a reboot emptied it)."""
+    def load(self) -> bool:
+        """Resume the VMs' records from the store. False: there is no store to
+        say what is in force (the keeper then adopts what the kernel holds)."""
+        self._loaded = True
         try:
             self.detector.start()
         except SmtpguardError as exc:
             self.log.error("store.failed", error=str(exc))
+            return False
+        return self.store is not None
+
+    def start(self) -> None:
+        """Resume (load() if not done); blocks and throttles in force get their
+        kernel elements back with the same expiry (even after a reboot)."""
+        if not self._loaded:
+            self._loaded = True
+            self.load()
         self.incidents.start()
         self.reassert()
 
+    def actions_in_force(self) -> dict[str, Action]:
+        """vm -> the block or throttle its record holds (the truth the keeper
+        renders onto the VM's interfaces)."""
+        return {rec.vm: Action("block" if rec.state == "blocked" else "throttle", rec.until)
+                for rec in self.detector.in_force()}
+
     def reassert(self) -> None:
-        """Put the blocks and throttles detection holds back into the kernel
-        where they are missing (after a reboot, or a flushed ruleset)."""
-        in_force = self.detector.in_force()
-        have = self.keeper.enforcer.actions() if self.keeper is not None and in_force else {}
-        for rec in in_force:
-            ifnames = [v.ifname for v in self.ifaces().values() if v.vm == rec.vm]
-            if self.keeper is not None and ifnames:
-                if any(have.get(n) is None for n in ifnames):
-                    self.keeper.set_action(ifnames, Action(
-                        "block" if rec.state == "blocked" else "throttle", rec.until))
-            self.log.info("vm.resumed", vm=rec.vm, state=rec.state, until=rec.until)
+        """Give the keeper every block and throttle detection holds (after a
+        start, a reboot that emptied the kernel, or a flushed ruleset); it puts
+        them onto the VMs' interfaces where they are missing."""
+        for vm, action in self.actions_in_force().items():
+            if self.keeper is not None and self.keeper.vm_actions.get(vm) != action:
+                self.keeper.set_action(vm, action)
+            self.log.info("vm.resumed", vm=vm, state="blocked" if action.kind == "block"
+                          else "throttled", until=action.until)
 
     def configure(self, policy: Policy) -> None:
         self.detector.set_policy(policy)
@@ -188,16 +202,18 @@ class Responder:
             self.actions_total[key] = self.actions_total.get(key, 0) + 1
         # A release always goes through: it only ever removes enforcement (say,
         # a block from before the class switched to audit).
-        if self.keeper is None or not ifnames or (not enforced and t.new != "ok"):
+        # A VM without an interface now (stopped) keeps its block in the
+        # keeper's record and gets it on the interface it comes back on.
+        if self.keeper is None or (not enforced and t.new != "ok"):
             return
         if t.new == "blocked":
-            self.keeper.set_action(ifnames, Action("block", t.until))
+            self.keeper.set_action(t.vm, Action("block", t.until))
         elif t.new == "throttled":
-            self.keeper.set_action(ifnames, Action("throttle", t.until))
+            self.keeper.set_action(t.vm, Action("throttle", t.until))
         elif t.old in ("blocked", "throttled") or t.actor.startswith("operator"):
             # An operator's release clears the kernel even for a block that
             # detection did not know about.
-            self.keeper.set_action(ifnames, None)
+            self.keeper.set_action(t.vm, None)
 
     def emit(self, t: Transition) -> None:
         inc = self.incidents.record(t, self.enforced(t))
@@ -226,8 +242,7 @@ class Responder:
 
     def class_of(self, vm: str) -> str:
         vifs = self._vifs(vm)
-        facts = VmFacts(vm, vifs[0].ifname if vifs else None,
-                        tenant=vifs[0].tenant if vifs else None)
+        facts = facts_of(vm, vifs)
         return place(self.detector.policy, facts).cls
 
     def mode_of(self, vm: str) -> str:
@@ -281,8 +296,12 @@ class Responder:
         now = time.monotonic_ns() / 1e9
         windows = {f"{m}_{w // 60 if w < 3600 else w // 3600}{'m' if w < 3600 else 'h'}":
                    float(self.detector.windows.value(vm, m, w, now)) for m, w in WINDOWS}
+        vifs = self._vifs(vm)
         return {"class": cls, "mode": pol.mode_of(cls),
-                "interfaces": [v.ifname for v in self._vifs(vm)], "rule": rule,
+                "name": vifs[0].display if vifs else vm,
+                "uuid": vifs[0].uuid if vifs else None,
+                "tenant": vifs[0].tenant if vifs else None,
+                "interfaces": [v.ifname for v in vifs], "rule": rule,
                 "windows": windows,
                 "policy": {"generation": self.generation(), "digest": loaded.digest,
                            "files": list(loaded.files) or ["built-in default"]}}

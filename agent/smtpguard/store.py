@@ -119,6 +119,42 @@ class Store:
         return {r[0]: (r[1], (r[2], r[3], r[4])) for r in rows.fetchall()}
 
 
+    def meta(self, key: str) -> str | None:
+        try:
+            row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"reading {self.path}: {exc}") from exc
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        try:
+            with self.db:
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+        except sqlite3.Error as exc:
+            raise StoreError(f"writing {self.path}: {exc}") from exc
+
+    def rename_vm(self, old: str, new: str) -> bool:
+        """Move everything kept under one VM key to another, in one
+        transaction: the migration from interface names (and other naming of
+        earlier versions) to stable ids. Nothing happens when the new key
+        already has a record. True if anything moved."""
+        try:
+            with self.db:
+                if self.db.execute("SELECT 1 FROM vms WHERE vm=?", (new,)).fetchone():
+                    return False
+                moved = self.db.execute("UPDATE vms SET vm=? WHERE vm=?", (new, old)).rowcount
+                moved += self.db.execute("UPDATE transitions SET vm=? WHERE vm=?",
+                                         (new, old)).rowcount
+                moved += self.db.execute(
+                    "UPDATE incidents SET vm=?, data=json_set(data, '$.vm', ?) WHERE vm=?",
+                    (new, new, old)).rowcount
+                if not self.db.execute("SELECT 1 FROM samples WHERE vm=?", (new,)).fetchone():
+                    moved += self.db.execute("UPDATE samples SET vm=? WHERE vm=?",
+                                             (new, old)).rowcount
+        except sqlite3.Error as exc:
+            raise StoreError(f"writing {self.path}: {exc}") from exc
+        return moved > 0
+
     # -- incidents ------------------------------------------------------------
     def add_incident(self, vm: str, opened: float, data: dict[str, Any]) -> int:
         try:

@@ -21,12 +21,16 @@ from smtpguard.inventory.proxmox import ProxmoxSource
 
 FIXTURES = Path(__file__).parent / "fixtures" / "pve"
 WAIT = 5.0  # bound on every wait for the watcher; it normally answers in milliseconds
+OLD = 1_700_000_000 * 10**9  # a settled mtime (ns), long before any test's clock
 
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
+    """A writable copy of the fixtures with settled mtimes (a fresh checkout's are new)."""
     dst = tmp_path / "pve"
     shutil.copytree(FIXTURES, dst, symlinks=True)
+    for conf_file in dst.glob("nodes/*/*/*.conf"):
+        os.utime(conf_file, ns=(OLD, OLD))
     return dst
 
 
@@ -150,27 +154,35 @@ def test_prefixes_are_configurable(root: Path) -> None:
 
 
 def test_changed_file_is_read_again(root: Path) -> None:
-    """A new (mtime, size, inode) is a new config: rename, retag, resize all show."""
+    """A new mtime is a new config, even edited in place with the same size and inode;
+    so is a new size, or a new inode (PVE's write-and-rename)."""
     path = root / "qemu-server" / "150.conf"
-    old = 1_700_000_000 * 10**9
-    write(path, conf(name="aaaa", tags="tenant-x"), old)
+    write(path, conf(name="aaaa", tags="tenant-x"), OLD)
     src = ProxmoxSource(root)
     assert (vm := src.lookup("tap150i0")) is not None and vm.name == "aaaa"
-    write(path, conf(name="bbbb", tags="tenant-y"), old + 10**9)  # same size, new mtime
+    path.write_text(conf(name="bbbb", tags="tenant-y"))
+    os.utime(path, ns=(OLD + 10**9, OLD + 10**9))
     assert (vm := src.lookup("tap150i0")) is not None and (vm.name, vm.tenant) == ("bbbb",
                                                                                    "y")
+    write(path, conf(name="cccccc"), OLD + 10**9)
+    assert (vm := src.lookup("tap150i0")) is not None and vm.name == "cccccc"
 
 
 def test_unchanged_file_is_served_from_cache(root: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Repeated lookups of a settled, unchanged file do not read it again."""
     path = root / "qemu-server" / "150.conf"
-    write(path, conf(name="web"), 1_700_000_000 * 10**9)
+    write(path, conf(name="web"), OLD)
     src = ProxmoxSource(root)
     assert src.lookup("tap150i0") is not None
     reads: list[Path] = []
     real = Path.read_bytes
-    monkeypatch.setattr(Path, "read_bytes", lambda p: reads.append(p) or real(p))
+
+    def counted(p: Path) -> bytes:
+        reads.append(p)
+        return real(p)
+
+    monkeypatch.setattr(Path, "read_bytes", counted)
     for _ in range(3):
         assert (vm := src.lookup("tap150i0")) is not None and vm.name == "web"
     assert reads == []
@@ -180,14 +192,13 @@ def test_file_modified_just_before_it_was_read_is_read_again(root: Path) -> None
     """pmxcfs keeps whole-second mtimes: an edit in the same second with the same size
     leaves (mtime, size) alone, so a read that close to the mtime is not trusted."""
     path = root / "qemu-server" / "150.conf"
-    t = 1_700_000_000 * 10**9
-    now = [t / 1e9 + 0.5]
+    now = [OLD / 1e9 + 0.5]
     src = ProxmoxSource(root, clock=lambda: now[0])
     path.write_text(conf(name="aaaa"))
-    os.utime(path, ns=(t, t))
+    os.utime(path, ns=(OLD, OLD))
     assert (vm := src.lookup("tap150i0")) is not None and vm.name == "aaaa"
     path.write_text(conf(name="bbbb"))  # in place: same inode, size and (kept) mtime
-    os.utime(path, ns=(t, t))
+    os.utime(path, ns=(OLD, OLD))
     now[0] += 5
     assert (vm := src.lookup("tap150i0")) is not None and vm.name == "bbbb"
 
@@ -255,11 +266,10 @@ def test_on_change_fires_when_a_config_is_written_or_removed(
     src = ProxmoxSource(root, poll_interval=60.0 if inotify else 0.05)
     fired = _watch(src)
     try:
-        old = 1_700_000_000 * 10**9  # settled mtimes: no "racy" repeat to wait out
-        write(root / "lxc" / "250.conf", conf(hostname="new"), old)
+        write(root / "lxc" / "250.conf", conf(hostname="new"), OLD)
         assert fired.wait(WAIT)
         fired.clear()
-        write(root / "qemu-server" / "100.conf", conf(name="renamed"), old)
+        write(root / "qemu-server" / "100.conf", conf(name="renamed"), OLD)
         assert fired.wait(WAIT)
         fired.clear()
         (root / "lxc" / "250.conf").unlink()
@@ -276,7 +286,7 @@ def test_stop_ends_the_watch(root: Path) -> None:
     assert not [t for t in threading.enumerate() if t.name == "proxmox-watch"]
     fired = _watch(src)
     try:
-        write(root / "qemu-server" / "150.conf", conf(name="x"), 1_700_000_000 * 10**9)
+        write(root / "qemu-server" / "150.conf", conf(name="x"), OLD)
         assert fired.wait(WAIT)
     finally:
         src.stop()
@@ -285,23 +295,45 @@ def test_stop_ends_the_watch(root: Path) -> None:
 def test_failing_callback_does_not_end_the_watch(root: Path) -> None:
     """on_change raising is logged; later changes are still reported."""
     calls: list[int] = []
-    fired = threading.Event()
+    first, fired = threading.Event(), threading.Event()
 
     def on_change() -> None:
         calls.append(1)
         if len(calls) == 1:
+            first.set()
             raise RuntimeError("agent busy")
         fired.set()
 
     src = ProxmoxSource(root, poll_interval=60.0)
     src.start(on_change)
     try:
-        old = 1_700_000_000 * 10**9
-        write(root / "qemu-server" / "150.conf", conf(name="x"), old)
-        deadline = threading.Event()
-        while not calls and not deadline.wait(0.01):
-            pass
-        write(root / "qemu-server" / "151.conf", conf(name="y"), old)
+        write(root / "qemu-server" / "150.conf", conf(name="x"), OLD)
+        assert first.wait(WAIT)
+        write(root / "qemu-server" / "151.conf", conf(name="y"), OLD)
         assert fired.wait(WAIT)
+    finally:
+        src.stop()
+
+
+def test_edit_within_its_mtime_second_is_reported_again_once_settled(root: Path) -> None:
+    """pmxcfs' whole-second mtimes can hide a second edit from the scan: a change seen
+    while fresh is reported once more when it has settled, and then no more."""
+    now = [OLD / 1e9]
+    calls: list[float] = []
+    first, second = threading.Event(), threading.Event()
+
+    def on_change() -> None:
+        calls.append(now[0])
+        (second if first.is_set() else first).set()
+
+    src = ProxmoxSource(root, poll_interval=0.02, clock=lambda: now[0])
+    src.start(on_change)
+    try:
+        write(root / "qemu-server" / "150.conf", conf(name="x"), OLD)  # fresh by the clock
+        assert first.wait(WAIT)
+        now[0] += 5  # settled
+        assert second.wait(WAIT)
+        threading.Event().wait(0.2)  # ten more polls
+        assert len(calls) == 2
     finally:
         src.stop()

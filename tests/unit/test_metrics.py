@@ -23,8 +23,9 @@ def exposition(snapshot: Snapshot | Exception) -> str:
             raise snapshot
         return snapshot
 
-    ifaces = {4: VmIface(4, "vnet3", "web1", "vnet*"), 5: VmIface(5, "tap100i0", "100", "x"),
-              6: VmIface(6, "tap100i1", "100", "x")}
+    ifaces = {4: VmIface(4, "vnet3", "6f1c2d8e-5b7a-4c3e-9d2f-0a1b2c3d4e5f", "vnet*",
+                         "acme", name="web1", source="libvirt"),
+              5: VmIface(5, "tap100i0", "100", "x"), 6: VmIface(6, "tap100i1", "100", "x")}
     reg = CollectorRegistry(auto_describe=False)
     reg.register(DatapathCollector(snap, lambda: ifaces, lambda: True))
     return generate_latest(reg).decode().replace(__version__, "VERSION")

@@ -112,19 +112,72 @@ def vif(ifindex: int, ifname: str, vm: str, tenant: str | None = None) -> VmIfac
 
 
 def test_keeper_classes_vms_and_adopts_kernel_actions() -> None:
-    """Start adopts the blocks already in the kernel; VMs get classes by the
-    policy's members; vanished interfaces have their counters forgotten."""
+    """Without a store, start adopts the blocks the kernel holds on a present
+    VM's interface, never one on a name no VM has now; VMs get classes by the
+    policy's members; vanished interfaces lose their elements and counters."""
     pol = load_text("version: 1\nclasses: {default: {}, gold: {}}\n"
                     "members: [{class: gold, tenant: acme}]")
     fake = FakeEnforcer()
-    fake.state = {"vnet9": Action("block")}
+    fake.state = {"vnet1": Action("block"), "vnet9": Action("block")}
     keeper = Keeper(fake, pol)
     keeper.start({1: vif(1, "vnet1", "a"), 2: vif(2, "vnet2", "b", "acme")})
     assert fake.applied[-1].classes == {"vnet1": "default", "vnet2": "gold"}
-    assert fake.applied[-1].actions == {"vnet9": Action("block")}
+    assert fake.applied[-1].actions == {"vnet1": Action("block")}
+    assert keeper.vm_actions == {"a": Action("block")}
     keeper.ifaces_changed({1: vif(1, "vnet1", "a")})
     keeper.flush()
     assert fake.classes == {"vnet1": "default"} and fake.forgotten == {"vnet2"}
+
+
+def test_the_store_decides_and_the_kernel_follows_the_vm() -> None:
+    """With the store's records as the truth, a stale element (another VM's
+    block left on a name) is not adopted; a blocked VM that comes back on
+    another interface is blocked there at once, its old name is cleared, and a
+    new VM given the freed name starts clean."""
+    fake = FakeEnforcer()
+    fake.state = {"vnet0": Action("block")}  # left by a VM that is gone
+    keeper = Keeper(fake, Policy())
+    keeper.start({1: vif(1, "vnet0", "newcomer")}, truth={"web": Action("block")})
+    assert fake.state == {}
+    keeper.ifaces_changed({1: vif(1, "vnet0", "newcomer"), 2: vif(2, "vnet1", "web")})
+    assert fake.state == {"vnet1": Action("block")}
+    keeper.ifaces_changed({3: vif(3, "vnet1", "other"), 4: vif(4, "vnet2", "web")})
+    assert fake.state == {"vnet2": Action("block")}
+    keeper.set_action("web", None)
+    assert fake.state == {}
+    keeper.set_action("gone", Action("block"))  # a VM with no interface now
+    assert fake.state == {}
+    keeper.ifaces_changed({5: vif(5, "vnet7", "gone")})
+    assert fake.state == {"vnet7": Action("block")}
+
+
+def test_a_vm_with_two_nics_is_one_vm() -> None:
+    """One class for the VM, whatever an interface rule says of one NIC, and
+    its block on both."""
+    pol = load_text("version: 1\nclasses: {default: {}, gold: {}}\n"
+                    "members: [{class: gold, interface: 'vnet1'}]")
+    fake = FakeEnforcer()
+    keeper = Keeper(fake, pol)
+    keeper.start({1: vif(1, "vnet1", "db"), 2: vif(2, "vnet2", "db")})
+    assert fake.applied[-1].classes == {"vnet1": "gold", "vnet2": "gold"}
+    keeper.set_action("db", Action("throttle"))
+    assert fake.state == {"vnet1": Action("throttle"), "vnet2": Action("throttle")}
+
+
+def test_verify_repairs_what_the_kernel_lost_or_gained() -> None:
+    """The periodic comparison of records and kernel: a hand-deleted element
+    comes back, a foreign one goes, each counted by kind."""
+    t = [0.0]
+    fake = FakeEnforcer()
+    keeper = Keeper(fake, Policy(), clock=lambda: t[0], repair_every=10)
+    keeper.start({1: vif(1, "vnet1", "a"), 2: vif(2, "vnet2", "b")}, truth={})
+    keeper.set_action("a", Action("block"))
+    del fake.state["vnet1"]
+    fake.state["vnet2"] = Action("throttle")
+    assert keeper.verify()
+    assert fake.state == {"vnet1": Action("block")}
+    assert keeper.repairs == {"missing": 1, "unexpected": 1, "changed": 0}
+    assert not keeper.verify()
 
 
 def test_keeper_repairs_missing_or_emptied_tables() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import queue
-import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,18 +11,29 @@ from typing import Any
 from smtpguard.datapath import linkdump
 from smtpguard.policy.model import InterfacePattern
 
-_VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,62}$")
-
 
 @dataclass(frozen=True)
 class VmIface:
-    """A VM-facing interface and the VM it belongs to."""
+    """A VM-facing interface and the VM it belongs to now.
+
+    vm is the VM's stable id (inventory/identity.py): what state, windows,
+    incidents, operator actions and metrics key on. name is what people read
+    (a libvirt domain name; the id itself when nothing better is known)."""
 
     ifindex: int
     ifname: str
     vm: str
     pattern: str
     tenant: str | None = None
+    name: str = ""
+    source: str = "pattern"
+    uuid: str | None = None
+    cls: str | None = None  # a class the hypervisor asks for
+    facts: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def display(self) -> str:
+        return self.name or self.vm
 
 
 @dataclass(frozen=True)
@@ -38,34 +48,10 @@ def classify(
     ifindex: int, ifname: str, ifalias: str | None,
     patterns: Sequence[InterfacePattern], vm_from_ifalias: bool = True,
 ) -> VmIface | None:
-    """The first pattern that matches wins. The VM is named by the interface's
-    ifalias when set (and allowed), else by the pattern's {vm} part, else by
-    the interface name."""
-    for p in patterns:
-        m = p.regex().match(ifname)
-        if not m:
-            continue
-        vm = ifname
-        if "vm" in m.groupdict() and m.group("vm"):
-            vm = m.group("vm")
-        alias = parse_ifalias(ifalias) if vm_from_ifalias else {}
-        return VmIface(ifindex, ifname, alias.get("vm", vm), p.pattern, alias.get("tenant"))
-    return None
+    """The policy's naming alone (no hypervisor source): inventory.resolve."""
+    from smtpguard.inventory.resolve import Resolver
 
-
-def parse_ifalias(ifalias: str | None) -> dict[str, str]:
-    """'web1' -> {vm: web1}; 'vm=web1 tenant=acme' -> both; anything else -> {}."""
-    text = (ifalias or "").strip()
-    if not text:
-        return {}
-    if "=" not in text:
-        return {"vm": text} if _VM_NAME.match(text) else {}
-    out = {}
-    for part in text.split():
-        key, _, value = part.partition("=")
-        if key in ("vm", "tenant") and _VM_NAME.match(value):
-            out[key] = value
-    return out
+    return Resolver().identify(ifindex, ifname, ifalias, patterns, vm_from_ifalias)
 
 
 def link_event(msg: Any) -> LinkEvent | None:

@@ -21,7 +21,7 @@ from smtpguard.detect.machine import (
 )
 from smtpguard.detect.windows import VmWindows, Windows
 from smtpguard.errors import StoreError
-from smtpguard.policy.membership import VmFacts, place
+from smtpguard.policy.membership import facts_of, place
 from smtpguard.policy.model import Policy, Threshold
 from smtpguard.store import Store
 
@@ -105,8 +105,7 @@ class Detector:
         out: list[Transition] = []
         for vm in sorted(changed | pending):
             vifs = by_vm.get(vm, [])
-            facts = VmFacts(vm, vifs[0].ifname if vifs else None,
-                            tenant=vifs[0].tenant if vifs else None)
+            facts = facts_of(vm, vifs)
             cls = self.policy.classes[place(self.policy, facts).cls]
             rec = self.records.get(vm, VmRecord(vm))
             idx = [v.ifindex for v in vifs]

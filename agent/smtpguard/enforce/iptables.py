@@ -177,7 +177,8 @@ class IptablesEnforcer:
         """VMs came, went or changed class: their chains and the dispatch."""
         with self._lock:
             self._trusted()
-            desired = Desired(desired.policy, desired.classes, self.actions())
+            # The caller's actions are the truth (the keeper's, rendered onto
+            # the interfaces present): a name that left takes none along.
             before = self._classes or {}
             after = R.vm_ifaces(desired)
             self._update(desired, {n for n in set(before) | set(after)

@@ -13,7 +13,7 @@ from smtpguard import logs
 from smtpguard.datapath.interfaces import VmIface
 from smtpguard.enforce.desired import Action, Capabilities, Desired
 from smtpguard.errors import EnforcerError
-from smtpguard.policy.membership import VmFacts, place
+from smtpguard.policy.membership import facts_of, place
 from smtpguard.policy.model import Policy
 
 
@@ -41,75 +41,175 @@ class Enforcer(Protocol):
 
 
 class Keeper:
+    """The VMs' blocks and throttles (by VM id) are the truth; the kernel's
+    per-interface elements are their rendering onto wherever each VM is now.
+
+    A VM's interface that appears gets the VM's class and action at once; one
+    that goes loses its elements at once, so a name the hypervisor hands out
+    again starts clean. The kernel is read back at start only to adopt what a
+    store cannot say (no store), and periodically to compare with what it
+    should hold: a difference is repaired and counted (verify())."""
+
     def __init__(self, enforcer: Enforcer, policy: Policy,
-                 clock: Callable[[], float] = time.monotonic, repair_every: float = 10.0) -> None:
+                 clock: Callable[[], float] = time.monotonic, repair_every: float = 10.0,
+                 wall: Callable[[], float] = time.time) -> None:
         self.enforcer = enforcer
         self.policy = policy
-        self.classes: dict[str, str] = {}
+        self.classes: dict[str, str] = {}  # ifname -> class (its VM's)
+        self.vm_actions: dict[str, Action] = {}  # vm id -> block/throttle in force
+        self.ifaces: Mapping[int, VmIface] = {}
         self.clock = clock
+        self.wall = wall
         self.repair_every = repair_every
+        self.repairs: dict[str, int] = {"missing": 0, "unexpected": 0, "changed": 0}
         self._dirty = False
         self._next_repair = 0.0
         self.log = logs.get(backend=enforcer.name)
 
-    def desired(self) -> Desired:
-        """Blocks and throttles are read back from the kernel, where they
-        expire on their own: whatever is in force there stays in force."""
-        return Desired(self.policy, dict(self.classes), self.enforcer.actions())
+    def _rendered(self) -> dict[str, Action]:
+        """ifname -> action: each VM's action on each of its interfaces now."""
+        now = self.wall()
+        return {v.ifname: a for v in self.ifaces.values()
+                if (a := self.vm_actions.get(v.vm)) is not None
+                and (a.until is None or a.until > now)}
 
-    def start(self, ifaces: Mapping[int, VmIface]) -> None:
-        """Adopt what the kernel holds (tables, blocks, counters), then apply."""
+    def desired(self) -> Desired:
+        return Desired(self.policy, dict(self.classes), self._rendered())
+
+    def start(self, ifaces: Mapping[int, VmIface],
+              truth: Mapping[str, Action] | None = None) -> None:
+        """Apply the VMs' state onto the interfaces present. truth: the
+        actions in force by VM (from the store); None when there is no store,
+        and then what the kernel holds on a VM's interface is adopted."""
+        self.ifaces = dict(ifaces)
         self.classes = self._classes(ifaces)
+        adopted = 0
+        if truth is None:
+            by_name = {v.ifname: v.vm for v in ifaces.values()}
+            for ifname, action in self.enforcer.actions().items():
+                if ifname in by_name:
+                    self.vm_actions.setdefault(by_name[ifname], action)
+                    adopted += 1
+        else:
+            self.vm_actions = dict(truth)
         desired = self.desired()
         self.enforcer.apply(desired)
         self._next_repair = self.clock() + self.repair_every
         self.log.info("enforce.applied", reason="start", vms=len(self.classes),
-                      adopted_actions=len(desired.actions), reject_bridge=self.enforcer.caps
-                      .reject_bridge, reject_inet=self.enforcer.caps.reject_inet)
+                      actions=len(desired.actions), adopted_actions=adopted,
+                      reject_bridge=self.enforcer.caps.reject_bridge,
+                      reject_inet=self.enforcer.caps.reject_inet)
 
     def _classes(self, ifaces: Mapping[int, VmIface]) -> dict[str, str]:
-        return {v.ifname: place(self.policy, VmFacts(v.vm, v.ifname, tenant=v.tenant)).cls
-                for v in ifaces.values()}
+        """One class per VM, whatever interface rules say of its other NICs."""
+        by_vm: dict[str, list[VmIface]] = {}
+        for v in ifaces.values():
+            by_vm.setdefault(v.vm, []).append(v)
+        out = {}
+        for vm, vifs in by_vm.items():
+            cls = place(self.policy, facts_of(vm, vifs)).cls
+            out.update({v.ifname: cls for v in vifs})
+        return out
 
     def policy_changed(self, policy: Policy, ifaces: Mapping[int, VmIface]) -> None:
         self.policy = policy
+        self.ifaces = dict(ifaces)
         self.classes = self._classes(ifaces)
         self.enforcer.apply(self.desired())
         self._dirty = False
         self.log.info("enforce.applied", reason="policy", vms=len(self.classes))
 
     def ifaces_changed(self, ifaces: Mapping[int, VmIface]) -> None:
+        """Interfaces came, went or changed hands: the new ones get their VM's
+        action, the old ones lose theirs, before anything else happens."""
+        before = {v.ifname: v.vm for v in self.ifaces.values()}
+        after = {v.ifname: v.vm for v in ifaces.values()}
+        self.ifaces = dict(ifaces)
         classes = self._classes(ifaces)
-        gone = set(self.classes) - set(classes)
         if classes != self.classes:
             self.classes = classes
             self._dirty = True
+        gone = sorted(n for n in before if n not in after)
+        moved = sorted(n for n in after if before.get(n) != after[n])
+        rendered = self._rendered()
+        try:
+            if gone or [n for n in moved if n in before and n not in rendered]:
+                # Elements of a name that left (or whose VM changed) go at
+                # once: the next VM given that name must not inherit them.
+                self.enforcer.set_action(
+                    gone + [n for n in moved if n in before and n not in rendered], None,
+                    self.classes, self.policy.default_class)
+            for n in moved:
+                if n in rendered:
+                    self.enforcer.set_action([n], rendered[n], self.classes,
+                                             self.policy.default_class)
+                    self.log.info("enforce.followed", vm=after[n], interface=n,
+                                  action=rendered[n].kind, until=rendered[n].until)
+        except EnforcerError as exc:
+            self.log.error("enforce.follow_failed", error=str(exc))
+            self._next_repair = 0.0  # verify() puts it right at the next tick
         if gone:
             try:
                 self.enforcer.forget(gone)
             except EnforcerError as exc:
                 self.log.error("enforce.forget_failed", error=str(exc))
 
-    def set_action(self, ifnames: list[str], action: Action | None) -> None:
-        """Block, throttle (until a wall-clock time, or until released) or release."""
-        self.enforcer.set_action(ifnames, action, self.classes, self.policy.default_class)
+    def set_action(self, vm: str, action: Action | None) -> None:
+        """Block, throttle (until a wall-clock time, or until released) or
+        release a VM: its record here, and its interfaces now."""
+        if action is None:
+            self.vm_actions.pop(vm, None)
+        else:
+            self.vm_actions[vm] = action
+        ifnames = sorted(v.ifname for v in self.ifaces.values() if v.vm == vm)
+        if ifnames:
+            self.enforcer.set_action(ifnames, action, self.classes, self.policy.default_class)
 
     def flush(self) -> None:
         """Push pending class changes (vm_class elements only)."""
         if not self._dirty:
             return
-        self.enforcer.set_vms(Desired(self.policy, dict(self.classes)))
+        self.enforcer.set_vms(self.desired())
         self._dirty = False
 
     def repair(self) -> bool:
         """Periodically: if our tables or chains were flushed, deleted or
-        edited behind our back, put them back. True when it did."""
+        edited behind our back, put them back; then compare each interface's
+        block/throttle with its VM's (verify). True when it changed anything."""
         if self.clock() < self._next_repair:
             return False
         self._next_repair = self.clock() + self.repair_every
         missing = self.enforcer.drift(self.desired())
-        if not missing:
-            return False
-        self.enforcer.apply(self.desired())
-        self.log.warning("enforce.repaired", missing=missing)
-        return True
+        if missing:
+            self.enforcer.apply(self.desired())
+            self.log.warning("enforce.repaired", missing=missing)
+            return True
+        return self.verify()
+
+    def verify(self) -> bool:
+        """What status says (the VMs' records) against what the kernel does
+        (its elements): each difference is put right, logged and counted."""
+        want = self._rendered()
+        have = self.enforcer.actions()
+        now = self.wall()
+        fixed = False
+        for ifname in sorted(set(want) | set(have)):
+            w, h = want.get(ifname), have.get(ifname)
+            if w is not None and h is not None and w.kind == h.kind and (
+                    (w.until is None) == (h.until is None)) and (
+                    w.until is None or h.until is None or abs(w.until - h.until) < 2.0):
+                continue
+            if w is None and h is not None and h.until is not None and h.until <= now + 1:
+                continue  # expiring in the kernel on its own this very second
+            kind = "missing" if h is None else "unexpected" if w is None else "changed"
+            vm = next((v.vm for v in self.ifaces.values() if v.ifname == ifname), None)
+            self.repairs[kind] += 1
+            self.log.warning("enforce.state_repaired", vm=vm, interface=ifname, kind=kind,
+                             expected=None if w is None else w.kind,
+                             found=None if h is None else h.kind)
+            try:
+                self.enforcer.set_action([ifname], w, self.classes, self.policy.default_class)
+            except EnforcerError as exc:
+                self.log.error("enforce.repair_failed", interface=ifname, error=str(exc))
+            fixed = True
+        return fixed

@@ -138,6 +138,29 @@ class Datapath(Strict):
     no_answer_after: Duration = 2.0
 
 
+class Libvirt(Strict):
+    """Name VMs by their libvirt domain (UUID, name, <metadata>)."""
+
+    enabled: bool | Literal["auto"] = "auto"  # auto: when python3-libvirt is there
+    uri: str = Field(default="qemu:///system", min_length=1)
+
+
+class Proxmox(Strict):
+    """Name VMs by their Proxmox VMID, from /etc/pve's configs."""
+
+    enabled: bool | Literal["auto"] = "auto"  # auto: when the root exists
+    root: str = Field(default="/etc/pve", min_length=1)
+    tenant_prefix: str = Field(default="tenant-", min_length=1)
+    class_prefix: str = Field(default="smtpguard-", min_length=1)
+
+
+class Inventory(Strict):
+    """Where VM identities come from besides the interface patterns."""
+
+    libvirt: Libvirt = Libvirt()
+    proxmox: Proxmox = Proxmox()
+
+
 class Ceiling(Strict):
     """New connections allowed: a rate and a burst."""
 
@@ -246,12 +269,13 @@ class Member(Strict):
     mac: Annotated[str, BeforeValidator(_mac)] | None = None
     ip: Network | None = None
     tenant: str | None = Field(default=None, min_length=1)
+    uuid: Annotated[str, BeforeValidator(lambda v: str(v).lower())] | None = None
 
     @model_validator(mode="after")
     def _some_criterion(self) -> Member:
-        if not any((self.vm, self.interface, self.mac, self.ip, self.tenant)):
-            raise ValueError("a rule needs at least one of vm, interface, mac, ip, tenant "
-                             "(default_class covers everyone else)")
+        if not any((self.vm, self.interface, self.mac, self.ip, self.tenant, self.uuid)):
+            raise ValueError("a rule needs at least one of vm, interface, mac, ip, tenant, "
+                             "uuid (default_class covers everyone else)")
         return self
 
 
@@ -293,6 +317,7 @@ class Policy(Strict):
     smtp_ports: tuple[Port, ...] = (25, 465, 587, 2525)
     relays: tuple[Network, ...] = ()
     interfaces: Interfaces = Interfaces()
+    inventory: Inventory = Inventory()
     datapath: Datapath = Datapath()
     classes: dict[Name, VmClass] = Field(default_factory=_default_classes, min_length=1)
     default_class: Name = "default"

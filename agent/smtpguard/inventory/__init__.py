@@ -1,0 +1,1 @@
+"""Where a VM's identity comes from: libvirt, Proxmox, ifalias, name patterns."""
