@@ -199,6 +199,34 @@ def add_vm(lab: Lab, n: int) -> str:
     return vm
 
 
+def replug_vm(lab: Lab, vm: str, host: str, ifalias: str | None = None) -> None:
+    """A bridged VM restarted the way a hypervisor does it: its host
+    interface goes, a new one (another name, or a name freed by another VM)
+    comes, with the given ifalias; the VM keeps its addresses."""
+    from pyroute2 import IPRoute
+
+    n = int(vm.removeprefix("vm"))
+    ns = lab.vm_ns(vm)
+    with IPRoute(netns=ns) as ipr:
+        for idx in ipr.link_lookup(ifname="eth0"):
+            ipr.link("del", index=idx)  # its host side goes with it
+    with IPRoute(netns=lab.hv) as ipr:
+        ipr.link("add", ifname=host, kind="veth", peer={"ifname": "eth0", "net_ns_fd": ns})
+        idx = ipr.link_lookup(ifname=host)[0]
+        if ifalias:  # set afterwards, as hypervisor tooling does
+            ipr.link("set", index=idx, ifalias=ifalias)
+        ipr.link("set", index=idx, master=ipr.link_lookup(ifname="br0")[0], state="up")
+    with IPRoute(netns=ns) as ipr:
+        eth = ipr.link_lookup(ifname="eth0")[0]
+        ipr.addr("add", index=eth, address=lab.vm_addr(n, 4), prefixlen=LAN4.prefixlen)
+        ipr.addr("add", index=eth, address=lab.vm_addr(n, 6), prefixlen=LAN6.prefixlen,
+                 flags=IFA_F_NODAD)
+        ipr.link("set", index=eth, state="up")
+        ipr.route("add", dst=str(DEST4), gateway=lab.sink_addr(4))
+        ipr.route("add", dst=str(DEST6), gateway=lab.sink_addr(6))
+    logs.get(lab=lab.prefix).info("lab.vm_replugged", vm=vm, interface=host, ifalias=ifalias)
+
+
 def add_routed_vm(lab: Lab, n: int) -> str:
     """A VM on a routed tap (no bridge): /32 and /128 addresses, the host's
     side of the veth is its gateway, the hypervisor routes it."""
