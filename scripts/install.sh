@@ -26,7 +26,8 @@ if [ "${1:-}" = "--uninstall" ]; then
 	if [ -z "$DESTDIR" ] && [ -d /run/systemd/system ]; then
 		systemctl disable --now smtpguard.service 2>/dev/null || true
 	fi
-	rm -rf "$DESTDIR$PREFIX" "$DESTDIR$UNIT_DIR/smtpguard.service"
+	rm -rf "$DESTDIR$PREFIX" "$DESTDIR$UNIT_DIR/smtpguard.service" \
+		"$DESTDIR/etc/libvirt/hooks/qemu.d/smtpguard"
 	if [ "${2:-}" = "--purge" ]; then
 		rm -rf "$DESTDIR/etc/smtpguard" "$DESTDIR/etc/default/smtpguard" \
 			"$DESTDIR/var/lib/smtpguard"
@@ -54,5 +55,12 @@ install -m 0644 "$ROOT/systemd/smtpguard.service" "$DESTDIR$UNIT_DIR/smtpguard.s
 	install -m 0644 "$ROOT/systemd/smtpguard.default" "$DESTDIR/etc/default/smtpguard"
 [ -e "$DESTDIR/etc/smtpguard/policy.yaml" ] ||
 	install -m 0600 "$ROOT/policies/default.yaml" "$DESTDIR/etc/smtpguard/policy.yaml"
+# libvirt hosts: the qemu hook, the synchronous path that names a starting
+# domain's taps before QEMU runs (libvirt >= 6.5 runs every file in qemu.d).
+if [ -d "$DESTDIR/etc/libvirt" ]; then
+	install -d -m 0755 "$DESTDIR/etc/libvirt/hooks/qemu.d"
+	install -m 0755 "$ROOT/libvirt/qemu-hook" "$DESTDIR/etc/libvirt/hooks/qemu.d/smtpguard"
+	say "libvirt hook installed: restart libvirtd once so that it reads it"
+fi
 reload_systemd
 say "installed in ${DESTDIR:-/}: systemctl enable --now smtpguard"

@@ -25,6 +25,7 @@ from smtpguard.detect.engine import Detector
 from smtpguard.enforce.keeper import Keeper
 from smtpguard.errors import AttachError, SmtpguardError
 from smtpguard.inventory import patterns
+from smtpguard.inventory.hook import HookSource
 from smtpguard.inventory.resolve import Resolver
 from smtpguard.metrics import DatapathCollector, EnforcementCollector, Health, serve
 from smtpguard.policy import LoadedPolicy, Policy, load_path
@@ -89,7 +90,8 @@ class Agent:
         self.ifaces: Mapping[int, VmIface] = {}
         self._ipr: Any = None
         self._monitor = LinkMonitor()
-        self.resolver = Resolver()
+        self.hook = HookSource()  # what libvirt's qemu hook announced (inventory/hook.py)
+        self.resolver = Resolver([self.hook])
         self.names: dict[str, str] = {}  # vm id -> its name when last seen (status, CLI)
         self._reidentify = threading.Event()  # a source's mappings changed
         self._forget: set[int] = set()
@@ -384,7 +386,7 @@ class Agent:
         from smtpguard.inventory.sources import from_policy
 
         self.resolver.stop()
-        self.resolver = Resolver(from_policy(self.policy.inventory))
+        self.resolver = Resolver([self.hook, *from_policy(self.policy.inventory)])
         self.resolver.start(self._identities_changed)
         self.resolver.wait_settled(5.0)
 
@@ -392,6 +394,34 @@ class Agent:
         """From a source's thread: look every interface up again, soon."""
         self._reidentify.set()
         self._monitor.events.put(None)
+
+    def announce(self, op: str, xml: str) -> dict[str, Any]:
+        """libvirt's hook (on the main loop): name the domain's taps now and
+        put its state on them before the hook returns and QEMU starts."""
+        from smtpguard.datapath import linkdump
+
+        taps = self.hook.announce(op, xml)
+        self._drain_links()
+        present = {name: (index, alias) for index, name, alias in linkdump.links()}
+        for t in taps:
+            if t in present:
+                self.on_link(LinkEvent("new", present[t][0], t, present[t][1]))
+        self._enforce_vms()
+        vifs = [v for v in self.ifaces.values() if v.ifname in taps]
+        return {"ok": True, "interfaces": sorted(v.ifname for v in vifs),
+                "vm": vifs[0].vm if vifs else None,
+                "state": self.detector.record(vifs[0].vm).state
+                if vifs and self.detector is not None else None}
+
+    def _drain_links(self) -> None:
+        """Handle the link events already queued (a tap's NEWLINK)."""
+        while True:
+            try:
+                ev = self._monitor.events.get_nowait()
+            except queue.Empty:
+                return
+            if ev is not None:
+                self.on_link(ev)
 
     def _migrate_state(self) -> None:
         """State kept by an earlier version under a name the policy alone gave

@@ -149,8 +149,40 @@ def _parser() -> argparse.ArgumentParser:
     inc.add_argument("--since", default="", help="only those opened within, e.g. 24h "
                      "(open ones always show)")
     inc.add_argument("--json", action="store_true")
+    hook = sub.add_parser(
+        "libvirt-hook", help="libvirt's qemu hook (install as /etc/libvirt/hooks/qemu.d/"
+        "smtpguard): tells the agent a starting domain's taps before QEMU runs")
+    hook.add_argument("--socket", type=Path, default=DEFAULT_SOCKET,
+                      help=f"the agent's control socket (default {DEFAULT_SOCKET})")
+    hook.add_argument("--timeout", type=float, default=5.0,
+                      help="seconds to wait for the agent (default 5); a domain is never "
+                      "kept from starting")
+    hook.add_argument("domain")
+    hook.add_argument("op")
+    hook.add_argument("rest", nargs="*", help="sub-operation and extra argument")
     sub.add_parser("version", help="print the version")
     return ap
+
+
+def _libvirt_hook(args: argparse.Namespace) -> int:
+    """Exit 0 whatever happens: an agent that is down or slow must not stop
+    domains from starting (its default policy still covers the taps)."""
+    from smtpguard.control import request
+    from smtpguard.inventory.hook import START_OPS, STOP_OPS
+
+    if args.op not in START_OPS + STOP_OPS:
+        return 0
+    xml = sys.stdin.read()
+    try:
+        reply = request(args.socket, {"cmd": "libvirt_hook", "op": args.op, "xml": xml},
+                        timeout=args.timeout)
+    except (SmtpguardError, OSError) as exc:
+        print(f"smtpguard libvirt-hook: {args.domain} {args.op}: {exc}", file=sys.stderr)
+        return 0
+    if reply.get("interfaces"):
+        print(f"smtpguard: {args.domain} on {', '.join(reply['interfaces'])}: "
+              f"{reply.get('state')}", file=sys.stderr)
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -366,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Commands that print for people keep stdout for that; logs go to stderr.
     quiet = args.command in ("policy", "version", "status", "flags", "block", "throttle",
-                             "release", "reload", "explain", "incidents") or (
+                             "release", "reload", "explain", "incidents",
+                             "libvirt-hook") or (
         args.command == "lab" and args.lab_command in ("send", "demo"))
     logs.configure(getattr(args, "log_level", "info"), sys.stderr if quiet else None)
     try:
@@ -382,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("status", "flags", "block", "throttle", "release", "reload",
                             "explain", "incidents"):
             return _operator(args)
+        if args.command == "libvirt-hook":
+            return _libvirt_hook(args)
     except SmtpguardError as exc:
         print(f"smtpguard: {exc}", file=sys.stderr)
         return 1

@@ -122,6 +122,11 @@ def handle(agent: Agent, req: dict[str, Any]) -> dict[str, Any]:
             raise SmtpguardError("policy rejected; the running policy stays in force (see "
                                  "the policy.rejected log for every error)")
         return {"ok": True, "policy_generation": agent.generation}
+    if cmd == "libvirt_hook":
+        op, xml = req.get("op"), req.get("xml")
+        if not isinstance(op, str) or not isinstance(xml, str):
+            raise SmtpguardError("libvirt_hook needs op and xml")
+        return agent.announce(op, xml)
     if cmd in ("incidents", "incident", "explain"):
         return _evidence(agent, cmd, req)
     if cmd == "history":
