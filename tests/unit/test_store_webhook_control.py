@@ -155,3 +155,26 @@ def test_control_socket_rejects_non_root_peers() -> None:
         shutil.rmtree(top)
     assert json.loads(out) == {"ok": False, "error": "permission denied: root only"}
     assert seen == []
+
+
+def test_renaming_a_vm_moves_its_whole_history(tmp_path: Path) -> None:
+    """The migration from interface names to ids: record, transitions (so
+    escalation counts the old offences), samples and incidents (with the name
+    inside their data) move in one step; a key that has a record already is
+    never overwritten."""
+    s = Store(tmp_path / "state.db")
+    rec = VmRecord("vnet3", "blocked", 100.0, 110.0, "fanout", "auto", None, None, 5.0)
+    s.save(rec, [tr("vnet3", "blocked", 100.0)])
+    s.save_samples(150.0, {"vnet3": (10, 2, 3)})
+    ident = s.add_incident("vnet3", 100.0, {"vm": "vnet3", "state": "blocked"})
+    assert s.rename_vm("vnet3", "uuid-1")
+    assert set(s.records()) == {"uuid-1"} and s.blocks_at("uuid-1") == [100.0]
+    assert s.samples() == {"uuid-1": (150.0, (10, 2, 3))}
+    inc = s.incident(ident)
+    assert inc is not None and inc["vm"] == "uuid-1"
+    assert [i["vm"] for i in s.incidents("uuid-1")] == ["uuid-1"]
+    s.save(VmRecord("vnet4", "ok", 1.0, None, "", "auto", None, None, 0.0), [])
+    assert not s.rename_vm("vnet4", "uuid-1")  # uuid-1 has its own record
+    assert set(s.records()) == {"uuid-1", "vnet4"}
+    s.set_meta("vm_ids", "1")
+    assert s.meta("vm_ids") == "1" and s.meta("nope") is None
