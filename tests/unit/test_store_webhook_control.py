@@ -148,11 +148,13 @@ def test_control_socket_rejects_non_root_peers() -> None:
             "s.sendall(b'{\"cmd\": \"block\", \"vm\": \"x\"}\\n'); "
             "print(s.makefile().readline())")
     try:
-        out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
-                             text=True, check=True, timeout=10).stdout
+        done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                              text=True, timeout=10)
     finally:
         srv.stop()
         shutil.rmtree(top)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
     assert json.loads(out) == {"ok": False, "error": "permission denied: root only"}
     assert seen == []
 

@@ -28,6 +28,8 @@ class Desired:
     policy: Policy
     classes: Mapping[str, str] = field(default_factory=dict)  # ifname -> class
     actions: Mapping[str, Action] = field(default_factory=dict)  # ifname -> action
+    # ifname -> vm, for VMs with several interfaces: they share one ceiling
+    groups: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

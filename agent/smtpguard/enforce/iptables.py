@@ -66,6 +66,7 @@ class IptablesEnforcer:
         self._counts: tuple[float, list[BlockedCount]] | None = None
         self._nat_model: dict[str, Model] = {}  # family -> our nat chains, when redirecting
         self._bridge_seen: bool | None = None
+        self._groups: dict[str, str] = {}  # ifname -> vm, for VMs with several interfaces
 
     def _table(self, family: R.Family) -> XtTable:
         return XtTable(self.iptc, family)
@@ -142,6 +143,7 @@ class IptablesEnforcer:
         """Full apply: read what the kernel holds (adopt it), fix what differs,
         prune what is ours but not wanted."""
         with self._lock:
+            self._groups = dict(desired.groups)
             model: dict[str, Model] = {}
             for fam in R.FAMILIES:
                 ft = self._table(fam)
@@ -164,7 +166,8 @@ class IptablesEnforcer:
         gone = set(self._classes or {}) - set(classes)
         for fam in R.FAMILIES:
             want: dict[str, list[R.Rule]] = {
-                R.vm_chain(n): R.vm_rules(n, classes[n], desired.actions.get(n), pol, now, fam)
+                R.vm_chain(n): R.vm_rules(n, classes[n], desired.actions.get(n), pol, now, fam,
+                                          R.shared_owner(desired, n))
                 for n in sorted(touched & set(classes))}
             if added or gone:
                 want[R.DISPATCH] = R.dispatch_rules(desired, fam)
@@ -181,8 +184,11 @@ class IptablesEnforcer:
             # the interfaces present): a name that left takes none along.
             before = self._classes or {}
             after = R.vm_ifaces(desired)
+            regrouped = {n for n in set(self._groups) | set(desired.groups)
+                         if self._groups.get(n) != desired.groups.get(n)}
+            self._groups = dict(desired.groups)
             self._update(desired, {n for n in set(before) | set(after)
-                                   if before.get(n) != after.get(n)})
+                                   if before.get(n) != after.get(n)} | regrouped)
             if self._nat_model or render.redirecting(desired.policy):
                 self._nat(desired)  # who is redirected follows the VMs
 
@@ -203,7 +209,7 @@ class IptablesEnforcer:
             known = dict(self._classes or {})
             if classes is not None:  # the caller's view of which VMs exist wins
                 known = {n: c for n, c in classes.items()}
-            self._update(Desired(self._policy, known, actions), set(ifnames))
+            self._update(Desired(self._policy, known, actions, self._groups), set(ifnames))
 
     def actions(self) -> dict[str, Action]:
         with self._lock:

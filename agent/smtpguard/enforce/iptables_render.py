@@ -249,12 +249,21 @@ def _action_rules(ifname: str, action: Action, c: VmClass, policy: Policy,
 
 
 def vm_rules(ifname: str, cls: str, action: Action | None, policy: Policy,
-             now: float, family: Family) -> list[Rule]:
+             now: float, family: Family, owner: str | None = None) -> list[Rule]:
+    """owner: whose ceiling the hashlimits are (the VM's, for a VM with
+    several interfaces: the same name is one bucket in the kernel)."""
     c = policy.classes[cls]
     audit = policy.mode_of(cls) == "audit"
+    owner = owner or ifname
     head = [] if action is None or audit else \
-        _action_rules(ifname, action, c, policy, now, family)
-    return head + _class_rules(cls, policy, ifname, False, family)
+        _action_rules(owner, action, c, policy, now, family)
+    return head + _class_rules(cls, policy, owner, False, family)
+
+
+def shared_owner(desired: Desired, ifname: str) -> str | None:
+    """A VM with several interfaces owns their ceilings (`vm:<id>`)."""
+    vm = desired.groups.get(ifname)
+    return None if vm is None else f"vm:{vm}"
 
 
 def vm_ifaces(desired: Desired) -> dict[str, str]:
@@ -302,7 +311,7 @@ def chains(desired: Desired, family: Family, now: float | None = None
            DEFAULT_CHAIN: _class_rules(pol.default_class, pol, "*", True, family)}
     for ifname, cls in vm_ifaces(desired).items():
         out[vm_chain(ifname)] = vm_rules(ifname, cls, desired.actions.get(ifname), pol, now,
-                                         family)
+                                         family, shared_owner(desired, ifname))
     return out
 
 

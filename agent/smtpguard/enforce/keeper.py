@@ -74,7 +74,14 @@ class Keeper:
                 and (a.until is None or a.until > now)}
 
     def desired(self) -> Desired:
-        return Desired(self.policy, dict(self.classes), self._rendered())
+        return Desired(self.policy, dict(self.classes), self._rendered(), self._groups())
+
+    def _groups(self) -> dict[str, str]:
+        """ifname -> vm for VMs with several interfaces (one ceiling for all)."""
+        by_vm: dict[str, list[str]] = {}
+        for v in self.ifaces.values():
+            by_vm.setdefault(v.vm, []).append(v.ifname)
+        return {n: vm for vm, names in by_vm.items() if len(names) > 1 for n in names}
 
     def start(self, ifaces: Mapping[int, VmIface],
               truth: Mapping[str, Action] | None = None) -> None:
@@ -126,7 +133,9 @@ class Keeper:
         after = {v.ifname: v.vm for v in ifaces.values()}
         self.ifaces = dict(ifaces)
         classes = self._classes(ifaces)
-        if classes != self.classes:
+        groups_before = {n: vm for n, vm in before.items()
+                         if list(before.values()).count(vm) > 1}
+        if classes != self.classes or groups_before != self._groups():
             self.classes = classes
             self._dirty = True
         gone = sorted(n for n in before if n not in after)

@@ -186,7 +186,8 @@ class NftablesEnforcer:
         """VM classes changed (a VM came, went or moved): vm_class elements only."""
         cmds: list[dict[str, Any]] = []
         for fam in render.FAMILIES:
-            cmds += render.element_commands(fam, desired, ("vm_class", "vm_redirect"))
+            cmds += render.element_commands(fam, desired, ("vm_class", "vm_redirect",
+                                                           "vm_shared", "vm_lim", "vm_thr"))
         self._json(cmds, "updating VM classes")
 
     def set_action(self, ifnames: list[str], action: Action | None,
@@ -309,8 +310,11 @@ class NftablesEnforcer:
 
 def _parse_table(out: str) -> dict[str, Any]:
     """A `list table` (JSON) as sets, chains, named counters and a rule count."""
-    result: dict[str, Any] = {"sets": {}, "chains": set(), "counters": {}, "rules": 0}
+    result: dict[str, Any] = {"sets": {}, "chains": set(), "counters": {}, "rules": 0,
+                              "limits": set()}
     for obj in json.loads(out)["nftables"]:
+        if "limit" in obj:
+            result["limits"].add(obj["limit"]["name"])
         for kind in ("set", "map"):
             if kind in obj:
                 result["sets"][obj[kind]["name"]] = obj[kind]

@@ -136,6 +136,15 @@ def _class_rules(name: str, c: VmClass, policy: Policy, throttled: bool,
         ports, ceiling, limiter, reason = _limited(c, family), c.limit, f"lim_{name}", \
             "reject_limit"
     if ports and ceiling is not None:
+        # A VM with several interfaces: one named limit for all of them (a
+        # meter cannot be keyed by a map lookup); the others, one meter
+        # element per interface, which is one per VM.
+        rules.append([
+            _match(_p("tcp", "dport"), {"set": ports}),
+            {"limit": {"map": {"key": IIF, "data": "@vm_thr" if throttled else "@vm_lim"}}},
+            _jump(reason),
+        ])
+        rules.append([_match(IIF, "@vm_shared"), RETURN])
         rules.append([
             _match(_p("tcp", "dport"), {"set": ports}),
             {"set": {"op": "update", "elem": IIF, "set": f"@{limiter}",
@@ -143,6 +152,38 @@ def _class_rules(name: str, c: VmClass, policy: Policy, throttled: bool,
             _jump(reason),
         ])
     return rules
+
+
+def shared_limits(desired: Desired) -> dict[str, dict[str, Any]]:
+    """Named limit objects, one per VM with several interfaces and ceiling
+    (its class's limit, its throttle): name -> the limit's body."""
+    out: dict[str, dict[str, Any]] = {}
+    for _ifname, vm, _cls, kind, ceiling in _shared(desired):
+        out[_limit_name(vm, kind, ceiling)] = nft_limit(ceiling)["limit"]
+    return out
+
+
+def _shared(desired: Desired) -> list[tuple[str, str, str, str, Ceiling]]:
+    pol = desired.policy
+    rows = []
+    for ifname, vm in sorted(desired.groups.items()):
+        cls = desired.classes.get(ifname, pol.default_class)
+        c = pol.classes.get(cls)
+        if c is None:
+            continue
+        if c.limit is not None:
+            rows.append((ifname, vm, cls, "lim", c.limit))
+        rows.append((ifname, vm, cls, "thr", c.throttle))
+    return rows
+
+
+def _limit_name(vm: str, kind: str, ceiling: Ceiling) -> str:
+    """Stable while the VM and its ceiling are: `add` keeps an existing
+    object's state (and its old rate), so a new ceiling is a new name."""
+    import hashlib
+
+    h = hashlib.sha256(f"{vm}\0{ceiling.rate.per_second!r}\0{ceiling.burst}".encode())
+    return f"vm{kind}_{h.hexdigest()[:16]}"
 
 
 def _verdict(family: str, caps: Capabilities) -> dict[str, Any]:
@@ -231,6 +272,9 @@ def sets(desired: Desired, family: str = "inet") -> dict[str, dict[str, Any]]:
         "vm_ifaces": {"type": "ifname", "flags": ["interval"]},
         "vm_class": {"type": "ifname", "map": "verdict"},
         "vm_state": {"type": "ifname", "map": "verdict", "flags": ["timeout"]},
+        "vm_shared": {"type": "ifname"},
+        "vm_lim": {"type": "ifname", "map": "limit"},
+        "vm_thr": {"type": "ifname", "map": "limit"},
     }
     if family == "inet" and redirecting(desired.policy):
         out["vm_redirect"] = {"type": "ifname", "map": "verdict"}
@@ -253,7 +297,7 @@ TYPEOF_SETS = {
              f"flags timeout; timeout {SEEN_FOR}s;",
 }
 DATA_SETS = ("smtp_ports", "relays4", "relays6", "vm_ifaces", "vm_class", "vm_state",
-             "vm_redirect")
+             "vm_redirect", "vm_shared", "vm_lim", "vm_thr")
 BASE_CHAINS = {"prerouting": ("filter", PRIORITY), "nat_prerouting": ("nat", -100)}
 
 
@@ -296,6 +340,11 @@ def elements(desired: Desired, now: float | None = None) -> dict[str, list[Any]]
         "vm_state": state_elements(desired.actions, desired.classes, pol.default_class, now),
         "vm_redirect": [[ifname, _goto(f"redir_{cls}") if cls in redirects else RETURN]
                         for ifname, cls in sorted(desired.classes.items())],
+        "vm_shared": sorted(desired.groups),
+        "vm_lim": [[i, _limit_name(vm, k, c)] for i, vm, _cls, k, c in _shared(desired)
+                   if k == "lim"],
+        "vm_thr": [[i, _limit_name(vm, k, c)] for i, vm, _cls, k, c in _shared(desired)
+                   if k == "thr"],
     }
 
 
@@ -309,6 +358,10 @@ def element_commands(family: str, desired: Desired, names: Iterable[str],
     elems = elements(desired, now)
     have = sets(desired, family)
     cmds: list[dict[str, Any]] = []
+    if {"vm_lim", "vm_thr"} & set(names):
+        # `add` keeps an object that exists (and its bucket).
+        cmds += [{"add": {"limit": _obj(family, name=n, **body)}}
+                 for n, body in sorted(shared_limits(desired).items())]
     for name in names:
         if name not in have:
             continue  # vm_redirect without a redirecting class
@@ -352,6 +405,9 @@ def table_commands(family: str, desired: Desired, caps: Capabilities,
             kind = "map" if "map" in have else "set"
             cmds.append({"delete": {kind: _obj(family, name=name)}})
     cmds += element_commands(family, desired, DATA_SETS, now)
+    wanted_limits = shared_limits(desired)
+    for name in sorted(observed.get("limits", set()) - set(wanted_limits)):
+        cmds.append({"delete": {"limit": _obj(family, name=name)}})  # no element refers to it
     for name, rules in wanted_chains.items():
         for expr in rules:
             cmds.append({"add": {"rule": _obj(family, chain=name, expr=expr)}})

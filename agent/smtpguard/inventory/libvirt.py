@@ -21,6 +21,7 @@ it the source is unavailable and the agent names VMs by interface.
 
 from __future__ import annotations
 
+import importlib
 import queue
 import threading
 import time
@@ -122,7 +123,8 @@ class LibvirtSource:
         self._on_change = on_change
         self._tasks = queue.Queue()
         try:
-            import libvirt
+            # Any: the binding has no stubs, and mypy reads its module oddly.
+            libvirt: Any = importlib.import_module("libvirt")
         except ImportError:
             self._log.warning("inventory.libvirt_unavailable",
                               reason="python module libvirt is missing", hint=HINT)
