@@ -138,10 +138,10 @@ class Agent:
             lambda: self.generation, self.clock, recent_table=self.datapath.table("smtp_recent"),
             loaded=lambda: self.loaded)
         self._migrate_state()
-        stored = self.responder.load()
+        stored = self.responder.load() and bool(self.responder.detector.records)
         if self.keeper is not None:
             # The VMs' records are the truth; the kernel is adopted only
-            # without a store to say what is in force.
+            # without a store that knows any VM (none, unreadable, or new).
             self.keeper.start(self.ifaces, self.responder.actions_in_force() if stored else None)
         self.responder.start()
         if self.cfg.metrics_addr:
