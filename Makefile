@@ -5,13 +5,14 @@ PY     := $(VENV)/bin/python
 SG     := $(VENV)/bin/smtpguard
 PYTEST ?= -q
 
-.PHONY: setup run test test-unit test-reliability lint bench install uninstall clean-lab help
+.PHONY: setup run test test-unit test-reliability test-hypervisor lint bench install uninstall clean-lab help
 
 help:
 	@echo "make setup    install Debian packages, kernel headers, the venv (.venv/)"
 	@echo "make run      lab + agent on the built-in default policy, live table (Ctrl-C ends)"
 	@echo "make test     lint, then unit, BPF, integration and short reliability tests (root)"
 	@echo "make test-reliability  the long reliability suite: 100 kills, 500-interface churn (root)"
+	@echo "make test-hypervisor   only the real-hypervisor tier: libvirtd + QEMU guests (root; part of make test)"
 	@echo "make lint     ruff and mypy"
 	@echo "make bench    benchmarks beside their baselines, one table (root; BENCH=\"reaction apply\" for some)"
 	@echo "make install  the agent in /opt/smtpguard, the systemd unit, /etc/smtpguard"
@@ -35,6 +36,11 @@ test: lint
 test-reliability: setup
 	@scripts/setup.sh --test
 	SMTPGUARD_RELIABILITY=full $(PY) -m pytest $(PYTEST) -s tests/reliability
+
+test-hypervisor: setup
+	@scripts/setup.sh --test
+	@scripts/hypervisor-setup.sh
+	$(PY) -m pytest $(PYTEST) tests/hypervisor
 
 test-unit: setup
 	$(PY) -m pytest $(PYTEST) tests/unit
