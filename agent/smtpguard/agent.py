@@ -15,12 +15,13 @@ from types import FrameType
 from typing import Any
 
 from smtpguard import logs, operator_api
-from smtpguard.control import DEFAULT_SOCKET, ControlServer
+from smtpguard.control import ControlServer
 from smtpguard.datapath import attach
 from smtpguard.datapath.doorbell import Doorbell
 from smtpguard.datapath.interfaces import LinkEvent, LinkMonitor, VmIface, dump_links
 from smtpguard.datapath.loader import Datapath, Sizes, ensure_bpffs
 from smtpguard.datapath.snapshot import Snapshot, take
+from smtpguard.defaults import DEFAULT_METRICS, DEFAULT_PIN_DIR, DEFAULT_SOCKET, DEFAULT_STATE_DIR
 from smtpguard.detect.engine import Detector
 from smtpguard.enforce.keeper import Keeper
 from smtpguard.errors import AttachError, SmtpguardError
@@ -34,9 +35,6 @@ from smtpguard.policy.watch import PolicyWatcher
 from smtpguard.respond import Responder
 from smtpguard.sdnotify import Notifier
 
-DEFAULT_PIN_DIR = Path("/sys/fs/bpf/smtpguard/default")
-DEFAULT_STATE_DIR = Path("/var/lib/smtpguard")
-DEFAULT_METRICS = "127.0.0.1:9725"
 POLL = 0.25  # the longest the loop sleeps (it also wakes on events, commands, the bell)
 
 

@@ -18,8 +18,12 @@ EPILOG = "Docs: README.md. Every command exits non-zero with a one-line error on
 
 
 def _parser() -> argparse.ArgumentParser:
-    from smtpguard.agent import DEFAULT_METRICS, DEFAULT_PIN_DIR, DEFAULT_STATE_DIR
-    from smtpguard.control import DEFAULT_SOCKET
+    from smtpguard.defaults import (
+        DEFAULT_METRICS,
+        DEFAULT_PIN_DIR,
+        DEFAULT_SOCKET,
+        DEFAULT_STATE_DIR,
+    )
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log-level", default=argparse.SUPPRESS,

@@ -22,7 +22,6 @@ from typing import Any
 from smtpguard import logs
 from smtpguard.errors import SmtpguardError
 
-DEFAULT_SOCKET = Path("/run/smtpguard/control.sock")
 MAX_REQUEST = 65536
 
 

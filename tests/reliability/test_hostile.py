@@ -16,7 +16,8 @@ from typing import Any
 
 from kit import lab_with_agent, require_root, scale
 from smtpguard.agent import DEFAULT_METRICS
-from smtpguard.control import DEFAULT_SOCKET, MAX_REQUEST
+from smtpguard.control import MAX_REQUEST
+from smtpguard.defaults import DEFAULT_SOCKET
 
 CASES = scale(2000, 200)
 CMDS = ["status", "flags", "block", "throttle", "release", "reload", "history", "incidents",
