@@ -240,13 +240,7 @@ class Agent:
                 continue
             before = self.ifaces
             self.on_link(ev)
-            while True:  # a burst (VMs starting, our own attaches) is one update
-                try:
-                    more = self._monitor.events.get_nowait()
-                except queue.Empty:
-                    break
-                if more is not None:
-                    self.on_link(more)
+            self._drain_links()  # a burst (VMs starting, our own attaches) is one update
             if self.ifaces is not before:
                 self._enforce_vms()
         if self._reload.is_set():
@@ -412,7 +406,7 @@ class Agent:
                 if vifs and self.detector is not None else None}
 
     def _drain_links(self) -> None:
-        """Handle the link events already queued (a tap's NEWLINK)."""
+        """Handle the link events already queued (a burst; a tap's NEWLINK)."""
         while True:
             try:
                 ev = self._monitor.events.get_nowait()

@@ -187,7 +187,16 @@ def add_vm(lab: Lab, n: int) -> str:
         idx = ipr.link_lookup(ifname=host)[0]
         ipr.link("set", index=idx, ifalias=vm)
         ipr.link("set", index=idx, master=ipr.link_lookup(ifname="br0")[0], state="up")
-    with IPRoute(netns=ns) as ipr:
+    _vm_side(lab, n)
+    logs.get(lab=lab.prefix).info("lab.vm_added", vm=vm, interface=f"veth-{vm}")
+    return vm
+
+
+def _vm_side(lab: Lab, n: int) -> None:
+    """A bridged VM's eth0: its addresses, up, routes to the sink's ranges."""
+    from pyroute2 import IPRoute
+
+    with IPRoute(netns=lab.vm_ns(f"vm{n}")) as ipr:
         eth = ipr.link_lookup(ifname="eth0")[0]
         ipr.addr("add", index=eth, address=lab.vm_addr(n, 4), prefixlen=LAN4.prefixlen)
         ipr.addr("add", index=eth, address=lab.vm_addr(n, 6), prefixlen=LAN6.prefixlen,
@@ -195,8 +204,6 @@ def add_vm(lab: Lab, n: int) -> str:
         ipr.link("set", index=eth, state="up")
         ipr.route("add", dst=str(DEST4), gateway=lab.sink_addr(4))
         ipr.route("add", dst=str(DEST6), gateway=lab.sink_addr(6))
-    logs.get(lab=lab.prefix).info("lab.vm_added", vm=vm, interface=f"veth-{vm}")
-    return vm
 
 
 def replug_vm(lab: Lab, vm: str, host: str, ifalias: str | None = None) -> None:
@@ -216,14 +223,7 @@ def replug_vm(lab: Lab, vm: str, host: str, ifalias: str | None = None) -> None:
         if ifalias:  # set afterwards, as hypervisor tooling does
             ipr.link("set", index=idx, ifalias=ifalias)
         ipr.link("set", index=idx, master=ipr.link_lookup(ifname="br0")[0], state="up")
-    with IPRoute(netns=ns) as ipr:
-        eth = ipr.link_lookup(ifname="eth0")[0]
-        ipr.addr("add", index=eth, address=lab.vm_addr(n, 4), prefixlen=LAN4.prefixlen)
-        ipr.addr("add", index=eth, address=lab.vm_addr(n, 6), prefixlen=LAN6.prefixlen,
-                 flags=IFA_F_NODAD)
-        ipr.link("set", index=eth, state="up")
-        ipr.route("add", dst=str(DEST4), gateway=lab.sink_addr(4))
-        ipr.route("add", dst=str(DEST6), gateway=lab.sink_addr(6))
+    _vm_side(lab, n)
     logs.get(lab=lab.prefix).info("lab.vm_replugged", vm=vm, interface=host, ifalias=ifalias)
 
 
