@@ -49,14 +49,31 @@ def assert_cleaned_up(lab: topology.Lab, sink: int, demo: subprocess.Popen[bytes
     assert not Path(f"/sys/fs/bpf/smtpguard/{lab.prefix}").exists()
 
 
+DEMOS: list[subprocess.Popen[bytes]] = []
+
+
+def start(lab: topology.Lab, **kw: object) -> subprocess.Popen[bytes]:
+    demo = subprocess.Popen([*SG, "lab", "demo", "--name", lab.prefix], **kw)  # type: ignore[call-overload]
+    DEMOS.append(demo)
+    return demo
+
+
 @pytest.fixture
 def lab() -> Iterator[topology.Lab]:
-    """A lab prefix for one demo; whatever a failed test leaves is removed."""
+    """A lab prefix for one demo; whatever a failed test leaves is removed
+    (and its demo reaped)."""
     require_root()
     lab = topology.Lab(unique("sgd"))
     try:
         yield lab
     finally:
+        while DEMOS:
+            demo = DEMOS.pop()
+            if demo.poll() is None:
+                demo.kill()
+            demo.wait()
+            if demo.stdout is not None:
+                demo.stdout.close()
         for pid in _pids_of(lab.prefix):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -102,16 +119,17 @@ def test_a_closed_terminal_cleans_up_and_the_table_redraws_in_place(
     def controlling_tty() -> None:
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
-    demo = subprocess.Popen([*SG, "lab", "demo", "--name", lab.prefix], stdin=slave,
-                            stdout=slave, stderr=slave, start_new_session=True,
-                            preexec_fn=controlling_tty)
+    demo = start(lab, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                 preexec_fn=controlling_tty)
     os.close(slave)
     try:
         sink = sink_pid(lab)
         seen = bytearray()
         read_until(master, b"\x1b[?1049h", seen)
         frames = seen[seen.index(b"\x1b[?1049h"):]
-        read_until(master, b"\x1b[H", frames, count=2)
+        read_until(master, b"ATTEMPTS  ", frames, count=2)  # two whole frames
+        read_until(master, b"ROLE", frames, count=2)
+        assert frames.count(b"\x1b[H") >= 2
         assert b"\x1b[2J" not in frames
         assert b"ATTEMPTS" in frames and b"vm2" in frames
         assert frames.count(b"ATTEMPTS  ") >= 2  # two frames, each drawn whole
@@ -123,9 +141,8 @@ def test_a_closed_terminal_cleans_up_and_the_table_redraws_in_place(
 def test_a_closed_pipe_cleans_up(lab: topology.Lab) -> None:
     """Output into a pipe is plain lines (no escape codes); when the reader
     goes away the next refresh fails with EPIPE, and the demo cleans up."""
-    demo = subprocess.Popen([*SG, "lab", "demo", "--name", lab.prefix],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            stdin=subprocess.DEVNULL)
+    demo = start(lab, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                 stdin=subprocess.DEVNULL)
     assert demo.stdout is not None
     try:
         sink = sink_pid(lab)
@@ -141,9 +158,8 @@ def test_ctrl_c_on_a_piped_run_cleans_up(lab: topology.Lab) -> None:
     """`make run | tee log`, then Ctrl-C: the terminal's SIGINT reaches the
     whole pipeline, tee dies first and the demo's writes fail; the lab still
     goes."""
-    demo = subprocess.Popen([*SG, "lab", "demo", "--name", lab.prefix],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    demo = start(lab, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                 stdin=subprocess.DEVNULL, start_new_session=True)
     assert demo.stdout is not None
     try:
         sink = sink_pid(lab)
