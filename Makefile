@@ -31,6 +31,7 @@ lint: setup
 
 test: lint
 	@scripts/setup.sh --test
+	@scripts/hypervisor-setup.sh
 	$(PY) -m pytest $(PYTEST)
 
 test-reliability: setup
