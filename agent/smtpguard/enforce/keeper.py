@@ -6,6 +6,7 @@ for per-VM changes."""
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -133,8 +134,8 @@ class Keeper:
         after = {v.ifname: v.vm for v in ifaces.values()}
         self.ifaces = dict(ifaces)
         classes = self._classes(ifaces)
-        groups_before = {n: vm for n, vm in before.items()
-                         if list(before.values()).count(vm) > 1}
+        nics = Counter(before.values())
+        groups_before = {n: vm for n, vm in before.items() if nics[vm] > 1}
         if classes != self.classes or groups_before != self._groups():
             self.classes = classes
             self._dirty = True
