@@ -25,7 +25,7 @@ from smtpguard.defaults import DEFAULT_METRICS, DEFAULT_PIN_DIR, DEFAULT_SOCKET,
 from smtpguard.detect.engine import Detector
 from smtpguard.enforce.keeper import Keeper
 from smtpguard.errors import AttachError, SmtpguardError
-from smtpguard.inventory import patterns
+from smtpguard.inventory import migrate
 from smtpguard.inventory.hook import HookSource
 from smtpguard.inventory.resolve import Resolver
 from smtpguard.metrics import DatapathCollector, EnforcementCollector, Health, serve
@@ -135,7 +135,8 @@ class Agent:
             self.datapath.table("smtp_dests"), self.keeper, lambda: self.ifaces,
             lambda: self.generation, self.clock, recent_table=self.datapath.table("smtp_recent"),
             loaded=lambda: self.loaded)
-        self._migrate_state()
+        if self.responder.store is not None:
+            migrate.to_ids(self.responder.store, self.ifaces.values(), self.policy.interfaces)
         stored = self.responder.load() and bool(self.responder.detector.records)
         if self.keeper is not None:
             # The VMs' records are the truth; the kernel is adopted only
@@ -414,32 +415,6 @@ class Agent:
                 return
             if ev is not None:
                 self.on_link(ev)
-
-    def _migrate_state(self) -> None:
-        """State kept by an earlier version under a name the policy alone gave
-        (the interface name, a pattern capture) moves to the VM's id, at the
-        first start that knows ids only: the VM on that interface then is the
-        one the name stood for. Later, a name is never followed to another VM
-        (what stays under an old name belonged to a VM that was not running)."""
-        store = self.responder.store if self.responder is not None else None
-        try:
-            if store is None or store.meta("vm_ids") == "1":
-                return
-            store.set_meta("vm_ids", "1")
-        except SmtpguardError as exc:
-            self.log.error("store.migrate_failed", error=str(exc))
-            return
-        pats = self.policy.interfaces
-        for v in self.ifaces.values():
-            if v.source not in ("libvirt", "proxmox"):
-                continue
-            m = patterns.match(v.ifname, None, pats.patterns, pats.vm_from_ifalias)
-            legacy = m.identity.id if m is not None else v.ifname
-            try:
-                if legacy != v.vm and store.rename_vm(legacy, v.vm):
-                    self.log.info("store.migrated", vm=v.vm, name=v.display, was=legacy)
-            except SmtpguardError as exc:
-                self.log.error("store.migrate_failed", vm=v.vm, was=legacy, error=str(exc))
 
     # -- interfaces --------------------------------------------------------
     def reconcile(self) -> None:

@@ -180,3 +180,23 @@ def test_renaming_a_vm_moves_its_whole_history(tmp_path: Path) -> None:
     assert set(s.records()) == {"uuid-1", "vnet4"}
     s.set_meta("vm_ids", "1")
     assert s.meta("vm_ids") == "1" and s.meta("nope") is None
+
+
+def test_state_under_interface_names_moves_to_ids_once(tmp_path: Path) -> None:
+    """The first start that knows ids moves an interface-named VM's record to
+    the id of the VM on that interface now; later starts never move a name
+    again (it could be another VM's by then)."""
+    from smtpguard.datapath.interfaces import VmIface
+    from smtpguard.inventory import migrate
+    from smtpguard.policy import Policy
+
+    s = Store(tmp_path / "state.db")
+    s.save(VmRecord("vnet3", "blocked", 1.0, 9e9, "fanout", "auto", None, None, 0.0), [])
+    s.save(VmRecord("vnet4", "blocked", 1.0, 9e9, "fanout", "auto", None, None, 0.0), [])
+    naming = Policy().interfaces
+    web = VmIface(3, "vnet3", "uuid-web", "vnet*", name="web", source="libvirt")
+    assert migrate.to_ids(s, [web], naming) == 1
+    assert set(s.records()) == {"uuid-web", "vnet4"}
+    later = VmIface(4, "vnet4", "uuid-db", "vnet*", name="db", source="libvirt")
+    assert migrate.to_ids(s, [later], naming) == 0  # once only
+    assert set(s.records()) == {"uuid-web", "vnet4"}
