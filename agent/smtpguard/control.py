@@ -15,6 +15,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,15 @@ class ControlServer:
                 reply = {"ok": False, "error": f"bad request: {exc}"}
             with contextlib.suppress(OSError):
                 conn.sendall(json.dumps(reply, default=str).encode() + b"\n")
+                # Let the peer finish sending before we close: closing with its
+                # request unread would make its send fail (EPIPE, or a reset)
+                # before it can read why it was refused.
+                conn.shutdown(socket.SHUT_WR)
+                deadline = time.monotonic() + 1.0  # a peer that keeps sending gets 1 s
+                while (left := deadline - time.monotonic()) > 0:
+                    conn.settimeout(left)
+                    if not conn.recv(65536):
+                        break
 
     def _request(self, conn: socket.socket) -> dict[str, Any]:
         data = b""
