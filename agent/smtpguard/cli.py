@@ -127,23 +127,23 @@ def _parser() -> argparse.ArgumentParser:
                            ("flags", "the VMs that are flagged, throttled or blocked")):
         op(name, helptext).add_argument("--json", action="store_true")
     block = op("block", "block a VM's SMTP (all ports but the relays)")
-    block.add_argument("vm")
+    block.add_argument("vm", help="the VM: its id, name, UUID or one of its interfaces")
     block.add_argument("--for", dest="duration", required=True,
                        help="how long, e.g. 24h (automatic decisions cannot lift it)")
     block.add_argument("--reason", required=True)
     throttle = op("throttle", "hold a VM's SMTP to its class's throttle ceiling")
-    throttle.add_argument("vm")
+    throttle.add_argument("vm", help="the VM: its id, name, UUID or one of its interfaces")
     throttle.add_argument("--for", dest="duration", required=True,
                           help="how long, e.g. 1h (automatic decisions cannot lift it)")
     throttle.add_argument("--reason", required=True)
     release = op("release", "lift a VM's block or throttle")
-    release.add_argument("vm")
+    release.add_argument("vm", help="the VM: its id, name, UUID or one of its interfaces")
     release.add_argument("--for", dest="duration", default="1h",
                          help="immunity from automatic actions afterwards (default 1h)")
     release.add_argument("--reason", default="")
     op("reload", "re-read the policy (as SIGHUP does) and say whether it was applied")
     exp = op("explain", "what a VM may do, its state, why and until when")
-    exp.add_argument("vm")
+    exp.add_argument("vm", help="the VM: its id, name, UUID or one of its interfaces")
     exp.add_argument("--json", action="store_true")
     inc = op("incidents", "incidents and their evidence: `incidents [--vm VM] [--since 24h]`, "
              "`incidents show ID`")
