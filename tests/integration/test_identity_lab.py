@@ -93,7 +93,17 @@ def test_the_block_follows_the_vm_and_not_the_name(lab: Pair, request: pytest.Fi
     assert completed(lab_, "vm2", 2) == 2
     assert completed(lab_, "vm1", 1) == 0  # web is still blocked where it is
 
-    # What status says is what the kernel does: a hand-deleted block comes back.
+    # What status says is what the kernel does: a hand-deleted block comes
+    # back, also when only one of the two nftables tables lost it.
+    if backend == "nftables":
+        subprocess.run(["ip", "netns", "exec", lab_.hv, "nft", "delete", "element", "inet",
+                        "smtpguard", "vm_state", '{ "veth-web2" }'], check=True)
+        ev = agent.wait_event("enforce.state_repaired", timeout=25, interface="veth-web2")
+        assert ev["kind"] == "missing"
+        assert "veth-web2" in subprocess.run(
+            ["ip", "netns", "exec", lab_.hv, "nft", "list", "map", "inet", "smtpguard",
+             "vm_state"], capture_output=True, text=True, check=True).stdout
+        agent._mark = len(agent.events())  # the next repair is a new event
     delete_block_in_kernel(lab_, backend, "veth-web2")
     name = "enforce.state_repaired" if backend == "nftables" else "enforce.repaired"
     agent.wait_event(name, timeout=25)

@@ -48,6 +48,9 @@ class FakeEnforcer:
         return [fam for fam, t in self.tables.items() if t is None or t["rules"] != sum(
             len(r) for r in render.chains(desired, fam, self.caps).values())]
 
+    def disagreeing(self) -> set[str]:
+        return set()
+
     def forget(self, ifnames: Any) -> None:
         self.forgotten |= set(ifnames)
 

@@ -23,8 +23,9 @@ class Enforcer(Protocol):
     apply() is a full, idempotent apply that adopts what the kernel holds;
     set_vms() and set_action() change only what they name; actions() are the
     blocks and throttles in force; drift() names the parts that differ from
-    what was applied (edited behind our back); blocked_counts() and report()
-    read the rejection counters."""
+    what was applied (edited behind our back); disagreeing() the interfaces
+    whose state differs between the backend's own tables (families);
+    blocked_counts() and report() read the rejection counters."""
 
     name: str
     caps: Capabilities
@@ -36,6 +37,7 @@ class Enforcer(Protocol):
                    ) -> None: ...
     def actions(self) -> dict[str, Action]: ...
     def drift(self, desired: Desired) -> list[str]: ...
+    def disagreeing(self) -> set[str]: ...
     def forget(self, ifnames: Any) -> None: ...
     def blocked_counts(self) -> list[Any]: ...
     def report(self) -> tuple[list[Any], dict[tuple[str, str], tuple[int, int]], int]: ...
@@ -201,10 +203,13 @@ class Keeper:
         (its elements): each difference is put right, logged and counted."""
         want = self._rendered()
         have = self.enforcer.actions()
+        split = self.enforcer.disagreeing()
         now = self.wall()
         fixed = False
         for ifname in sorted(set(want) | set(have)):
             w, h = want.get(ifname), have.get(ifname)
+            if ifname in split:
+                h = None if w is not None else h  # one table lost it: missing there
             if w is not None and h is not None and w.kind == h.kind and (
                     (w.until is None) == (h.until is None)) and (
                     w.until is None or h.until is None or abs(w.until - h.until) < 2.0):

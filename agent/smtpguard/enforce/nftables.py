@@ -195,12 +195,12 @@ class NftablesEnforcer:
                    ) -> None:
         """Block or throttle these interfaces (or release them, action None),
         in one transaction touching only their vm_state elements."""
-        present = set(self.actions())
+        present = self._actions_by_family()  # deleting what a family lacks would fail
         cmds: list[dict[str, Any]] = []
         now = time.time()
         for fam in render.FAMILIES:
             obj = {"family": fam, "table": render.TABLE, "name": "vm_state"}
-            gone = [n for n in ifnames if n in present]
+            gone = [n for n in ifnames if n in present.get(fam, {})]
             if gone:
                 cmds.append({"delete": {"element": {**obj, "elem": gone}}})
             if action is not None:
@@ -214,9 +214,25 @@ class NftablesEnforcer:
 
     def actions(self) -> dict[str, Action]:
         """Blocks and throttles in the kernel now (the bridge table is the reference)."""
-        now = time.time()
         out: dict[str, Action] = {}
+        for fam_actions in self._actions_by_family().values():
+            for ifname, action in fam_actions.items():
+                out.setdefault(ifname, action)
+        return out
+
+    def disagreeing(self) -> set[str]:
+        """Interfaces whose block/throttle differs between our two tables (an
+        element deleted by hand in one family): verify() puts both right."""
+        fams = list(self._actions_by_family().values())
+        names = set().union(*fams)
+        return {n for n in names
+                if len({(f[n].kind if n in f else None) for f in fams}) > 1}
+
+    def _actions_by_family(self) -> dict[str, dict[str, Action]]:
+        now = time.time()
+        by: dict[str, dict[str, Action]] = {}
         for fam in render.FAMILIES:
+            out = by.setdefault(fam, {})
             for elem in self._list_set(fam, "vm_state", "map").get("elem", []):
                 key, verdict = elem
                 if isinstance(key, dict):
@@ -228,7 +244,7 @@ class NftablesEnforcer:
                 target = (verdict.get("goto") or verdict.get("jump") or {}).get("target", "")
                 kind = "block" if target == "block" else "throttle"
                 out.setdefault(ifname, Action(kind, until))  # type: ignore[arg-type]
-        return out
+        return by
 
     def _list_set(self, family: str, name: str, kind: str = "set",
                   scrape: bool = False) -> dict[str, Any]:
