@@ -215,6 +215,12 @@ class LibvirtSource:
 
     def _connect(self) -> None:
         lv = self._lv
+        missing = _missing_socket(self.uri)
+        if missing is not None:
+            # No daemon to talk to: a stat, not a connection attempt, until
+            # its socket appears (libvirt's client sets itself up lazily on
+            # a first open, which a host without libvirtd need not pay).
+            raise ConnectionRefusedError(f"no libvirt socket at {missing}")
         conn = lv.open(self.uri)
         self._conn = conn
         # How a lost libvirtd is noticed at once (EOF) or when it hangs
@@ -368,6 +374,23 @@ class LibvirtSource:
 
 
 _CLOSE_REASONS = {0: "error", 1: "eof", 2: "keepalive", 3: "client"}
+
+
+SYSTEM_SOCKETS = ("/run/libvirt/libvirt-sock", "/run/libvirt/virtqemud-sock")
+
+
+def _missing_socket(uri: str) -> str | None:
+    """For a local qemu:///system URI, the socket it would use when none of
+    them exists (None: present, or a URI whose transport we do not know)."""
+    import os
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme != "qemu" or parts.netloc or parts.path != "/system":
+        return None
+    given = parse_qs(parts.query).get("socket")
+    paths = tuple(given) if given else SYSTEM_SOCKETS
+    return None if any(os.path.exists(p) for p in paths) else paths[0]
 
 
 def _mac_matches(ident: Identity, mac: str) -> bool:
