@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import resource
 import socket
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,10 @@ def main() -> None:
     ap.add_argument("--ports", default="25,465,587")
     ap.add_argument("--ready", type=Path, help="file written once listening")
     args = ap.parse_args()
+    # Hundreds of sessions at once: the soft 1024-descriptor default is no
+    # ceiling the lab should depend on (a shell or CI harness may set less).
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if args.netns:
         from smtpguard.netns import enter
 
