@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import resource
+import signal
 import socket
 from pathlib import Path
 from typing import Any
