@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 SG     := $(VENV)/bin/smtpguard
 PYTEST ?= -q
 
-.PHONY: setup run test test-unit test-reliability test-hypervisor lint bench install uninstall clean-lab help
+.PHONY: setup run test test-unit test-reliability test-hypervisor test-system lint bench install uninstall clean-lab help
 
 help:
 	@echo "make setup    install Debian packages, kernel headers, the venv (.venv/)"
@@ -13,6 +13,7 @@ help:
 	@echo "make test     lint, then unit, BPF, integration and short reliability tests (root)"
 	@echo "make test-reliability  the long reliability suite: 100 kills, 500-interface churn (root)"
 	@echo "make test-hypervisor   only the real-hypervisor tier: libvirtd + QEMU guests (root; part of make test)"
+	@echo "make test-system       only the system tier: make install + systemd in a Debian 12 QEMU machine (root; part of make test)"
 	@echo "make lint     ruff and mypy"
 	@echo "make bench    benchmarks beside their baselines, one table (root; BENCH=\"reaction apply\" for some)"
 	@echo "make install  the agent in /opt/smtpguard, the systemd unit, /etc/smtpguard"
@@ -32,6 +33,7 @@ lint: setup
 test: lint
 	@scripts/setup.sh --test
 	@scripts/hypervisor-setup.sh
+	@scripts/system-image.sh >/dev/null
 	$(PY) -m pytest $(PYTEST)
 
 test-reliability: setup
@@ -42,6 +44,12 @@ test-hypervisor: setup
 	@scripts/setup.sh --test
 	@scripts/hypervisor-setup.sh
 	$(PY) -m pytest $(PYTEST) tests/hypervisor
+
+# -v and the tier's timing lines: what it checked, and how long each step took.
+test-system: setup
+	@scripts/setup.sh --test
+	@scripts/system-image.sh >/dev/null
+	$(PY) -m pytest -v -p no:cacheprovider tests/system
 
 test-unit: setup
 	$(PY) -m pytest $(PYTEST) tests/unit

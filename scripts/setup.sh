@@ -12,7 +12,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${VENV:-$ROOT/.venv}
 APT_PACKAGES=(
 	python3-bpfcc bpfcc-tools nftables python3-nftables iptables bpftool
-	iproute2 python3-venv python3-pip iperf3 python3-libvirt
+	iproute2 python3-venv python3-pip iperf3 python3-libvirt python3-systemd
 )
 
 say() { printf 'setup: %s\n' "$*" >&2; }

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-PRIVILEGED_DIRS = ("bpf", "integration", "reliability")
+PRIVILEGED_DIRS = ("bpf", "integration", "reliability", "system")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -118,12 +118,11 @@ class Agent:
             self.snapshot, lambda: self.ifaces, lambda: self.datapath.loaded, self.health,
             self.datapath.fill)]
         if self.cfg.enforce:
-            from smtpguard.enforce.select import construct, remove_other_real
+            from smtpguard.enforce.select import construct
 
             requested = self.cfg.backend or self.policy.enforcement.backend
             enforcer = construct(requested)  # type: ignore[arg-type]
             self.log.info("enforce.backend", backend=enforcer.name, requested=requested)
-            remove_other_real(enforcer.name)
             self.keeper = Keeper(enforcer, self.policy, self.clock)
             # Read before the datapath's counters in each scrape: a SYN is
             # counted (tc ingress) before nftables can reject it, so rejections
@@ -139,9 +138,14 @@ class Agent:
             migrate.to_ids(self.responder.store, self.ifaces.values(), self.policy.interfaces)
         stored = self.responder.load() and bool(self.responder.detector.records)
         if self.keeper is not None:
+            from smtpguard.enforce.select import remove_other_real
+
             # The VMs' records are the truth; the kernel is adopted only
             # without a store that knows any VM (none, unreadable, or new).
             self.keeper.start(self.ifaces, self.responder.actions_in_force() if stored else None)
+            # Only once this backend enforces: if it cannot, the start fails
+            # with the other one's enforcement still in the kernel.
+            remove_other_real(self.keeper.enforcer.name)
         self.responder.start()
         if self.cfg.metrics_addr:
             self.metrics_server = serve(self.cfg.metrics_addr, *collectors)

@@ -160,3 +160,23 @@ def test_explicit_choices_are_honoured() -> None:
     assert choose("iptables", nft_ok, lambda: Made("iptables"), lambda: False).name == "iptables"
     with pytest.raises(BackendUnavailable):
         choose("nftables", nft_missing, lambda: Made("iptables"), lambda: True)
+
+
+def test_kernel_ready_loads_then_names_what_is_missing(tmp_path: Path) -> None:
+    """The unit cannot load modules: a host without iptables-legacy loaded
+    gets one error saying what to load, after one attempt to load it."""
+    from smtpguard.enforce.iptables import kernel_ready
+
+    loads: list[int] = []
+    with pytest.raises(BackendUnavailable, match=r"no ip_tables_names, ip6_tables_names in "
+                       r"/proc/net\) .* `modprobe -a ip_tables iptable_filter ip6_tables "
+                       r"ip6table_filter`"):
+        kernel_ready(tmp_path, lambda: loads.append(1))
+    assert loads == [1]
+
+    def load() -> None:  # what modprobe does: the kernel's files appear
+        for name in ("ip_tables_names", "ip6_tables_names"):
+            (tmp_path / name).write_text("")
+
+    kernel_ready(tmp_path, load)
+    kernel_ready(tmp_path, lambda: pytest.fail("loaded already: no modprobe"))

@@ -13,9 +13,10 @@ measured) and cannot be undone without a reboot (see enforce/select.py).
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,32 @@ def _iptc() -> Any:
     return iptc
 
 
+MODULES = ("ip_tables", "iptable_filter", "ip6_tables", "ip6table_filter")
+
+
+def _modprobe() -> None:
+    subprocess.run(["modprobe", "-q", "-a", *MODULES], stdin=subprocess.DEVNULL,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+
+def kernel_ready(proc: Path = PROC, load: Callable[[], None] = _modprobe) -> None:
+    """The kernel's iptables-legacy must be loaded: libiptc cannot load it
+    ("iptables who? (do you need to insmod?)"), and neither can the service,
+    whose unit has no CAP_SYS_MODULE. A host that runs iptables-legacy has
+    it; for one that does not, modprobe is tried (it works for root outside
+    the unit), then the error says what to load."""
+    if all((proc / n).exists() for n in TABLE_NAMES.values()):
+        return
+    load()
+    missing = [n for n in TABLE_NAMES.values() if not (proc / n).exists()]
+    if missing:
+        raise BackendUnavailable(
+            f"the kernel's iptables-legacy is not loaded (no {', '.join(missing)} in "
+            f"/proc/net) and this process may not load it: run `modprobe -a "
+            f"{' '.join(MODULES)}` (and list them in /etc/modules-load.d/ to keep them), "
+            "or use the nftables backend")
+
+
 class IptablesEnforcer:
     """Idempotent like the nftables backend: apply() brings our chains to the
     desired state whatever the table holds, and adopts what is in force."""
@@ -67,6 +94,14 @@ class IptablesEnforcer:
         self._nat_model: dict[str, Model] = {}  # family -> our nat chains, when redirecting
         self._bridge_seen: bool | None = None
         self._groups: dict[str, str] = {}  # ifname -> vm, for VMs with several interfaces
+
+    @classmethod
+    def for_enforcing(cls) -> IptablesEnforcer:
+        """The backend the agent enforces with: its kernel side checked first
+        (cleanup and removal construct it without, so nothing is loaded)."""
+        enf = cls()
+        kernel_ready()
+        return enf
 
     def _table(self, family: R.Family) -> XtTable:
         return XtTable(self.iptc, family)

@@ -87,4 +87,5 @@ def construct(requested: Choice) -> Enforcer:
     from smtpguard.enforce.iptables import IptablesEnforcer, legacy_tables_in_use
     from smtpguard.enforce.nftables import NftablesEnforcer
 
-    return choose(requested, NftablesEnforcer, IptablesEnforcer, legacy_tables_in_use)
+    return choose(requested, NftablesEnforcer, IptablesEnforcer.for_enforcing,
+                  legacy_tables_in_use)

@@ -1,0 +1,79 @@
+"""The system tier: smtpguard as an operator runs it, under systemd as PID 1
+on Debian 12's own kernel, in a machine booted with QEMU (see machine.py).
+
+One machine per test module; tests in a module run in order on it, as an
+operator's session would. Timings go to the terminal (pytest -s) and to
+$SMTPGUARD_TEST_TIMINGS (a JSON lines file) when set.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from machine import CACHE, PREFIX, ROOT, Machine, checkout_disk, timing  # noqa: E402
+
+_OUTCOME = pytest.StashKey[bool]()
+
+
+@pytest.fixture(scope="session")
+def image() -> Path:
+    if os.geteuid() != 0:
+        pytest.fail("the system tier needs root (QEMU, mke2fs -d, mmdebstrap)")
+    t0 = time.monotonic()
+    out = subprocess.run([str(ROOT / "scripts/system-image.sh")], check=True,
+                         capture_output=True, text=True)
+    sys.__stderr__.write(out.stderr)
+    timing("image (built or found in the cache)", time.monotonic() - t0)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def machine(image: Path) -> Iterator[Machine]:
+    work = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-"))
+    try:
+        t0 = time.monotonic()
+        src = checkout_disk(CACHE / "wheels", work / "src.img")
+        timing("checkout disk", time.monotonic() - t0)
+        with Machine.boot(image, work, src) as m:
+            timing(f"boot to the guest agent ({m.accel})", m.boot_seconds)
+            m.sh("mkdir -p /mnt/src && mount -o ro /dev/vdb /mnt/src")
+            yield m
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.when == "call":
+        item.stash[_OUTCOME] = report.failed
+    return report
+
+
+@pytest.fixture(autouse=True)
+def _diagnostics(request: pytest.FixtureRequest) -> Iterator[None]:
+    """When a test on the machine fails, the service's state and journal
+    tail go into the report (CI keeps nothing else of the machine)."""
+    yield
+    if not request.node.stash.get(_OUTCOME, False) or "machine" not in request.fixturenames:
+        return
+    m: Machine = request.getfixturevalue("machine")
+    try:
+        r = m.sh("systemctl status smtpguard --no-pager -n 0; "
+                 "journalctl -u smtpguard -o cat --no-pager -n 60", timeout=60, check=False)
+        print(f"--- the machine's smtpguard.service ---\n{r.out}{r.err}", file=sys.__stderr__)
+    except Exception as exc:  # the machine may be what failed
+        print(f"--- no diagnostics from the machine: {exc}; console:\n{m.console_tail()}",
+              file=sys.__stderr__)
