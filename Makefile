@@ -10,10 +10,10 @@ PYTEST ?= -q
 help:
 	@echo "make setup    install Debian packages, kernel headers, the venv (.venv/)"
 	@echo "make run      lab + agent on the built-in default policy, live table (Ctrl-C ends)"
-	@echo "make test     lint, then unit, BPF, integration and short reliability tests (root)"
+	@echo "make test     lint, then unit, BPF, integration, short reliability, hypervisor and system tests (root)"
 	@echo "make test-reliability  the long reliability suite: 100 kills, 500-interface churn (root)"
 	@echo "make test-hypervisor   only the real-hypervisor tier: libvirtd + QEMU guests (root; part of make test)"
-	@echo "make test-system       only the system tier: make install + systemd in a Debian 12 QEMU machine (root; part of make test)"
+	@echo "make test-system       only the system tier: make install + systemd in a Debian 12 QEMU machine, vagrant up (root; part of make test)"
 	@echo "make lint     ruff and mypy"
 	@echo "make bench    benchmarks beside their baselines, one table (root; BENCH=\"reaction apply\" for some)"
 	@echo "make install  the agent in /opt/smtpguard, the systemd unit, /etc/smtpguard"
@@ -48,6 +48,7 @@ test-hypervisor: setup
 # -v and the tier's timing lines: what it checked, and how long each step took.
 test-system: setup
 	@scripts/setup.sh --test
+	@scripts/hypervisor-setup.sh
 	@scripts/system-image.sh >/dev/null
 	$(PY) -m pytest -v -p no:cacheprovider tests/system
 

@@ -2,8 +2,8 @@
 on Debian 12's own kernel, in a machine booted with QEMU (see machine.py).
 
 One machine per test module; tests in a module run in order on it, as an
-operator's session would. Timings go to the terminal (pytest -s) and to
-$SMTPGUARD_TEST_TIMINGS (a JSON lines file) when set.
+operator's session would. The steps' timings are printed at the end of the
+run, and written to $SMTPGUARD_TEST_TIMINGS (JSON lines) when it is set.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from machine import CACHE, PREFIX, ROOT, Machine, checkout_disk, timing  # noqa: E402
+from machine import CACHE, NOTES, PREFIX, ROOT, TIMINGS, Machine, checkout_disk, timing  # noqa: E402
 
 _OUTCOME = pytest.StashKey[bool]()
 
@@ -34,7 +34,6 @@ def image() -> Path:
     t0 = time.monotonic()
     out = subprocess.run([str(ROOT / "scripts/system-image.sh")], check=True,
                          capture_output=True, text=True)
-    sys.__stderr__.write(out.stderr)
     timing("image (built or found in the cache)", time.monotonic() - t0)
     return Path(out.stdout.strip().splitlines()[-1])
 
@@ -73,7 +72,16 @@ def _diagnostics(request: pytest.FixtureRequest) -> Iterator[None]:
     try:
         r = m.sh("systemctl status smtpguard --no-pager -n 0; "
                  "journalctl -u smtpguard -o cat --no-pager -n 60", timeout=60, check=False)
-        print(f"--- the machine's smtpguard.service ---\n{r.out}{r.err}", file=sys.__stderr__)
+        print(f"--- the machine's smtpguard.service ---\n{r.out}{r.err}")
     except Exception as exc:  # the machine may be what failed
-        print(f"--- no diagnostics from the machine: {exc}; console:\n{m.console_tail()}",
-              file=sys.__stderr__)
+        print(f"--- no diagnostics from the machine: {exc}; console:\n{m.console_tail()}")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not TIMINGS and not NOTES:
+        return
+    terminalreporter.section("system tier: measured steps")
+    for what, seconds in TIMINGS:
+        terminalreporter.write_line(f"{seconds:8.1f} s  {what}")
+    for text in NOTES:
+        terminalreporter.write_line(text)

@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -31,13 +30,21 @@ PREFIX = "sgsys"
 CACHE = Path(os.environ.get("SMTPGUARD_TEST_CACHE", "/var/cache/smtpguard-test")) / "system"
 
 
+TIMINGS: list[tuple[str, float]] = []  # printed at the end of the run (conftest)
+NOTES: list[str] = []  # figures that are not times, printed with them
+
+
 def timing(what: str, seconds: float) -> None:
-    line = f"system timing: {what}: {seconds:.1f} s"
-    print(line, file=sys.__stderr__, flush=True)
+    """Record a measured step; also to $SMTPGUARD_TEST_TIMINGS (JSON lines)."""
+    TIMINGS.append((what, seconds))
     out = os.environ.get("SMTPGUARD_TEST_TIMINGS")
     if out:
         with open(out, "a") as f:
             f.write(json.dumps({"what": what, "seconds": round(seconds, 1)}) + "\n")
+
+
+def note(text: str) -> None:
+    NOTES.append(text)
 
 
 def checkout_disk(wheels: Path, out: Path) -> Path:

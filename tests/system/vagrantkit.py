@@ -73,6 +73,7 @@ class DemoRun:
     rc: int | None = None
     seconds_to_first_row: float | None = None
     seconds_to_exit_after_signal: float | None = None
+    seconds_total: float | None = None
 
     @property
     def text(self) -> str:
@@ -152,7 +153,9 @@ class VagrantVM:
 
         if self._created:
             if self.dotfile.exists():
+                started = time.monotonic()
                 step(lambda: self.vagrant("destroy", "-f", timeout=300, check=True))
+                self.timings["vagrant destroy"] = time.monotonic() - started
             step(self._remove_pools)
             step(self.hv.close)  # domains, networks, daemons, namespaces, its directory
             self._created = False
@@ -267,6 +270,7 @@ class VagrantVM:
                 raise AssertionError(f"the demo did not end {exit_timeout:g}s after "
                                      f"{sig.name}:\n{run.text[-6000:]}") from None
             run.seconds_to_exit_after_signal = time.monotonic() - sent
+            run.seconds_total = time.monotonic() - started
             reader.join(10)
         finally:
             if proc.poll() is None:
