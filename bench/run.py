@@ -36,6 +36,7 @@ def sections() -> dict[str, Callable[[], list[Row]]]:
     import bpfcost
     import ceiling
     import counting
+    import fleet
     import footprint
     import reaction
     import scrape
@@ -43,7 +44,7 @@ def sections() -> dict[str, Callable[[], list[Row]]]:
 
     return {"throughput": throughput.run, "bpf": bpfcost.run, "counting": counting.run,
             "ceiling": ceiling.run, "reaction": reaction.run, "footprint": footprint.run,
-            "apply": apply.run, "scrape": scrape.run}
+            "apply": apply.run, "scrape": scrape.run, "fleet": fleet.run}
 
 
 def main(argv: list[str]) -> int:

@@ -93,19 +93,22 @@ venv() {
 		die "the venv cannot import bcc/nftables (Debian python3-bpfcc, python3-nftables)"
 }
 
-# Prometheus and Vagrant for the tests only. Prometheus's package would start
-# a server on :9090, so service starts are refused while it installs.
+# Prometheus, etcd and Vagrant for the tests only. The Prometheus and etcd
+# packages would start servers (:9090, :2379), so service starts are refused
+# while they install; the tests start their own on loopback.
 test_packages() {
+	local missing=() p
 	installed vagrant || apt_install vagrant
-	installed prometheus && return 0
-	need_root "installing prometheus"
+	for p in prometheus etcd-server; do installed "$p" || missing+=("$p"); done
+	[ "${#missing[@]}" -gt 0 ] || return 0
+	need_root "installing ${missing[*]}"
 	local guard=/usr/sbin/policy-rc.d created=0
 	if [ ! -e "$guard" ]; then
 		printf '#!/bin/sh\nexit 101\n' >"$guard"
 		chmod +x "$guard"
 		created=1
 	fi
-	apt_install prometheus || { [ "$created" = 1 ] && rm -f "$guard"; exit 1; }
+	apt_install "${missing[@]}" || { [ "$created" = 1 ] && rm -f "$guard"; exit 1; }
 	[ "$created" = 1 ] && rm -f "$guard"
 	return 0
 }

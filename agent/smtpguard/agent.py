@@ -77,6 +77,7 @@ class Agent:
         self.notifier = Notifier()
         self.control: ControlServer | None = None
         self.commands: queue.Queue[tuple[dict[str, Any], Future[dict[str, Any]]]] = queue.Queue()
+        self.fleet: Any = None  # fleet.link.FleetLink, with a fleet section
         self._next_detect = 0.0
         self._earliest_detect = 0.0
         self._bell: Doorbell | None = None
@@ -116,7 +117,7 @@ class Agent:
         self.reconcile()
         collectors: list[Any] = [DatapathCollector(
             self.snapshot, lambda: self.ifaces, lambda: self.datapath.loaded, self.health,
-            self.datapath.fill)]
+            self.datapath.fill, lambda: self.policy)]
         if self.cfg.enforce:
             from smtpguard.enforce.select import construct
 
@@ -128,7 +129,7 @@ class Agent:
             # counted (tc ingress) before nftables can reject it, so rejections
             # read first never outnumber the attempts read after them.
             collectors.insert(0, EnforcementCollector(self.keeper.enforcer, lambda: self.ifaces,
-                                                      self.keeper))
+                                                      self.keeper, collectors[0].activity))
         self.responder = Responder(
             self.cfg.state_dir, self.policy, self.datapath.table("smtp_stats"),
             self.datapath.table("smtp_dests"), self.keeper, lambda: self.ifaces,
@@ -147,6 +148,13 @@ class Agent:
             # with the other one's enforcement still in the kernel.
             remove_other_real(self.keeper.enforcer.name)
         self.responder.start()
+        if self.policy.fleet is not None:
+            from smtpguard.fleet.link import FleetLink
+
+            self.fleet = FleetLink(self.policy.fleet, self.responder,
+                                   lambda: self._monitor.events.put(None), lambda: self.ifaces)
+            collectors.append(self.fleet.collector())
+            self.fleet.start()
         if self.cfg.metrics_addr:
             self.metrics_server = serve(self.cfg.metrics_addr, *collectors)
             host, port = self.metrics_server.server_address[:2]
@@ -205,6 +213,8 @@ class Agent:
         if self.control is not None:
             self.control.stop()
         self.resolver.stop()
+        if self.fleet is not None:
+            self.fleet.stop()
         if self.responder is not None:
             self.responder.stop()
         if self._watcher is not None:
@@ -228,6 +238,8 @@ class Agent:
             if timeout <= 0:
                 break
             self._serve_commands()
+            if self.fleet is not None:
+                self.fleet.serve()
             self._detect()
             try:
                 ev = self._monitor.events.get(timeout=self._wait(timeout))
@@ -356,6 +368,9 @@ class Agent:
             self.log.warning("enforce.backend_unchanged", running=self.keeper.enforcer.name,
                              requested=loaded.policy.enforcement.backend,
                              hint="the backend is chosen at start: restart to switch")
+        if loaded.policy.fleet != self.policy.fleet:
+            self.log.warning("fleet.unchanged", hint="the fleet section is read at start: "
+                             "restart to join, leave or change it")
         inventory_changed = loaded.policy.inventory != self.policy.inventory
         self.loaded = loaded
         self.generation += 1

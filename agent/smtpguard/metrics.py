@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterator, Mapping
+import threading
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -21,6 +22,8 @@ from prometheus_client.registry import Collector
 from smtpguard import __version__, logs
 from smtpguard.datapath.interfaces import VmIface
 from smtpguard.datapath.snapshot import IfaceSnapshot, Snapshot, union
+from smtpguard.enforce.render import REASONS
+from smtpguard.policy import Policy
 
 OUTCOMES = ("completed", "reset", "no_answer")
 
@@ -40,32 +43,106 @@ STATES = ("ok", "flagged", "throttled", "blocked")
 LOOP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
+G = TypeVar("G", bound=Hashable)  # what a host total is labelled by
+
+
+class Totals(Generic[G]):
+    """Per-host sums of per-interface kernel counters that never go down
+    within the agent's life: each update adds what every entry gained since
+    the last one, so an entry that goes away (its interface forgotten) keeps
+    what it added, and one that comes back lower (recreated) adds from zero.
+
+    A sum starts at the first update, so a restarted agent's totals start
+    again at zero, which Prometheus reads as the counter reset it is
+    (starting from the kernel's figures instead would count every VM's
+    history again whenever an interface had been forgotten meanwhile). Not
+    thread-safe: the collectors update it under their lock, in read order."""
+
+    def __init__(self) -> None:
+        self._started = False
+        self._last: dict[Hashable, tuple[int, ...]] = {}  # source -> its values then
+        self._sums: dict[G, list[int]] = {}
+
+    def update(self, current: Iterable[tuple[G, Hashable, tuple[int, ...]]],
+               always: Iterable[G] = (), width: int = 1) -> dict[G, list[int]]:
+        """(group, source, values) for every entry now -> group -> sums;
+        the `always` groups are there from the start (at zero), so that the
+        first attempts on a port are an increase Prometheus sees, not the
+        first sample of a new series."""
+        last, seen, sums = self._last, {}, self._sums
+        for group in always:
+            sums.setdefault(group, [0] * width)
+        for group, source, values in current:
+            seen[source] = values
+            was = last.get(source)
+            if was == values:
+                continue  # most entries, most scrapes
+            acc = sums.get(group)
+            if acc is None:
+                acc = sums[group] = [0] * len(values)
+            if was is None:
+                if not self._started:
+                    continue  # the baseline
+                delta: Iterable[int] = values
+            elif any(v < w for v, w in zip(values, was, strict=True)):
+                delta = values  # recreated: all it has is new
+            else:
+                delta = (v - w for v, w in zip(values, was, strict=True))
+            for i, d in enumerate(delta):
+                acc[i] += d
+        self._last = seen
+        self._started = True
+        return {g: list(v) for g, v in sums.items()}
+
+
+class Activity:
+    """Which VMs get per-VM series: those with an SMTP attempt within the
+    window, and those not in state ok, as of the datapath's last read. The
+    enforcement collector reads it too (its scrape comes first, so it lags
+    one scrape: a VM's blocked series appear and go a scrape later)."""
+
+    def __init__(self) -> None:
+        self.exported: frozenset[str] = frozenset()
+        self.ports: tuple[int, ...] = ()  # the policy's SMTP ports
+
+
 class DatapathCollector(Collector):
-    """Per-VM SMTP counters straight from the kernel's maps. A sample:
+    """SMTP counters straight from the kernel's maps: per VM for the VMs that
+    sent within the window (or are not ok), per host always. A sample:
 
         smtpguard_smtp_connection_attempts_total{vm="web1",interface="vnet3",port="25"} 200.0
         smtpguard_smtp_handshakes_total{vm="web1",interface="vnet3",port="25",
                                         outcome="completed"} 198.0
         smtpguard_smtp_destinations{vm="web1",window="1m"} 3.0
+        smtpguard_host_smtp_connection_attempts_total{port="25"} 4200.0
+        smtpguard_host_vms{state="ok"} 998.0
+        smtpguard_host_vms_sending 50.0
         smtpguard_interfaces_attached 12.0
         smtpguard_bpf_program_loaded 1.0
         smtpguard_policy_generation 3.0
         smtpguard_policy_reloads_total{result="rejected"} 1.0
 
-    When the maps cannot be read the per-VM families are left out entirely
-    rather than exported half-filled.
+    When the maps cannot be read the SMTP families (per VM and per host) are
+    left out entirely rather than exported half-filled, and only the VMs not
+    in state ok keep their vm_state and vm_info.
     """
 
     def __init__(self, snapshot: Callable[[], Snapshot],
                  ifaces: Callable[[], Mapping[int, VmIface]],
                  loaded: Callable[[], bool],
                  health: Callable[[], Health] = Health,
-                 fill: Callable[[], Mapping[str, tuple[int, int, int]]] | None = None) -> None:
+                 fill: Callable[[], Mapping[str, tuple[int, int, int]]] | None = None,
+                 policy: Callable[[], Policy] = Policy,
+                 activity: Activity | None = None) -> None:
         self._snapshot = snapshot
         self._ifaces = ifaces
         self._loaded = loaded
         self._health = health
         self._fill = fill
+        self._policy = policy
+        self.activity = activity or Activity()
+        self._lock = threading.Lock()  # scrapes may overlap: totals in read order
+        self._totals: Totals[int] = Totals()
 
     def collect(self) -> Iterator[Metric]:
         yield InfoMetricFamily("smtpguard_build", "Agent build", value={"version": __version__})
@@ -84,12 +161,21 @@ class DatapathCollector(Collector):
         for result in ("applied", "rejected"):
             reloads.add_metric([result], h.reloads.get(result, 0))
         yield reloads
-        states = GaugeMetricFamily("smtpguard_vm_state", "1 for each VM's current state",
-                                   labels=["vm", "state"])
-        for vm, st in sorted(h.vm_states.items()):
-            for name in STATES:
-                states.add_metric([vm, name], 1 if st == name else 0)
-        yield states
+        ifaces = dict(self._ifaces())
+        pol = self._policy()
+        window = pol.metrics.active_within
+        self.activity.ports = pol.smtp_ports
+        with self._lock:
+            try:
+                snap: Snapshot | None = self._snapshot()
+            except Exception:
+                logs.get().debug("metrics.read_failed", exc_info=True)
+                snap = None
+            sending = set() if snap is None else self._sending(snap, ifaces, window)
+            noted = sending | {vm for vm, st in h.vm_states.items() if st != "ok"}
+            self.activity.exported = frozenset(noted)
+            host = None if snap is None else self._host(snap)
+        yield from self._states(h, noted)
         actions = CounterMetricFamily(
             "smtpguard_enforcement_actions",
             "Actions taken on VMs (would_*: in audit mode, what would have been done)",
@@ -113,29 +199,100 @@ class DatapathCollector(Collector):
             cum = [(str(b), c) for b, c in zip(LOOP_BUCKETS, counts, strict=False)]
             loop.add_metric([], [*cum, ("+Inf", n)], total)
             yield loop
-        ifaces = dict(self._ifaces())
         attached = GaugeMetricFamily("smtpguard_interfaces_attached",
                                      "VM-facing interfaces carrying the classifier")
         attached.add_metric([], len(ifaces))
         yield attached
         info = GaugeMetricFamily(
-            "smtpguard_vm_info", "1 per VM on this host: its id (the vm label everywhere), "
+            "smtpguard_vm_info", "1 per VM on this host with per-VM series (it sent SMTP "
+            "within the window, or is not ok): its id (the vm label everywhere), "
             "name, tenant and where the identity came from",
             labels=["vm", "name", "tenant", "source"])
         seen: set[str] = set()
         for v in sorted(ifaces.values(), key=lambda v: v.ifname):
-            if v.vm not in seen:
+            if v.vm not in seen and v.vm in noted:
                 seen.add(v.vm)
                 info.add_metric([v.vm, v.display, v.tenant or "", v.source], 1)
         yield info
-        try:
-            snap = self._snapshot()
-        except Exception:
-            logs.get().debug("metrics.read_failed", exc_info=True)
+        win = GaugeMetricFamily(
+            "smtpguard_metrics_active_within_seconds",
+            "VMs with an SMTP attempt within this many seconds are exported per VM")
+        win.add_metric([], window)
+        yield win
+        if snap is None or host is None:
             return
-        yield from self._per_vm(snap, ifaces)
+        vms = GaugeMetricFamily("smtpguard_host_vms_sending",
+                                "VMs on this host with an SMTP attempt within the window")
+        vms.add_metric([], len(sending))
+        yield vms
+        yield from host
+        yield from self._per_vm(snap, ifaces, noted)
 
-    def _per_vm(self, snap: Snapshot, ifaces: Mapping[int, VmIface]) -> Iterator[Metric]:
+    @staticmethod
+    def _sending(snap: Snapshot, ifaces: Mapping[int, VmIface], window: float) -> set[str]:
+        """VMs with an attempt on any of their interfaces within the window."""
+        since = snap.taken_ns - int(window * 1e9)
+        out = set()
+        for ifindex, s in snap.ifaces.items():
+            vif = ifaces.get(ifindex)
+            if vif is not None and vif.vm not in out and any(
+                    c.last_attempt_ns >= since and c.attempts for c in s.ports.values()):
+                out.add(vif.vm)
+        return out
+
+    def _states(self, h: Health, noted: set[str]) -> Iterator[Metric]:
+        states = GaugeMetricFamily("smtpguard_vm_state", "1 for each VM's current state "
+                                   "(VMs with per-VM series only)", labels=["vm", "state"])
+        by_state = dict.fromkeys(STATES, 0)
+        for vm, st in sorted(h.vm_states.items()):
+            by_state[st] = by_state.get(st, 0) + 1
+            if vm in noted:
+                for name in STATES:
+                    states.add_metric([vm, name], 1 if st == name else 0)
+        yield states
+        host = GaugeMetricFamily("smtpguard_host_vms", "VMs on this host by state (all of them)",
+                                 labels=["state"])
+        for name, n in by_state.items():
+            host.add_metric([name], n)
+        yield host
+
+    def _host(self, snap: Snapshot) -> list[Metric]:
+        """Totals over every interface the kernel counts for (called under the lock)."""
+        attempts = CounterMetricFamily(
+            "smtpguard_host_smtp_connection_attempts",
+            "Distinct SMTP connection attempts of all VMs on this host, since the agent started",
+            labels=["port"])
+        handshakes = CounterMetricFamily(
+            "smtpguard_host_smtp_handshakes",
+            "Attempts of all VMs on this host by outcome, since the agent started",
+            labels=["port", "outcome"])
+        sent = CounterMetricFamily(
+            "smtpguard_host_smtp_bytes",
+            "Bytes all VMs on this host sent to SMTP ports, since the agent started",
+            labels=["port"])
+        dests = GaugeMetricFamily(
+            "smtpguard_host_smtp_destinations",
+            "Distinct SMTP destination addresses of all VMs on this host together (sketch)",
+            labels=["window"])
+
+        def entries() -> Iterator[tuple[int, Hashable, tuple[int, ...]]]:
+            for ifindex, s in snap.ifaces.items():
+                for port, c in s.ports.items():
+                    yield port, (ifindex, port), (c.attempts, c.bytes, c.completed, c.reset,
+                                                  c.no_answer)
+
+        totals = self._totals.update(entries(), self.activity.ports, 2 + len(OUTCOMES))
+        for port, (n, sent_bytes, *outcomes) in sorted(totals.items()):
+            attempts.add_metric([str(port)], n)
+            sent.add_metric([str(port)], sent_bytes)
+            for outcome, k in zip(OUTCOMES, outcomes, strict=True):
+                handshakes.add_metric([str(port), outcome], k)
+        for window, d in sorted(union(snap.ifaces.values()).items()):
+            dests.add_metric([window], d)
+        return [attempts, handshakes, sent, dests]
+
+    def _per_vm(self, snap: Snapshot, ifaces: Mapping[int, VmIface],
+                noted: set[str]) -> Iterator[Metric]:
         labels = ["vm", "interface", "port"]
         attempts = CounterMetricFamily(
             "smtpguard_smtp_connection_attempts",
@@ -156,8 +313,8 @@ class DatapathCollector(Collector):
         per_vm: dict[str, list[IfaceSnapshot]] = {}
         for ifindex, snap_if in sorted(snap.ifaces.items()):
             vif = ifaces.get(ifindex)
-            if vif is None:
-                continue  # an interface being forgotten
+            if vif is None or vif.vm not in noted:
+                continue  # an interface being forgotten, or an idle VM's
             for port, c in sorted(snap_if.ports.items()):
                 lv = [vif.vm, vif.ifname, str(port)]
                 attempts.add_metric(lv, c.attempts)
@@ -175,7 +332,6 @@ class DatapathCollector(Collector):
             for window, n in sorted(union(snaps).items()):
                 dests.add_metric([vm, window], n)
         yield from (attempts, retrans, handshakes, sent, dests)
-
 
     def _maps(self) -> Iterator[Metric]:
         """Fill of the classifier's hash maps, and how often one was full:
@@ -209,19 +365,25 @@ class EnforcementCollector(Collector):
 
         smtpguard_smtp_blocked_attempts_total{vm="web1",interface="vnet3",port="25",
                                               reason="port25"} 12.0
+        smtpguard_host_smtp_blocked_attempts_total{port="25",reason="port25"} 340.0
         smtpguard_nft_set_elements{family="bridge",set="seen4"} 12.0
         smtpguard_nft_set_size{family="bridge",set="seen4"} 131072.0
         smtpguard_nft_overflow_total 0.0
 
     Blocked attempts are distinct attempts: a retransmitted SYN is not counted
-    again. Nothing is exported when the tables cannot be read.
+    again. Per VM only for the VMs `activity` exports (the datapath's rule; a
+    blocked attempt is an attempt there too); with no activity given, every
+    VM. Nothing is exported when the tables cannot be read.
     """
 
     def __init__(self, enforcer: Any, ifaces: Callable[[], Mapping[int, VmIface]],
-                 keeper: Any = None) -> None:
+                 keeper: Any = None, activity: Activity | None = None) -> None:
         self._enforcer = enforcer
         self._ifaces = ifaces
         self._keeper = keeper
+        self._activity = activity
+        self._lock = threading.Lock()
+        self._totals: Totals[tuple[str, str]] = Totals()
 
     def collect(self) -> Iterator[Metric]:
         if self._keeper is not None:
@@ -232,23 +394,39 @@ class EnforcementCollector(Collector):
             for kind, n in sorted(self._keeper.repairs.items()):
                 repairs.add_metric([kind], n)
             yield repairs
-        try:
-            counts, fill, overflow = self._enforcer.report()
-        except Exception:
-            logs.get().debug("metrics.nft_read_failed", exc_info=True)
-            return
+        with self._lock:
+            try:
+                counts, fill, overflow = self._enforcer.report()
+            except Exception:
+                logs.get().debug("metrics.nft_read_failed", exc_info=True)
+                return
+            ports = () if self._activity is None else self._activity.ports
+            host = self._totals.update(
+                [((str(c.port), c.reason), (c.family, c.ifname, c.port, c.reason), (c.packets,))
+                 for c in counts], [(str(p), r) for p in ports for r in REASONS])
         vm_of = {v.ifname: v.vm for v in self._ifaces().values()}
+        exported = None if self._activity is None else self._activity.exported
         blocked = CounterMetricFamily(
             "smtpguard_smtp_blocked_attempts",
             "SMTP connection attempts rejected by the enforcement, by reason",
             labels=["vm", "interface", "port", "reason"])
         totals: dict[tuple[str, str, str, str], int] = {}
         for c in counts:
-            key = (vm_of.get(c.ifname, c.ifname), c.ifname, str(c.port), c.reason)
+            vm = vm_of.get(c.ifname, c.ifname)
+            if exported is not None and vm not in exported:
+                continue
+            key = (vm, c.ifname, str(c.port), c.reason)
             totals[key] = totals.get(key, 0) + c.packets
         for key, n in sorted(totals.items()):
             blocked.add_metric(list(key), n)
         yield blocked
+        per_host = CounterMetricFamily(
+            "smtpguard_host_smtp_blocked_attempts",
+            "SMTP connection attempts of all VMs on this host rejected by the enforcement, "
+            "by reason, since the agent started", labels=["port", "reason"])
+        for (port, reason), (n,) in sorted(host.items()):
+            per_host.add_metric([port, reason], n)
+        yield per_host
         elements = GaugeMetricFamily("smtpguard_nft_set_elements",
                                      "Elements in each sized nftables set of ours",
                                      labels=["family", "set"])

@@ -19,6 +19,7 @@ from smtpguard.detect.machine import Transition
 from smtpguard.enforce.desired import Action
 from smtpguard.enforce.keeper import Keeper
 from smtpguard.errors import SmtpguardError
+from smtpguard.fleet.record import FleetRecord
 from smtpguard.incidents import IncidentBook
 from smtpguard.metrics import LOOP_BUCKETS
 from smtpguard.policy.explain import threshold_text
@@ -214,6 +215,30 @@ class Responder:
             # An operator's release clears the kernel even for a block that
             # detection did not know about.
             self.keeper.set_action(t.vm, None)
+
+    def adopt(self, fr: FleetRecord, here: str) -> bool:
+        """Another host's record for a VM (fleet): taken when it is a later
+        decision than ours (record.py says why that rule), then in the
+        kernel as our own would be: a VM that is not here yet gets it on
+        the interface it comes on, before its first SYN is let through."""
+        local = self.detector.records.get(fr.vm)
+        now = time.time()
+        if local is not None and not fr.newer_than(local.since, here):
+            return False
+        if local is None and fr.state == "ok" and not (fr.manual_until or 0) > now:
+            return False  # nothing to hold for a VM we never knew
+        old = local.state if local is not None else "ok"
+        rec = fr.vm_record(local.baseline if local is not None else 0.0)
+        t = Transition(fr.vm, old, fr.state, fr.since, fr.until, fr.reason, fr.actor)
+        self.detector.adopt(rec, [t] if old != fr.state else [], list(fr.blocks))
+        if self.keeper is not None and (self.enforced(t) or fr.state == "ok"):
+            want = (Action("block", fr.until) if fr.state == "blocked" else
+                    Action("throttle", fr.until) if fr.state == "throttled" else None)
+            if self.keeper.vm_actions.get(fr.vm) != want:
+                self.keeper.set_action(fr.vm, want)
+        self.log.info("fleet.adopted", vm=fr.vm, host=fr.host, state=fr.state, previous=old,
+                      until=fr.until, actor=fr.actor, reason=fr.reason)
+        return True
 
     def emit(self, t: Transition) -> None:
         inc = self.incidents.record(t, self.enforced(t))

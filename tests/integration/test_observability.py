@@ -134,7 +134,7 @@ def test_dashboard_variables_resolve(scraped: Any) -> None:
     for var in d["templating"]["list"]:
         if var["type"] != "query":
             continue
-        m = re.match(r"label_values\((.*), (\w+)\)", var["query"]["query"])
+        m = re.match(r"label_values\((.*), (\w+)\)", var["query"])
         assert m, var
         data = query(lab, f"count by ({m.group(2)}) ({concrete(m.group(1))})")
         assert [s["metric"][m.group(2)] for s in data["result"]], var["name"]

@@ -149,6 +149,9 @@ CASES = [
     ("smtp_ports: [2026]\nclasses: {default: {}}",
      "2:20: classes.default.limited_ports.0: 465 is not in smtp_ports"),
     ("- 1", "1:1: policy: must be a mapping of settings"),
+    ("metrics: {active_within: 10s}", "1:26: metrics.active_within: must be between 1m and 30d"),
+    ("metrics: {active_within: 31d}", "1:26: metrics.active_within: must be between 1m and 30d"),
+    ("metrics: {window: 1h}", "1:11: metrics.window: unknown field"),
 ]
 
 

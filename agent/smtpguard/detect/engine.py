@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from smtpguard import logs
@@ -45,6 +46,9 @@ class Detector:
         self.totals: dict[str, tuple[int, ...]] = {}
         self.log = logs.get()
         self._memory: list[Transition] = []  # the offence history when there is no store
+        # Called with each record this host decided (the fleet publishes it).
+        self.on_commit: Callable[[VmRecord], None] | None = None
+        self.fleet_blocks: dict[str, list[float]] = {}  # blocks made on other hosts
 
     def start(self) -> None:
         """Resume from the store: records, and each VM's last counter sample, so
@@ -120,6 +124,13 @@ class Detector:
         return out
 
     def _blocks_at(self, vm: str) -> list[float]:
+        return sorted(set(self._local_blocks_at(vm)) | set(self.fleet_blocks.get(vm, ())))
+
+    def blocks_at(self, vm: str) -> list[float]:
+        """When the VM was blocked automatically, here or (fleet) elsewhere."""
+        return self._blocks_at(vm)
+
+    def _local_blocks_at(self, vm: str) -> list[float]:
         if self.store is None:
             return [t.at for t in self._memory if t.vm == vm and t.new == "blocked"
                     and t.actor == "auto"]
@@ -128,8 +139,22 @@ class Detector:
         except Exception:
             return []
 
+    def adopt(self, rec: VmRecord, trs: list[Transition], blocks: list[float]) -> None:
+        """Another host's decision about this VM: recorded and kept like ours,
+        not published again (the caller puts it in the kernel)."""
+        self.records[rec.vm] = rec
+        if blocks:
+            self.fleet_blocks[rec.vm] = blocks
+        if self.store is not None:
+            try:
+                self.store.save(rec, trs)
+            except StoreError as exc:
+                self.log.error("store.failed", error=str(exc))
+
     def _commit(self, rec: VmRecord, trs: list[Transition], ifnames: list[str]) -> None:
         self.records[rec.vm] = rec
+        if self.on_commit is not None:
+            self.on_commit(rec)
         if self.store is not None:
             try:
                 self.store.save(rec, trs)
@@ -155,6 +180,24 @@ class Detector:
         else:
             rec, tr = operator_release(rec, who, duration or 3600.0, reason, now)
         self._commit(rec, [tr], ifnames)
+        return tr
+
+    def budget_action(self, vm: str, ifnames: list[str], state: str, duration: float,
+                      reason: str, threshold: str, figures: dict[str, float]) -> Transition:
+        """A decision from outside this VM's own thresholds (a tenant's
+        budget over the fleet): throttled or flagged for `duration`, by "auto"."""
+        rec = self.records.get(vm, VmRecord(vm))
+        now = self.wall()
+        if state == "throttled":
+            until: float | None = now + duration
+            new = replace(rec, state=state, since=now, until=until, reason=reason, actor="auto")
+        else:
+            until = None
+            new = replace(rec, state="flagged", since=now, reason=reason, actor="auto",
+                          flagged_until=now + duration)
+        tr = Transition(vm, rec.state, new.state, now, until, reason, "auto",
+                        threshold=threshold, figures=figures)
+        self._commit(new, [tr], ifnames)
         return tr
 
     def save_samples(self) -> None:

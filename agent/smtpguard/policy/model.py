@@ -301,10 +301,75 @@ class Incidents(Strict):
     top_destinations: int = Field(default=10, ge=1, le=1000)
 
 
+class Metrics(Strict):
+    """What /metrics exports per VM: only VMs with an SMTP attempt within
+    active_within (and VMs not in state ok); per-host totals always."""
+
+    active_within: Duration = 3600.0
+
+    @field_validator("active_within")
+    @classmethod
+    def _window(cls, v: float) -> float:
+        if not 60.0 <= v <= 30 * 86400.0:
+            raise ValueError("must be between 1m and 30d")
+        return v
+
+
 class Enforcement(Strict):
     """Which firewall backend enforces (read at start; `run --backend` wins)."""
 
     backend: Literal["auto", "nftables", "iptables"] = "auto"
+
+
+class TenantBudget(Strict):
+    """New SMTP connections a tenant's VMs may open together, on every host
+    of the fleet, in a window; past it, each of its VMs is throttled (or
+    flagged) wherever it runs."""
+
+    name: Name = "budget"
+    window: Duration = 3600.0
+    at_most: int = Field(ge=1)
+    action: Literal["throttle", "flag"] = "throttle"
+    duration: Duration = 3600.0
+    share_every: Duration = 5.0  # how often a host publishes its counts (the write rate)
+
+
+class FleetTls(Strict):
+    """Client TLS for etcd: the CA that signed its certificate, and ours."""
+
+    ca: str
+    cert: str | None = None
+    key: str | None = None
+
+
+class Fleet(Strict):
+    """Shared state in etcd: each VM's enforcement record under its id, so a
+    VM that moves to another host keeps its block, and a release on one host
+    is a release everywhere. Absent: every agent is on its own."""
+
+    endpoints: tuple[str, ...] = Field(min_length=1)
+    prefix: str = "/smtpguard"
+    host: str | None = None  # this host's name in the fleet (default: its hostname)
+    tls: FleetTls | None = None
+    record_ttl: Duration = 86400.0  # a dead host's records go this long after it
+    host_ttl: Duration = 30.0  # its presence key: seconds without a keepalive
+    timeout: Duration = 2.0  # one etcd request
+    tenant_budget: TenantBudget | None = None  # every tenant's, counted over all hosts
+
+    @field_validator("endpoints")
+    @classmethod
+    def _urls(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for url in v:
+            if not re.match(r"^https?://[^\s/:]+(:\d+)?/?$", url):
+                raise ValueError(f"{url!r} is not an http(s)://host:port etcd endpoint")
+        return v
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v.startswith("/") or v.endswith("/") or "//" in v:
+            raise ValueError(f"{v!r}: a key prefix starts with / and does not end with one")
+        return v
 
 
 def _default_classes() -> dict[str, VmClass]:
@@ -325,6 +390,8 @@ class Policy(Strict):
     webhook: Webhook | None = None
     enforcement: Enforcement = Enforcement()
     incidents: Incidents = Incidents()
+    metrics: Metrics = Metrics()
+    fleet: Fleet | None = None
 
     def mode_of(self, cls: str) -> Mode:
         """A class's mode: its own, else the policy's."""

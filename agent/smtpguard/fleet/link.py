@@ -1,0 +1,76 @@
+"""The agent's side of the fleet: the records it decides go out (FleetSync
+publishes them), the other hosts' come in and are applied on the agent's
+loop, like an operator's command (Responder.adopt)."""
+
+from __future__ import annotations
+
+import queue
+import socket
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from smtpguard import logs
+from smtpguard.datapath.interfaces import VmIface
+from smtpguard.fleet.collector import FleetCollector
+from smtpguard.fleet.record import FleetRecord
+from smtpguard.fleet.sync import FleetSync
+from smtpguard.fleet.tenants import TenantBudgets
+from smtpguard.policy.model import Fleet as FleetPolicy
+from smtpguard.respond import Responder
+
+
+class FleetLink:
+    def __init__(self, cfg: FleetPolicy, responder: Responder,
+                 wake: Callable[[], None],
+                 ifaces: Callable[[], Mapping[int, VmIface]]) -> None:
+        self.responder = responder
+        self.wake = wake
+        self.host = cfg.host or socket.gethostname()
+        self.log = logs.get()
+        self.inbox: queue.Queue[FleetRecord] = queue.Queue()
+        det = responder.detector
+        now = time.time()
+        # What the store holds in force (or under an operator's immunity)
+        # goes out at the first connection unless the fleet knows later.
+        own = [FleetRecord.of(rec, self.host, det.blocks_at(rec.vm))
+               for rec in list(det.records.values())
+               if rec.state != "ok" or (rec.manual_until or 0) > now]
+        self.sync = FleetSync(cfg, self._incoming, own, self.host)
+        det.on_commit = lambda rec: self.sync.publish(
+            FleetRecord.of(rec, self.host, det.blocks_at(rec.vm)))
+        self.ifaces = ifaces
+        self.budgets = (TenantBudgets(cfg.tenant_budget, self.sync, det)
+                        if cfg.tenant_budget is not None else None)
+        self.log.info("fleet.started", host=self.host, endpoints=list(cfg.endpoints),
+                      prefix=cfg.prefix, records=len(own))
+
+    def _incoming(self, rec: FleetRecord) -> None:  # on the fleet's thread
+        self.inbox.put(rec)
+        self.wake()
+
+    def start(self) -> None:
+        self.sync.start()
+
+    def stop(self) -> None:
+        self.sync.stop()
+
+    def collector(self) -> Any:
+        return FleetCollector(self.sync)
+
+    def serve(self) -> None:
+        """On the agent's loop: apply what came in; the tenants' budgets."""
+        if self.budgets is not None:
+            try:
+                self.budgets.step(self.ifaces())
+            except Exception as exc:
+                self.log.error("fleet.budget_failed", error=str(exc))
+        while True:
+            try:
+                rec = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self.responder.adopt(rec, self.host)
+            except Exception as exc:
+                self.log.error("fleet.adopt_failed", vm=rec.vm, error=str(exc))

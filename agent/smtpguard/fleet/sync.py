@@ -1,0 +1,242 @@
+"""The fleet's thread: publishes this host's VM records to etcd and brings
+in the other hosts' (the agent applies those on its own loop).
+
+    <prefix>/vms/<vm id>     the VM's FleetRecord (JSON), under the writer's
+                             record lease (fleet.record_ttl, kept alive): a
+                             dead host's records go that long after it
+    <prefix>/hosts/<host>    this host's presence, under a short lease
+
+Writes are compare-and-swap on the key's mod_revision: a host only replaces
+the record it last saw, so two hosts that decided about one VM while apart
+(a partition, etcd down) are resolved by record.FleetRecord's rule, never by
+who reconnects first. Changes are read by polling the range from the last
+revision (a revisioned read survives etcd restarts and outages as a stream
+does not). While etcd is unreachable nothing here blocks the agent:
+decisions wait in `pending` (one per VM, the latest) and go out when it is back.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from smtpguard import logs
+from smtpguard.fleet.etcd import Etcd, EtcdError, Kv
+from smtpguard.fleet.record import FleetRecord
+from smtpguard.policy.model import Fleet as FleetPolicy
+
+POLL = 0.5  # seconds between reads of what changed
+BACKOFF_MAX = 5.0
+
+
+class FleetSync:
+    def __init__(self, cfg: FleetPolicy, incoming: Callable[[FleetRecord], None],
+                 own: list[FleetRecord], host: str | None = None, poll: float = POLL,
+                 etcd: Etcd | None = None) -> None:
+        self.cfg = cfg
+        self.host = host or cfg.host or socket.gethostname()
+        self.incoming = incoming
+        # This host's latest decision per VM (what the store held at start,
+        # then each one published): written again whenever etcd lost them.
+        self.own: dict[str, FleetRecord] = {r.vm: r for r in own}
+        self.poll = poll
+        self.etcd = etcd or Etcd(cfg)
+        self.log = logs.get(fleet_host=self.host)
+        self.pending: dict[str, FleetRecord] = {}
+        self.seen: dict[str, int] = {}  # key -> the mod_revision we last saw
+        self.rev = 0
+        self.lease = 0
+        self.host_lease = 0
+        self.published = 0
+        self.received = 0
+        self._next_keepalive = 0.0
+        # Tenant budgets: what this host counts per tenant (to publish), and
+        # what every host last published, tenant -> host -> {attempts, vms, at}.
+        self.tenant_out: dict[str, dict[str, object]] = {}
+        self.tenants: dict[str, dict[str, dict[str, object]]] = {}
+        self.tenant_rev = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fleet", daemon=True)
+
+    def key(self, vm: str) -> str:
+        return f"{self.cfg.prefix}/vms/{vm}"
+
+    # -- the agent's side ----------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Leases are left to run out: the records must outlive a restart."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(5)
+
+    def publish(self, rec: FleetRecord) -> None:
+        with self._lock:
+            self.own[rec.vm] = rec
+            self.pending[rec.vm] = rec
+        self._wake.set()
+
+    def share_tenant(self, tenant: str, counts: dict[str, object]) -> None:
+        """This host's count for a tenant's budget (written on the next pass)."""
+        with self._lock:
+            self.tenant_out[tenant] = counts
+        self._wake.set()
+
+    def tenant_counts(self, tenant: str) -> dict[str, dict[str, object]]:
+        with self._lock:
+            return dict(self.tenants.get(tenant, {}))
+
+    def queued(self) -> int:
+        with self._lock:
+            return len(self.pending)
+
+    # -- the thread ------------------------------------------------------------
+    def _run(self) -> None:
+        backoff = self.poll
+        while not self._stop.is_set():
+            self._wake.clear()  # before the work: a publish() during it wakes the next wait
+            try:
+                if not self.lease:
+                    self._connect()
+                self._keepalive()
+                self._publish()
+                self._share()
+                self._read()
+                backoff = self.poll
+            except EtcdError as exc:
+                if backoff == self.poll:  # once an outage, not once a retry
+                    self.log.warning("fleet.unavailable", error=str(exc), queued=self.queued(),
+                                     hint="enforcing and deciding locally; publishing later")
+                backoff = min(max(backoff * 2, 0.5), BACKOFF_MAX)
+            except Exception as exc:  # a bug here must not end the thread
+                self.log.error("fleet.failed", error=str(exc))
+                self.log.debug("fleet.failed", exc_info=True)
+                backoff = BACKOFF_MAX
+            self._wake.wait(backoff)
+
+    def _connect(self) -> None:
+        lease = self.etcd.grant(self.cfg.record_ttl)
+        self.host_lease = self.etcd.grant(self.cfg.host_ttl)
+        self.etcd.put(f"{self.cfg.prefix}/hosts/{self.host}",
+                      json.dumps({"host": self.host, "since": time.time()}), self.host_lease)
+        rev, kvs = self.etcd.range(f"{self.cfg.prefix}/vms/")
+        known: dict[str, FleetRecord] = {}
+        for kv in kvs:
+            rec = self._take(kv)
+            if rec is not None:
+                known[rec.vm] = rec
+        # What this host decided while it was not connected (or before it
+        # first was) goes out unless the fleet knows of something later.
+        with self._lock:
+            own = list(self.own.values())
+        for rec in own:
+            have = known.get(rec.vm)
+            if have is None or (rec.newer_than(have.since, have.host)
+                                and not rec.same_decision(have)):
+                with self._lock:
+                    self.pending.setdefault(rec.vm, rec)
+        self.rev = rev
+        self.lease = lease
+        self._next_keepalive = time.monotonic() + self.cfg.host_ttl / 3
+        self.log.info("fleet.connected", revision=rev, records=len(kvs),
+                      queued=self.queued(), prefix=self.cfg.prefix)
+
+    def _take(self, kv: Kv) -> FleetRecord | None:
+        """A record read from etcd: remembered, and handed in if another host wrote it."""
+        self.seen[kv.key] = kv.mod_revision
+        try:
+            rec = FleetRecord.from_json(kv.value)
+        except (ValueError, TypeError) as exc:
+            self.log.warning("fleet.bad_record", key=kv.key, error=str(exc))
+            return None
+        if rec.host != self.host:
+            self.received += 1
+            self.incoming(rec)
+        return rec
+
+    def _keepalive(self) -> None:
+        if time.monotonic() < self._next_keepalive:
+            return
+        if not self.etcd.keepalive(self.host_lease):
+            self.host_lease = self.etcd.grant(self.cfg.host_ttl)
+            self.etcd.put(f"{self.cfg.prefix}/hosts/{self.host}",
+                          json.dumps({"host": self.host, "since": time.time()}), self.host_lease)
+        if not self.etcd.keepalive(self.lease):
+            # Gone with our records (etcd lost it while we were away): they
+            # are written again, from what this host holds.
+            self.lease = self.etcd.grant(self.cfg.record_ttl)
+            self.seen.clear()
+            with self._lock:
+                for rec in self.own.values():
+                    self.pending.setdefault(rec.vm, rec)
+            self.log.warning("fleet.lease_renewed", queued=self.queued())
+        self._next_keepalive = time.monotonic() + self.cfg.host_ttl / 3
+
+    def _publish(self) -> None:
+        with self._lock:
+            todo = list(self.pending.values())
+        for rec in todo:
+            key = self.key(rec.vm)
+            done, rev, now = self.etcd.put_if(key, rec.to_json(), self.lease,
+                                              self.seen.get(key, 0))
+            if done:
+                self.seen[key] = rev
+                self.published += 1
+                self._done(rec)
+                continue
+            self.seen[key] = now.mod_revision if now is not None else 0
+            other = FleetRecord.from_json(now.value) if now is not None else None
+            if other is not None and other.newer_than(rec.since, rec.host):
+                self._done(rec)  # a later decision was made elsewhere: it stands
+                with self._lock:
+                    if self.own.get(rec.vm) == rec:
+                        del self.own[rec.vm]
+                if other.host != self.host:
+                    self.received += 1
+                    self.incoming(other)
+            # else: ours is the later one; the next pass writes over what we saw now
+
+    def _done(self, rec: FleetRecord) -> None:
+        with self._lock:
+            if self.pending.get(rec.vm) == rec:
+                del self.pending[rec.vm]
+
+    def _share(self) -> None:
+        with self._lock:
+            out, self.tenant_out = self.tenant_out, {}
+        for tenant, counts in out.items():
+            try:
+                self.etcd.put(f"{self.cfg.prefix}/tenants/{tenant}/{self.host}",
+                              json.dumps(counts), self.host_lease)
+            except EtcdError:
+                with self._lock:
+                    self.tenant_out.setdefault(tenant, counts)
+                raise
+
+    def _read_tenants(self) -> None:
+        prefix = f"{self.cfg.prefix}/tenants/"
+        rev, kvs = self.etcd.range(prefix, self.tenant_rev + 1)
+        for kv in kvs:
+            tenant, _, host = kv.key[len(prefix):].rpartition("/")
+            try:
+                counts = json.loads(kv.value)
+            except ValueError:
+                continue
+            with self._lock:
+                self.tenants.setdefault(tenant, {})[host] = counts
+        self.tenant_rev = max(self.tenant_rev, rev)
+
+    def _read(self) -> None:
+        if self.cfg.tenant_budget is not None:
+            self._read_tenants()
+        rev, kvs = self.etcd.range(f"{self.cfg.prefix}/vms/", self.rev + 1)
+        for kv in kvs:
+            if kv.mod_revision > self.seen.get(kv.key, 0):
+                self._take(kv)
+        self.rev = max(self.rev, rev)

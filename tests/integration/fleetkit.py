@@ -1,0 +1,128 @@
+"""A real etcd (Debian's etcd-server) for fleet tests, in a namespace of its
+own that each lab's hypervisor namespace is wired to, as hypervisors reach
+their etcd over a management network:
+
+    <prefix>-etcd   bridge br0 198.18.254.1/24; etcd listens there (2379)
+    lab N's hv      sgfl0 198.18.254.(10+N)/24, its veth peer on that bridge
+
+Nothing else is routed: the agents reach etcd and nothing more. The agents
+see sgfl0 as a host link (no interface pattern matches it).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from smtpguard.lab import topology
+from smtpguard.netns import run_in
+
+ADDR = "198.18.254.1"
+URL = f"http://{ADDR}:2379"
+
+
+class EtcdKit:
+    def __init__(self, prefix: str) -> None:
+        self.ns = f"{prefix}-etcd"
+        self.prefix = f"/sgt/{prefix}"  # the fleet's key prefix for this run
+        self.data = Path(tempfile.mkdtemp(prefix=f"{prefix}-etcd-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.labs: list[str] = []
+
+    def up(self) -> None:
+        from pyroute2 import IPRoute, netns
+
+        netns.create(self.ns)
+        with IPRoute(netns=self.ns) as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+            ipr.link("add", ifname="br0", kind="bridge")
+            br = ipr.link_lookup(ifname="br0")[0]
+            ipr.addr("add", index=br, address=ADDR, prefixlen=24)
+            ipr.link("set", index=br, state="up")
+        self.start()
+
+    def start(self) -> None:
+        log = open(self.data / "etcd.log", "ab")  # noqa: SIM115 - the child's
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns, "etcd", "--name", "sgt",
+             "--data-dir", str(self.data / "member"),
+             "--listen-client-urls", URL, "--advertise-client-urls", URL,
+             "--listen-peer-urls", f"http://{ADDR}:2380",
+             "--initial-advertise-peer-urls", f"http://{ADDR}:2380",
+             "--initial-cluster", f"sgt=http://{ADDR}:2380"],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.get("/health-probe")
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"etcd did not start: {self.log()[-2000:]}") from None
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def down(self) -> None:
+        from pyroute2 import netns
+
+        self.stop()
+        if self.ns in netns.listnetns():
+            netns.remove(self.ns)
+        shutil.rmtree(self.data, ignore_errors=True)
+
+    def log(self) -> str:
+        return (self.data / "etcd.log").read_text(errors="replace")
+
+    def connect(self, lab: topology.Lab, n: int) -> None:
+        """Wire a lab's hypervisor namespace to etcd."""
+        from pyroute2 import IPRoute
+
+        peer = f"hv{n}"
+        with IPRoute(netns=self.ns) as ipr:
+            ipr.link("add", ifname=peer, kind="veth", peer={"ifname": "sgfl0",
+                                                           "net_ns_fd": lab.hv})
+            idx = ipr.link_lookup(ifname=peer)[0]
+            ipr.link("set", index=idx, master=ipr.link_lookup(ifname="br0")[0], state="up")
+        with IPRoute(netns=lab.hv) as ipr:
+            idx = ipr.link_lookup(ifname="sgfl0")[0]
+            ipr.addr("add", index=idx, address=f"198.18.254.{10 + n}", prefixlen=24)
+            ipr.link("set", index=idx, state="up")
+
+    # -- reading it, as an operator with etcdctl would --------------------
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        import urllib.request
+
+        def call() -> dict[str, Any]:
+            req = urllib.request.Request(f"{URL}/v3{path}", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=5) as r:
+                reply: dict[str, Any] = json.loads(r.read())
+                return reply
+
+        result: dict[str, Any] = run_in(self.ns, call)
+        return result
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        reply = self._post("/kv/range", {"key": base64.b64encode(key.encode()).decode()})
+        kvs = reply.get("kvs", [])
+        if not kvs:
+            return None
+        value: dict[str, Any] = json.loads(base64.b64decode(kvs[0]["value"]))
+        return value
