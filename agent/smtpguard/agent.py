@@ -152,8 +152,11 @@ class Agent:
             from smtpguard.fleet.link import FleetLink
 
             self.fleet = FleetLink(self.policy.fleet, self.responder,
-                                   lambda: self._monitor.events.put(None), lambda: self.ifaces)
+                                   lambda: self._monitor.events.put(None), lambda: self.ifaces,
+                                   self.cfg.state_dir, self._fleet_policy_changed)
             collectors.append(self.fleet.collector())
+            if self.fleet.policy_docs()[0]:
+                self.reload()  # the fleet's policy as last seen, before etcd answers
             self.fleet.start()
         if self.cfg.metrics_addr:
             self.metrics_server = serve(self.cfg.metrics_addr, *collectors)
@@ -353,10 +356,16 @@ class Agent:
             # The interface is still covered by the default class (wildcards).
             self.log.error("enforce.update_failed", error=str(exc))
 
+    def _fleet_policy_changed(self) -> None:  # on the fleet's thread
+        self._reload.set()
+        self._monitor.events.put(None)
+
     def reload(self) -> None:
-        """Swap in the policy on disk if it is valid; keep the running one if not."""
+        """Swap in the policy on disk (and the fleet's, from etcd) if it is
+        valid; keep the running one if not."""
+        docs, revision = self.fleet.policy_docs() if self.fleet is not None else ([], 0)
         try:
-            loaded = load_path(self.cfg.policy_path)
+            loaded = load_path(self.cfg.policy_path, docs)
         except SmtpguardError as exc:
             self.reloads["rejected"] += 1
             self.log.error("policy.rejected", policy=self._policy_name(),
@@ -373,8 +382,11 @@ class Agent:
                              "restart to join, leave or change it")
         inventory_changed = loaded.policy.inventory != self.policy.inventory
         self.loaded = loaded
-        self.generation += 1
+        # With the fleet's policy: its etcd revision (the same on every host).
+        self.generation = revision if revision > self.generation else self.generation + 1
         self.reloads["applied"] += 1
+        if self.fleet is not None and docs:
+            self.fleet.accepted(docs, revision)
         self._apply_datapath_policy()
         if inventory_changed:
             self._start_inventory()

@@ -126,3 +126,9 @@ class EtcdKit:
             return None
         value: dict[str, Any] = json.loads(base64.b64decode(kvs[0]["value"]))
         return value
+
+    def put(self, key: str, value: str) -> int:
+        """Write a key, as an operator with etcdctl would; the new revision."""
+        reply = self._post("/kv/put", {"key": base64.b64encode(key.encode()).decode(),
+                                       "value": base64.b64encode(value.encode()).decode()})
+        return int(reply["header"]["revision"])

@@ -207,3 +207,57 @@ def test_a_tenant_budget_fires_on_the_sum_over_three_hosts(tmp_path: Path) -> No
         assert row(hosts[0][1], "u1")["state"] == "ok"
         # The throttle is in the kernel: 5 a minute, burst 5.
         assert send(hosts[1][0], "vm1", 10, port=587, timeout=2).get("completed", 0) <= 5
+
+
+FLEET_POLICY = """
+version: 1
+classes:
+  default:
+    port25: block
+    limit: {{rate: 600/minute, burst: 50}}
+    thresholds: []
+fleet:
+  endpoints: ["{url}"]
+  prefix: /sgt/{run}
+  host: hostA
+  policy_prefix: /sgt/{run}/policy
+"""
+
+
+def test_the_policy_from_etcd_is_watched_validated_and_kept(tmp_path: Path) -> None:
+    """Documents under fleet.policy_prefix are added to the local policy: a
+    change applies on its own (generation = its etcd revision), a broken one
+    is rejected naming its key, line and field with the last good one kept,
+    and a restart while etcd is down starts from the last good one."""
+    require_root()
+    run = unique("sgf")
+    kit = EtcdKit(run)
+    with ExitStack() as stack:
+        stack.callback(kit.down)
+        kit.up()
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(FLEET_POLICY.format(url=URL, run=run))
+        lab, agent = stack.enter_context(lab_with_agent(tmp_path, 1, policy, enforce=True,
+                                                        start=False))
+        kit.connect(lab, 1)
+        agent.start()
+        agent.wait_event("fleet.connected", timeout=20)
+        assert send(lab, "vm1", 2, port=25, timeout=2).get("completed", 0) == 0
+
+        rev = kit.put(f"/sgt/{run}/policy/20-relaxed.yaml",
+                      "classes:\n  default:\n    port25: allow\n")
+        ev = agent.wait_event("policy.reloaded", timeout=20, policy_generation=rev)
+        assert ev["interfaces"] == 1
+        assert send(lab, "vm1", 2, port=25, timeout=2) == {"completed": 2}
+
+        kit.put(f"/sgt/{run}/policy/30-broken.yaml", "classes:\n  default:\n    port25: opn\n")
+        bad = agent.wait_event("policy.rejected", timeout=20)
+        assert any(e.startswith(f"etcd:/sgt/{run}/policy/30-broken.yaml:3:") and "port25" in e
+                   for e in bad["errors"]), bad
+        assert send(lab, "vm1", 2, port=25, timeout=2) == {"completed": 2}  # the good one
+
+        agent.stop()
+        kit.stop()
+        agent.start()  # etcd is down: it starts from the documents it last accepted
+        assert agent.wait_event("policy.reloaded", timeout=20)["policy_generation"] == rev
+        assert send(lab, "vm1", 2, port=25, timeout=2) == {"completed": 2}

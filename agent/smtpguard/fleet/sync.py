@@ -35,7 +35,8 @@ BACKOFF_MAX = 5.0
 class FleetSync:
     def __init__(self, cfg: FleetPolicy, incoming: Callable[[FleetRecord], None],
                  own: list[FleetRecord], host: str | None = None, poll: float = POLL,
-                 etcd: Etcd | None = None) -> None:
+                 etcd: Etcd | None = None,
+                 policy: Callable[[list[tuple[str, str]], int], None] | None = None) -> None:
         self.cfg = cfg
         self.host = host or cfg.host or socket.gethostname()
         self.incoming = incoming
@@ -58,6 +59,9 @@ class FleetSync:
         self.tenant_out: dict[str, dict[str, object]] = {}
         self.tenants: dict[str, dict[str, dict[str, object]]] = {}
         self.tenant_rev = 0
+        self.policy = policy  # called with the policy documents when they change
+        self._policy_seen: tuple[tuple[str, int], ...] | None = None
+        self.policy_revision = 0
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -232,7 +236,25 @@ class FleetSync:
                 self.tenants.setdefault(tenant, {})[host] = counts
         self.tenant_rev = max(self.tenant_rev, rev)
 
+    def _read_policy(self) -> None:
+        """The documents under fleet.policy_prefix, whole (they are few), handed
+        on when any changed, came or went; their revision is the newest
+        mod_revision among them (or the store's, after a deletion)."""
+        assert self.cfg.policy_prefix is not None and self.policy is not None
+        rev, kvs = self.etcd.range(self.cfg.policy_prefix + "/")
+        seen = tuple(sorted((kv.key, kv.mod_revision) for kv in kvs))
+        if seen == self._policy_seen:
+            return
+        self._policy_seen = seen
+        newest = max((kv.mod_revision for kv in kvs), default=0)
+        self.policy_revision = newest if newest > self.policy_revision else rev
+        docs = [(f"etcd:{kv.key}", kv.value.decode(errors="replace"))
+                for kv in sorted(kvs, key=lambda kv: kv.key)]
+        self.policy(docs, self.policy_revision)
+
     def _read(self) -> None:
+        if self.cfg.policy_prefix is not None and self.policy is not None:
+            self._read_policy()
         if self.cfg.tenant_budget is not None:
             self._read_tenants()
         rev, kvs = self.etcd.range(f"{self.cfg.prefix}/vms/", self.rev + 1)

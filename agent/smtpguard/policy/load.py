@@ -230,10 +230,11 @@ def policy_files(path: Path) -> list[Path]:
     return [path]
 
 
-def load_path(path: Path | None) -> LoadedPolicy:
-    """A policy file or directory; the built-in default when path is None."""
+def load_path(path: Path | None, extra: list[tuple[str, str]] | None = None) -> LoadedPolicy:
+    """A policy file or directory; the built-in default when path is None.
+    `extra` documents (name, text) come after the files (the fleet's, from etcd)."""
     if path is None:
-        return LoadedPolicy(Policy())
+        return load_documents(extra) if extra else LoadedPolicy(Policy())
     docs = []
     try:
         files = policy_files(path)
@@ -245,7 +246,7 @@ def load_path(path: Path | None) -> LoadedPolicy:
         raise PolicyErrors([f"{path}:1:1: file: not UTF-8 text ({exc.reason})"]) from exc
     if not docs:
         raise PolicyErrors([f"{path}:1:1: file: no *.yaml files in this directory"])
-    return load_documents(docs)
+    return load_documents(docs + list(extra or ()))
 
 
 def load_policy(path: Path | None) -> Policy:

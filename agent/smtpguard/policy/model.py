@@ -355,6 +355,9 @@ class Fleet(Strict):
     host_ttl: Duration = 30.0  # its presence key: seconds without a keepalive
     timeout: Duration = 2.0  # one etcd request
     tenant_budget: TenantBudget | None = None  # every tenant's, counted over all hosts
+    # The policy from etcd too: every key under it is a policy document, added
+    # after the local files (as files of a directory are), watched.
+    policy_prefix: str | None = None
 
     @field_validator("endpoints")
     @classmethod
@@ -364,9 +367,11 @@ class Fleet(Strict):
                 raise ValueError(f"{url!r} is not an http(s)://host:port etcd endpoint")
         return v
 
-    @field_validator("prefix")
+    @field_validator("prefix", "policy_prefix")
     @classmethod
-    def _prefix(cls, v: str) -> str:
+    def _prefix(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         if not v.startswith("/") or v.endswith("/") or "//" in v:
             raise ValueError(f"{v!r}: a key prefix starts with / and does not end with one")
         return v
