@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import threading
+import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -97,13 +98,18 @@ class Totals(Generic[G]):
 
 class Activity:
     """Which VMs get per-VM series: those with an SMTP attempt within the
-    window, and those not in state ok, as of the datapath's last read. The
-    enforcement collector reads it too (its scrape comes first, so it lags
-    one scrape: a VM's blocked series appear and go a scrape later)."""
+    window, and those not in state ok, as of the datapath's read. The
+    enforcement collector's scrape comes first (rejections read before
+    attempts); once it has read its counters it calls prepare(), which reads
+    the datapath for this scrape, so both decide from the same read."""
 
     def __init__(self) -> None:
         self.exported: frozenset[str] = frozenset()
         self.ports: tuple[int, ...] = ()  # the policy's SMTP ports
+        self.prepare: Callable[[], None] = lambda: None
+        # VMs the classifier has counted at all: one it never did (its
+        # interface came while no agent ran) still gets its blocked series.
+        self.counted: frozenset[str] = frozenset()
 
 
 class DatapathCollector(Collector):
@@ -141,8 +147,41 @@ class DatapathCollector(Collector):
         self._fill = fill
         self._policy = policy
         self.activity = activity or Activity()
+        self.activity.prepare = self.prepare
         self._lock = threading.Lock()  # scrapes may overlap: totals in read order
         self._totals: Totals[int] = Totals()
+        self._prepared: tuple[float, Snapshot | None] | None = None
+
+    def _read(self) -> Snapshot | None:
+        try:
+            return self._snapshot()
+        except Exception:
+            logs.get().debug("metrics.read_failed", exc_info=True)
+            return None
+
+    def prepare(self) -> None:
+        """Read the maps now, for the scrape under way (after the enforcement
+        counters: a SYN is counted before it can be rejected), and decide who
+        is exported from that read."""
+        with self._lock:
+            snap = self._read()
+            self._prepared = (time.monotonic(), snap)
+            self._decide(snap, dict(self._ifaces()), self._policy(), self._health())
+
+    def _decide(self, snap: Snapshot | None, ifaces: dict[int, VmIface], pol: Policy,
+                h: Health) -> tuple[set[str], int]:
+        """(the VMs exported per VM, how many of them sent within the window)."""
+        sending = set() if snap is None else self._sending(snap, ifaces,
+                                                           pol.metrics.active_within)
+        noted = sending | {vm for vm, st in h.vm_states.items() if st != "ok"}
+        self.activity.ports = pol.smtp_ports
+        self.activity.exported = frozenset(noted)
+        if snap is not None:
+            self.activity.counted = frozenset(
+                vif.vm for ifindex, st in snap.ifaces.items()
+                if (vif := ifaces.get(ifindex)) is not None
+                and any(c.attempts for c in st.ports.values()))
+        return noted, len(sending)
 
     def collect(self) -> Iterator[Metric]:
         yield InfoMetricFamily("smtpguard_build", "Agent build", value={"version": __version__})
@@ -163,17 +202,12 @@ class DatapathCollector(Collector):
         yield reloads
         ifaces = dict(self._ifaces())
         pol = self._policy()
-        window = pol.metrics.active_within
-        self.activity.ports = pol.smtp_ports
         with self._lock:
-            try:
-                snap: Snapshot | None = self._snapshot()
-            except Exception:
-                logs.get().debug("metrics.read_failed", exc_info=True)
-                snap = None
-            sending = set() if snap is None else self._sending(snap, ifaces, window)
-            noted = sending | {vm for vm, st in h.vm_states.items() if st != "ok"}
-            self.activity.exported = frozenset(noted)
+            prepared, self._prepared = self._prepared, None
+            # This scrape's read if prepare() made it (moments ago), else one now.
+            snap = (prepared[1] if prepared is not None and time.monotonic() - prepared[0] < 5
+                    else self._read())
+            noted, sending = self._decide(snap, ifaces, pol, h)
             host = None if snap is None else self._host(snap)
         yield from self._states(h, noted)
         actions = CounterMetricFamily(
@@ -217,13 +251,13 @@ class DatapathCollector(Collector):
         win = GaugeMetricFamily(
             "smtpguard_metrics_active_within_seconds",
             "VMs with an SMTP attempt within this many seconds are exported per VM")
-        win.add_metric([], window)
+        win.add_metric([], pol.metrics.active_within)
         yield win
         if snap is None or host is None:
             return
         vms = GaugeMetricFamily("smtpguard_host_vms_sending",
                                 "VMs on this host with an SMTP attempt within the window")
-        vms.add_metric([], len(sending))
+        vms.add_metric([], sending)
         yield vms
         yield from host
         yield from self._per_vm(snap, ifaces, noted)
@@ -371,9 +405,9 @@ class EnforcementCollector(Collector):
         smtpguard_nft_overflow_total 0.0
 
     Blocked attempts are distinct attempts: a retransmitted SYN is not counted
-    again. Per VM only for the VMs `activity` exports (the datapath's rule; a
-    blocked attempt is an attempt there too); with no activity given, every
-    VM. Nothing is exported when the tables cannot be read.
+    again. Per VM only for the VMs `activity` exports (the datapath's rule,
+    from its read in this scrape; a blocked attempt is an attempt there too);
+    with no activity given, every VM. Nothing is exported when the tables cannot be read.
     """
 
     def __init__(self, enforcer: Any, ifaces: Callable[[], Mapping[int, VmIface]],
@@ -400,12 +434,15 @@ class EnforcementCollector(Collector):
             except Exception:
                 logs.get().debug("metrics.nft_read_failed", exc_info=True)
                 return
+            if self._activity is not None:
+                self._activity.prepare()  # the datapath's read for this scrape, after ours
             ports = () if self._activity is None else self._activity.ports
             host = self._totals.update(
                 [((str(c.port), c.reason), (c.family, c.ifname, c.port, c.reason), (c.packets,))
                  for c in counts], [(str(p), r) for p in ports for r in REASONS])
         vm_of = {v.ifname: v.vm for v in self._ifaces().values()}
         exported = None if self._activity is None else self._activity.exported
+        counted = frozenset() if self._activity is None else self._activity.counted
         blocked = CounterMetricFamily(
             "smtpguard_smtp_blocked_attempts",
             "SMTP connection attempts rejected by the enforcement, by reason",
@@ -413,8 +450,8 @@ class EnforcementCollector(Collector):
         totals: dict[tuple[str, str, str, str], int] = {}
         for c in counts:
             vm = vm_of.get(c.ifname, c.ifname)
-            if exported is not None and vm not in exported:
-                continue
+            if exported is not None and vm not in exported and vm in counted:
+                continue  # idle (what was never counted as an attempt is shown)
             key = (vm, c.ifname, str(c.port), c.reason)
             totals[key] = totals.get(key, 0) + c.packets
         for key, n in sorted(totals.items()):
