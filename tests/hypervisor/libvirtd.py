@@ -446,8 +446,10 @@ def _mac(name: str, i: int) -> str:
 
 
 def _alive(conn: Any) -> bool:
+    """isAlive() alone trusts a socket the daemon has dropped (an idle
+    connection through a long vagrant run): a round trip proves it."""
     try:
-        return bool(conn.isAlive())
+        return bool(conn.isAlive()) and conn.getLibVersion() > 0
     except Exception:
         return False
 
