@@ -26,7 +26,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP
 
 from smtpguard.lab import topology
-from smtpguard.lab.sink import Discard, _listener
+from smtpguard.lab.sink import BACKLOG, Discard, _listener
 from smtpguard.netns import enter, run_in
 
 PORTS = (25, 465, 587, 2525)
@@ -60,7 +60,8 @@ class Sink:
             self._loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()
             servers = [await self._loop.create_server(lambda: _CountingSMTP(self),
-                                                      sock=_listener(p)) for p in self.ports]
+                                                      sock=_listener(p), backlog=BACKLOG)
+                       for p in self.ports]
             ready.set()
             await self._stop.wait()
             for s in servers:

@@ -26,12 +26,20 @@ class Discard:
         return "250 2.0.0 accepted (smtpguard lab sink)"
 
 
+# Hundreds of clients connect at once. asyncio's create_server() calls
+# listen() again with its own backlog (100 unless told), and past that the
+# kernel answers with SYN cookies, whose ACK it then drops while the accept
+# queue is full: the client believes it is connected and waits for a banner
+# that never comes (a server-speaks-first protocol never retransmits).
+BACKLOG = 4096
+
+
 def _listener(port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # IPv4 too
     sock.bind(("::", port))
-    sock.listen(4096)
+    sock.listen(BACKLOG)
     sock.setblocking(False)
     return sock
 
@@ -43,6 +51,7 @@ async def serve(ports: list[int], ready: Path | None) -> None:
         await loop.create_server(
             lambda: SMTP(handler, hostname="sink.lab", ident="smtpguard-lab-sink"),
             sock=_listener(port),
+            backlog=BACKLOG,
         )
         for port in ports
     ]
