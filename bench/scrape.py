@@ -2,7 +2,8 @@
 
 Real maps and real nftables tables (in a scratch network namespace), filled
 as 1,000 VMs would leave them: 4 SMTP ports and a destination sketch for
-each VM that ever sent, a blocked-attempt counter (port 25) for each too.
+each VM that ever sent, a blocked-attempt counter (port 25, in the bridge table: bridged VMs) for
+each too.
 
 - 50 of them send mail (attempts seconds ago), the other 950 never did.
 - the same 50, the other 950 last sent two hours ago: their counters,
@@ -137,11 +138,15 @@ class Host:
         health = Health(vm_states={v.vm: "ok" for v in ifaces.values()})
         enf = NftablesEnforcer(Capabilities(False, True))
         enf.apply(Desired(Policy(), {v.ifname: "default" for v in ifaces.values()}))
+        # One family's counter per interface: a rejected SYN is counted by the
+        # table whose hook met it first (bridged VMs: bridge), never by both.
         elems = [{"concat": [v.ifname, 25]} for v in counted]
-        for fam in render.FAMILIES:
-            enf._json([{"add": {"element": {"family": fam, "table": render.TABLE,
-                                            "name": "cnt_port25", "elem": elems}}}],
-                      "bench elements")
+        enf._json([{"add": {"element": {"family": "bridge", "table": render.TABLE,
+                                        "name": "cnt_port25", "elem": elems}}}],
+                  "bench elements")
+        # What the agent's detection loop does once a minute: the counters of
+        # interfaces idle for 10 min (and metrics.active_within) are retired.
+        enf.retire([v.ifname for i, v in enumerate(ifaces.values()) if i >= SENDING])
 
         def snap(every: bool) -> Callable[[], Snapshot]:
             return lambda: take(dp.table("smtp_stats"), dp.table("smtp_dests"),

@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 
 from smtpguard import __version__, logs
 from smtpguard.datapath.interfaces import VmIface
-from smtpguard.datapath.snapshot import IfaceSnapshot, Snapshot, union
+from smtpguard.datapath.snapshot import IfaceSnapshot, PortCounts, Snapshot, union
 from smtpguard.enforce.render import REASONS
 from smtpguard.policy import Policy
 
@@ -150,7 +150,7 @@ class DatapathCollector(Collector):
         self.activity.prepare = self.prepare
         self._lock = threading.Lock()  # scrapes may overlap: totals in read order
         self._totals: Totals[int] = Totals()
-        self._prepared: tuple[float, Snapshot | None] | None = None
+        self._prepared: tuple[float, Snapshot | None, tuple[set[str], int]] | None = None
 
     def _read(self) -> Snapshot | None:
         try:
@@ -165,22 +165,19 @@ class DatapathCollector(Collector):
         is exported from that read."""
         with self._lock:
             snap = self._read()
-            self._prepared = (time.monotonic(), snap)
-            self._decide(snap, dict(self._ifaces()), self._policy(), self._health())
+            ifaces, pol, h = dict(self._ifaces()), self._policy(), self._health()
+            self._prepared = (time.monotonic(), snap, self._decide(snap, ifaces, pol, h))
 
     def _decide(self, snap: Snapshot | None, ifaces: dict[int, VmIface], pol: Policy,
                 h: Health) -> tuple[set[str], int]:
         """(the VMs exported per VM, how many of them sent within the window)."""
-        sending = set() if snap is None else self._sending(snap, ifaces,
-                                                           pol.metrics.active_within)
+        sending, counted = (set(), set()) if snap is None else self._sending(
+            snap, ifaces, pol.metrics.active_within)
         noted = sending | {vm for vm, st in h.vm_states.items() if st != "ok"}
         self.activity.ports = pol.smtp_ports
         self.activity.exported = frozenset(noted)
         if snap is not None:
-            self.activity.counted = frozenset(
-                vif.vm for ifindex, st in snap.ifaces.items()
-                if (vif := ifaces.get(ifindex)) is not None
-                and any(c.attempts for c in st.ports.values()))
+            self.activity.counted = frozenset(counted)
         return noted, len(sending)
 
     def collect(self) -> Iterator[Metric]:
@@ -204,10 +201,13 @@ class DatapathCollector(Collector):
         pol = self._policy()
         with self._lock:
             prepared, self._prepared = self._prepared, None
-            # This scrape's read if prepare() made it (moments ago), else one now.
-            snap = (prepared[1] if prepared is not None and time.monotonic() - prepared[0] < 5
-                    else self._read())
-            noted, sending = self._decide(snap, ifaces, pol, h)
+            # This scrape's read and decision if prepare() made them (moments ago),
+            # else both now.
+            if prepared is not None and time.monotonic() - prepared[0] < 5:
+                snap, (noted, sending) = prepared[1], prepared[2]
+            else:
+                snap = self._read()
+                noted, sending = self._decide(snap, ifaces, pol, h)
             host = None if snap is None else self._host(snap)
         yield from self._states(h, noted)
         actions = CounterMetricFamily(
@@ -263,16 +263,23 @@ class DatapathCollector(Collector):
         yield from self._per_vm(snap, ifaces, noted)
 
     @staticmethod
-    def _sending(snap: Snapshot, ifaces: Mapping[int, VmIface], window: float) -> set[str]:
-        """VMs with an attempt on any of their interfaces within the window."""
+    def _sending(snap: Snapshot, ifaces: Mapping[int, VmIface],
+                 window: float) -> tuple[set[str], set[str]]:
+        """(VMs with an attempt on any of their interfaces within the window,
+        VMs with an attempt at all), in one pass over the read."""
         since = snap.taken_ns - int(window * 1e9)
-        out = set()
+        sending, counted = set(), set()
         for ifindex, s in snap.ifaces.items():
             vif = ifaces.get(ifindex)
-            if vif is not None and vif.vm not in out and any(
-                    c.last_attempt_ns >= since and c.attempts for c in s.ports.values()):
-                out.add(vif.vm)
-        return out
+            if vif is None or vif.vm in sending:
+                continue
+            for c in s.ports.values():
+                if c.attempts:
+                    counted.add(vif.vm)
+                    if c.last_attempt_ns >= since:
+                        sending.add(vif.vm)
+                        break
+        return sending, counted
 
     def _states(self, h: Health, noted: set[str]) -> Iterator[Metric]:
         states = GaugeMetricFamily("smtpguard_vm_state", "1 for each VM's current state "
@@ -309,18 +316,18 @@ class DatapathCollector(Collector):
             "Distinct SMTP destination addresses of all VMs on this host together (sketch)",
             labels=["window"])
 
-        def entries() -> Iterator[tuple[int, Hashable, tuple[int, ...]]]:
-            for ifindex, s in snap.ifaces.items():
-                for port, c in s.ports.items():
-                    yield port, (ifindex, port), (c.attempts, c.bytes, c.completed, c.reset,
-                                                  c.no_answer)
-
-        totals = self._totals.update(entries(), self.activity.ports, 2 + len(OUTCOMES))
-        for port, (n, sent_bytes, *outcomes) in sorted(totals.items()):
-            attempts.add_metric([str(port)], n)
-            sent.add_metric([str(port)], sent_bytes)
-            for outcome, k in zip(OUTCOMES, outcomes, strict=True):
-                handshakes.add_metric([str(port), outcome], k)
+        # Each entry's whole PortCounts (a tuple, compared as it is: most
+        # entries are unchanged most scrapes); last_attempt_ns is summed too
+        # and never exported.
+        entries = ((port, (ifindex, port), c) for ifindex, s in snap.ifaces.items()
+                   for port, c in s.ports.items())
+        totals = self._totals.update(entries, self.activity.ports, len(PortCounts._fields))
+        for port, sums in sorted(totals.items()):
+            c = PortCounts._make(sums)
+            attempts.add_metric([str(port)], c.attempts)
+            sent.add_metric([str(port)], c.bytes)
+            for outcome in OUTCOMES:
+                handshakes.add_metric([str(port), outcome], getattr(c, outcome))
         for window, d in sorted(union(snap.ifaces.values()).items()):
             dests.add_metric([window], d)
         return [attempts, handshakes, sent, dests]

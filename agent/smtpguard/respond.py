@@ -31,6 +31,11 @@ from smtpguard.webhook import Webhook
 
 SAMPLE_EVERY = 10.0  # seconds between saves of the counter samples
 PRUNE_EVERY = 3600.0  # seconds between prunings of old incidents
+RETIRE_EVERY = 60.0  # seconds between retirements of idle interfaces' counters
+# An interface's rejection counters are retired (enforce/counts.py) once its
+# newest attempt is this old, and at least the policy's metrics.active_within:
+# past any SYN retransmission of its attempts, and no longer exported per VM.
+RETIRE_AFTER = 600.0
 WINDOWS = (("attempts", 60), ("attempts", 3600), ("blocked_attempts", 600),
            ("failed_handshakes", 600))  # recorded with each incident
 
@@ -101,6 +106,7 @@ class Responder:
         self.loop_n = 0
         self._next_samples = 0.0
         self._next_prune = 0.0
+        self._next_retire = 0.0
         self.last_loop = 0.0
         self.incidents = IncidentBook(self.store, self.activity, self.context)
         self._loaded = False
@@ -161,9 +167,13 @@ class Responder:
         t0 = time.monotonic()
         try:
             per_iface = {}
-            for ifindex, ports in read_ports(self.stats).items():
+            read = read_ports(self.stats)
+            for ifindex, ports in read.items():
                 per_iface[ifindex] = (sum(c.attempts for c in ports.values()),
                                       sum(c.reset + c.no_answer for c in ports.values()))
+            if self.clock() >= self._next_retire:
+                self._next_retire = self.clock() + RETIRE_EVERY
+                self._retire_idle(read)
             blocked: dict[str, int] = {}
             if self.keeper is not None:
                 for c in self.keeper.enforcer.blocked_counts():
@@ -180,6 +190,23 @@ class Responder:
         except Exception as exc:
             self.log.error("detect.failed", error=str(exc))
             self.log.debug("detect.failed", exc_info=True)
+
+    def _retire_idle(self, read: Mapping[int, Mapping[int, Any]]) -> None:
+        """Retire the rejection counters of interfaces idle for RETIRE_AFTER
+        (and active_within): the listing every step and scrape makes then
+        holds the VMs that send, not every VM that ever did."""
+        retire = getattr(self.keeper.enforcer, "retire", None) if self.keeper else None
+        if retire is None:
+            return  # the iptables backend's counters are its rules'
+        after = max(RETIRE_AFTER, self.detector.policy.metrics.active_within)
+        since = time.monotonic_ns() - int(after * 1e9)  # the classifier's clock
+        idle = [v.ifname for v in self.ifaces().values()
+                if (ports := read.get(v.ifindex))
+                and max(c.last_attempt_ns for c in ports.values()) < since]
+        try:
+            retire(idle)
+        except SmtpguardError as exc:
+            self.log.warning("enforce.retire_failed", error=str(exc))
 
     def _observe_loop(self, seconds: float) -> None:
         self.loop_sum += seconds

@@ -154,12 +154,19 @@ class PinnedMap:
 
     def items(self, chunk: int = 4096) -> Iterator[tuple[Any, Any]]:
         """Every element, in batches of `chunk` (one syscall each)."""
-        keys = (self.Key * chunk)()
-        values = (self.Leaf * chunk)()
+        for keys, values, n in self.batches(chunk):
+            for i in range(n):
+                yield keys[i], values[i]  # views into this batch's own arrays
+
+    def batches(self, chunk: int = 4096) -> Iterator[tuple[Any, Any, int]]:
+        """(keys array, values array, how many are filled) per batch read, each
+        batch in arrays of its own: for callers that decode the raw buffers."""
         token_in = ctypes.c_uint64(0)
         token_out = ctypes.c_uint64(0)
         first = True
         while True:
+            keys = (self.Key * chunk)()
+            values = (self.Leaf * chunk)()
             attr = _BatchAttr(
                 in_batch=0 if first else ctypes.addressof(token_in),
                 out_batch=ctypes.addressof(token_out), keys=ctypes.addressof(keys),
@@ -170,11 +177,8 @@ class PinnedMap:
             except FileNotFoundError:
                 done = True  # the last batch; attr.count still tells its size
             n = attr.count
-            for i in range(n):
-                k, v = self.Key(), self.Leaf()
-                ctypes.pointer(k)[0] = keys[i]
-                ctypes.pointer(v)[0] = values[i]
-                yield k, v
+            if n:
+                yield keys, values, n
             if done or n == 0:
                 return
             token_in.value = token_out.value

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import struct
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from smtpguard.datapath import distinct
 from smtpguard.datapath.distinct import Sketch
-from smtpguard.datapath.maps import COARSE_SLOT_SHIFT, FINE_SLOT_SHIFT, slot_epoch
+from smtpguard.datapath.maps import (
+    COARSE_SLOT_SHIFT,
+    FINE_SLOT_SHIFT,
+    SmtpKey,
+    SmtpStats,
+    slot_epoch,
+)
 
 # window name -> (which tier, slot length as a shift of ns, slots merged):
 # the current slot and the full ones before it, 51-60 s and 55-60 min.
@@ -19,8 +26,10 @@ WINDOWS: dict[str, tuple[str, int, int]] = {
 }
 
 
-@dataclass(frozen=True)
-class PortCounts:
+class PortCounts(NamedTuple):
+    """One (interface, port) entry of smtp_stats (a tuple: thousands are
+    decoded every detection step and scrape)."""
+
     attempts: int = 0
     retransmits: int = 0
     completed: int = 0
@@ -50,13 +59,29 @@ class Snapshot:
     ifaces: Mapping[int, IfaceSnapshot]
 
 
+# struct smtp_key and struct smtp_stats (bpf/smtp_common.h), as maps.py has them.
+_KEY = struct.Struct("=IHxx")
+_STATS = struct.Struct("=8Q")
+
+
 def read_ports(table: Any) -> dict[int, dict[int, PortCounts]]:
+    """ifindex -> port -> counts, from the smtp_stats map (a PinnedMap is
+    decoded from its batch buffers; anything else item by item)."""
     out: dict[int, dict[int, PortCounts]] = {}
-    for k, v in table.items():
-        out.setdefault(k.ifindex, {})[k.port] = PortCounts(
-            v.attempts, v.retransmits, v.completed, v.reset, v.no_answer,
-            v.packets, v.bytes, v.last_attempt_ns,
-        )
+    batches = getattr(table, "batches", None)
+    if batches is None or table.Key is not SmtpKey or table.Leaf is not SmtpStats:
+        for k, v in table.items():
+            out.setdefault(k.ifindex, {})[k.port] = PortCounts(
+                v.attempts, v.retransmits, v.completed, v.reset, v.no_answer,
+                v.packets, v.bytes, v.last_attempt_ns,
+            )
+        return out
+    make = PortCounts._make
+    for keys, values, n in batches():
+        kb = memoryview(keys).cast("B")[:n * _KEY.size]
+        vb = memoryview(values).cast("B")[:n * _STATS.size]
+        for (ifindex, port), v in zip(_KEY.iter_unpack(kb), _STATS.iter_unpack(vb), strict=True):
+            out.setdefault(ifindex, {})[port] = make(v)
     return out
 
 
@@ -82,9 +107,9 @@ def estimates(sketches: Mapping[str, Sketch]) -> dict[str, float]:
 
 def union(snaps: Iterable[IfaceSnapshot]) -> dict[str, float]:
     """Distinct destinations of several interfaces together (one VM's)."""
-    merged: dict[str, list[Sketch]] = {}
+    merged: dict[str, list[Sketch]] = {w: [] for w in WINDOWS}
     for s in snaps:
-        for w, sk in s.sketches.items():
+        for w, sk in s.sketches.items():  # none for an idle interface
             merged.setdefault(w, []).append(sk)
     return {w: round(distinct.estimate(distinct.merge(r)), 1) for w, r in merged.items()}
 
@@ -114,15 +139,14 @@ def take(stats: Any, dests: Any, clock: Callable[[], int] = time.monotonic_ns,
         # One lookup each: a batch read sizes its buffer for thousands of
         # sketches (19 ms for 50 of them, measured), 1,000 lookups take less.
         raw = {i: v for i in recent if (v := read_sketch(dests, i)) is not None}
-    empty: dict[str, Sketch] = {w: Sketch() for w in WINDOWS}  # shared: read only
-    none = estimates(empty)
+    none = estimates({w: Sketch() for w in WINDOWS})  # shared: read only
     ifaces = {}
     for i in set(ports) | set(raw):
         if i in raw:
             regs = window_sketches(raw[i], now)
             ifaces[i] = IfaceSnapshot(i, ports.get(i, {}), estimates(regs), regs)
         else:
-            ifaces[i] = IfaceSnapshot(i, ports.get(i, {}), none, empty)
+            ifaces[i] = IfaceSnapshot(i, ports.get(i, {}), none)  # no sketches: nothing in them
     return Snapshot(now, ifaces)
 
 

@@ -8,13 +8,15 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from smtpguard import logs
-from smtpguard.enforce import render
+from smtpguard.enforce import counts, render
+from smtpguard.enforce.counts import BlockedCount
 from smtpguard.enforce.desired import Action, Capabilities, Desired
 from smtpguard.errors import BackendUnavailable, EnforcerError
+
+__all__ = ["BlockedCount", "NftablesEnforcer"]
 
 T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
@@ -89,15 +91,6 @@ def probe() -> Capabilities:
     return in_scratch_netns(run)
 
 
-@dataclass(frozen=True)
-class BlockedCount:
-    family: str
-    reason: str
-    ifname: str
-    port: int
-    packets: int
-
-
 class NftablesEnforcer:
     """Idempotent: apply() brings our tables to the desired state whatever
     they hold (nothing, an older ruleset, a half-deleted one)."""
@@ -125,6 +118,11 @@ class NftablesEnforcer:
         # seconds to list): on a context of their own, never holding up the loop.
         self._scrape = _nft()
         self._scrape_lock = threading.Lock()
+        # counts.py: what was retired of each counter (None: not read yet), and
+        # the sized sets of the last apply (a scrape lists those one by one).
+        self._cold: dict[counts.Key, int] | None = None
+        self._cold_lock = threading.Lock()
+        self._sized: dict[str, list[str]] = {}
 
     # -- low level ---------------------------------------------------------
     def _json(self, cmds: list[dict[str, Any]], what: str) -> None:
@@ -176,11 +174,17 @@ class NftablesEnforcer:
         now = time.time()
         for fam in render.FAMILIES:
             cmds += render.table_commands(fam, desired, self.caps, observed[fam], now)
-            if not (observed[fam] or {}).get("counters", {}).get("overflow"):
-                cmds.insert(len(cmds) - _rules_count(cmds, fam),
-                            {"add": {"counter": {"family": fam, "table": render.TABLE,
-                                                 "name": "overflow"}}})
+            if (observed[fam] or {}).get("counters", {}).get("overflow"):
+                # The named counter of earlier versions (the flushed rules were its users).
+                cmds.append({"delete": {"counter": {"family": fam, "table": render.TABLE,
+                                                    "name": "overflow"}}})
+        with self._cold_lock:
+            self._cold = None  # a set whose definition changed was recreated empty
         self._json(cmds, "applying the smtpguard tables")
+        self._sized = {fam: sorted({n for n, b in render.sets(desired, fam).items()
+                                    if b.get("size") and not n.startswith("old_")}
+                                   | set(render.TYPEOF_SETS))
+                       for fam in render.FAMILIES}
 
     def set_vms(self, desired: Desired) -> None:
         """VM classes changed (a VM came, went or moved): vm_class elements only."""
@@ -259,50 +263,102 @@ class NftablesEnforcer:
         return {}
 
     def blocked_counts(self) -> list[BlockedCount]:
-        """Rejected attempts per (family, reason, interface, port); reads only
-        the counter sets (cheap enough to poll several times a second)."""
-        out = []
+        """Rejected attempts per (family, reason, interface, port), retired
+        ones included; reads only the hot counter sets."""
+        hot = []
         for fam in render.FAMILIES:
             for reason in render.REASONS:
-                out += _counts(fam, reason, self._list_set(fam, f"cnt_{reason}"))
-        return out
+                hot += counts.parse(fam, reason, self._list_set(fam, counts.hot_set(reason)))
+        return counts.merged(hot, self._retired())
+
+    def _retired(self) -> dict[counts.Key, int]:
+        with self._cold_lock:
+            if self._cold is None:
+                self._cold = {c.key: c.packets for fam in render.FAMILIES
+                              for reason in render.REASONS
+                              for c in counts.parse(fam, reason, self._list_set(
+                                  fam, counts.cold_set(reason), scrape=True))}
+            return dict(self._cold)
 
     def report(self) -> tuple[list[BlockedCount], dict[tuple[str, str], tuple[int, int]], int]:
-        """Blocked counts, set fill levels and overflows from one listing per
-        family, on the scrape's own libnftables context."""
-        counts: list[BlockedCount] = []
+        """Blocked counts, set fill levels and overflows, on the scrape's own
+        libnftables context: the sized sets one by one (a table or a named
+        counter listed whole would fetch the retired elements too)."""
+        hot: list[BlockedCount] = []
         fill: dict[tuple[str, str], tuple[int, int]] = {}
         overflow = 0
         for fam in render.FAMILIES:
-            with self._scrape_lock:
-                rc, out, _err = self._scrape.cmd(f"list table {fam} {render.TABLE}")
-            if rc != 0:
-                continue
-            table = _parse_table(out)
-            overflow += int(table["counters"].get("overflow", {}).get("packets", 0))
-            for name, st in table["sets"].items():
-                if st.get("size"):
+            names = self._sized.get(fam)
+            if names is None:  # nothing applied by this process: read what is there
+                with self._scrape_lock:
+                    rc, out, _err = self._scrape.cmd(f"list table {fam} {render.TABLE}")
+                if rc != 0:
+                    continue
+                listed = _parse_table(out)["sets"]
+            else:
+                listed = {n: self._list_set(fam, n, scrape=True) for n in names}
+            for name, st in listed.items():
+                if st.get("size") and not name.startswith("old_"):
                     fill[(fam, name)] = (len(st.get("elem", [])), int(st["size"]))
+            overflow += counts.packets(listed.get("overflow", {}))
             for reason in render.REASONS:
-                counts += _counts(fam, reason, table["sets"].get(f"cnt_{reason}", {}))
-        return counts, fill, overflow
+                hot += counts.parse(fam, reason, listed.get(counts.hot_set(reason), {}))
+        return counts.merged(hot, self._retired()), fill, overflow
+
+    def retire(self, ifnames: Iterable[str]) -> int:
+        """Move these (idle) interfaces' counters to the retired sets, in one
+        transaction (counts.py); how many elements moved."""
+        wanted = set(ifnames)
+        if not wanted:
+            return 0
+        hot = [c for fam in render.FAMILIES for reason in render.REASONS
+               for c in counts.parse(fam, reason, self._list_set(fam, counts.hot_set(reason)))
+               if c.ifname in wanted]
+        if not hot:
+            return 0
+        cold = self._retired()
+        script, after = counts.retire_script(hot, cold, wanted)
+        if not script:
+            return 0
+        with self._lock:
+            rc, _out, err = self.n.cmd("\n".join(script))
+        if rc != 0:
+            with self._cold_lock:
+                self._cold = None  # read again from the kernel
+            raise EnforcerError(f"retiring idle counters: {err.strip() or rc}")
+        with self._cold_lock:
+            self._cold = after
+        moved = sum(1 for line in script if line.startswith("add "))
+        logs.get().debug("nft.counters_retired", elements=moved)
+        return moved
 
     def forget(self, ifnames: Iterable[str]) -> None:
-        """Drop the per-interface counters of interfaces that are gone."""
+        """Drop the per-interface counters (hot and retired) of interfaces that are gone."""
         gone = set(ifnames)
         if not gone:
             return
         cmds = []
-        for c in self.blocked_counts():
-            if c.ifname in gone:
-                cmds.append({"delete": {"element": {
-                    "family": c.family, "table": render.TABLE, "name": f"cnt_{c.reason}",
-                    "elem": [{"concat": [c.ifname, c.port]}]}}})
+        for fam in render.FAMILIES:
+            for reason in render.REASONS:
+                for c in counts.parse(fam, reason,
+                                      self._list_set(fam, counts.hot_set(reason))):
+                    if c.ifname in gone:
+                        cmds.append({"delete": {"element": {
+                            "family": c.family, "table": render.TABLE,
+                            "name": counts.hot_set(c.reason),
+                            "elem": [{"concat": [c.ifname, c.port]}]}}})
+        cold = self._retired()
+        cmds += counts.forget_commands(cold, gone)
         if cmds:
             self._json(cmds, "forgetting interfaces")
+        with self._cold_lock:
+            if self._cold is not None:
+                self._cold = {k: n for k, n in self._cold.items() if k[2] not in gone}
 
     def remove(self) -> bool:
         """Delete our tables (enforcement off). True if there was anything."""
+        with self._cold_lock:
+            self._cold = None
         with self._lock:
             return remove_tables(self.n)
 
@@ -364,28 +420,6 @@ def rule_counts() -> dict[str, int]:
     finally:
         nft.close()
     return out
-
-
-def _counts(family: str, reason: str, listed: dict[str, Any]) -> list[BlockedCount]:
-    out = []
-    for elem in listed.get("elem", []):
-        e = elem.get("elem", elem) if isinstance(elem, dict) else elem
-        val = e["val"]["concat"] if isinstance(e, dict) and "val" in e else e["concat"]
-        packets = e.get("counter", {}).get("packets", 0) if isinstance(e, dict) else 0
-        out.append(BlockedCount(family, reason, str(val[0]), int(val[1]), int(packets)))
-    return out
-
-
-def _rules_count(cmds: list[dict[str, Any]], family: str) -> int:
-    """How many trailing commands of this family are rules (the counter goes before)."""
-    n = 0
-    for c in reversed(cmds):
-        body = c.get("add", {})
-        if "rule" in body and body["rule"]["family"] == family:
-            n += 1
-        else:
-            break
-    return n
 
 
 def dry_run(desired: Desired, caps: Capabilities | None = None) -> str:

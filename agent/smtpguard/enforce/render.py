@@ -35,6 +35,7 @@ SIZES = {  # explicit sizes: an unsized dynamic set stops matching at 65,535
     "limiter": 65536,  # one element per VM interface
     "seen": 131072,  # rejected attempts remembered to tell retransmissions apart
     "count": 65536,  # one element per (interface, port)
+    "overflow": 65536,  # one per port: never full
 }
 LIMITER_IDLE = 3600  # a limiter idle this long is forgotten (it is full again anyway)
 SEEN_FOR = 130  # Linux gives up on a SYN after ~127 s (tcp_syn_retries = 6)
@@ -202,8 +203,12 @@ def _reason_rules(reason: str, verdict: dict[str, Any]) -> list[list[Any]]:
             {"set": {"op": "add", "elem": COUNT_KEY, "set": f"@cnt_{reason}"}},
             verdict,
         ])
-    # Reached only when a set above was full: still enforced, counted here.
-    rules.append([{"counter": "overflow"}, verdict])
+    # Reached only when a set above was full: still enforced, counted per port
+    # (an element of a set listed on its own: reading a named counter makes
+    # libnftables fetch every set's elements), and enforced whatever happens.
+    rules.append([{"set": {"op": "add", "elem": _p("tcp", "dport"), "set": "@overflow"}},
+                  verdict])
+    rules.append([verdict])
     return rules
 
 
@@ -283,8 +288,12 @@ def sets(desired: Desired, family: str = "inet") -> dict[str, dict[str, Any]]:
             out[f"{prefix}_{name}"] = {"type": "ifname", "flags": ["timeout"],
                                        "timeout": LIMITER_IDLE, "size": SIZES["limiter"]}
     for reason in REASONS:
-        out[f"cnt_{reason}"] = {"type": ["ifname", "inet_service"], "size": SIZES["count"],
-                                "stmt": [{"counter": None}]}
+        # counts.py: the hot counters, and those of idle interfaces retired
+        for name in (f"cnt_{reason}", f"old_{reason}"):
+            out[name] = {"type": ["ifname", "inet_service"], "size": SIZES["count"],
+                         "stmt": [{"counter": None}]}
+    out["overflow"] = {"type": "inet_service", "size": SIZES["overflow"],
+                       "stmt": [{"counter": None}]}
     return out
 
 
