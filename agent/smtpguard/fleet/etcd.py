@@ -5,7 +5,12 @@ compare-and-swap put, leases. Every failure is EtcdError, counted per op."""
 from __future__ import annotations
 
 import base64
+import contextlib
+import json
+import socket
+import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -16,6 +21,14 @@ from smtpguard.policy.model import Fleet as FleetPolicy
 
 class EtcdError(SmtpguardError):
     pass
+
+
+class EtcdCompacted(EtcdError):
+    """A watch's start revision is gone from etcd's history: read everything."""
+
+    def __init__(self, compact_revision: int) -> None:
+        super().__init__(f"etcd watch: revision compacted (history starts at {compact_revision})")
+        self.compact_revision = compact_revision
 
 
 def _b64(s: str | bytes) -> str:
@@ -56,6 +69,8 @@ class Etcd:
         self.current = 0
         self.errors: Counter[str] = Counter()
         self.up = False
+        self._watches: set[Any] = set()  # open watch responses, for close_watches()
+        self._watch_lock = threading.Lock()
 
     def _post(self, op: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
         last: Exception | None = None
@@ -81,9 +96,7 @@ class Etcd:
         if min_mod_revision:
             body["min_mod_revision"] = min_mod_revision
         reply = self._post("range", "/kv/range", body)
-        kvs = [Kv(_unb64(k["key"]).decode(), _unb64(k.get("value", "")),
-                  int(k.get("mod_revision", 0)), int(k.get("lease", 0)))
-               for k in reply.get("kvs", [])]
+        kvs = [_kv(k) for k in reply.get("kvs", [])]
         return int(reply["header"]["revision"]), kvs
 
     def put_if(self, key: str, value: str, lease: int, mod_revision: int
@@ -119,3 +132,98 @@ class Etcd:
         """False when the lease is gone (expired while we could not reach etcd)."""
         reply = self._post("lease", "/lease/keepalive", {"ID": lease})
         return int(reply.get("result", {}).get("TTL", -1)) > 0
+
+    def watch(self, prefix: str, start_revision: int,
+              on_events: Callable[[int, list[tuple[str, Kv]]], None],
+              on_created: Callable[[], None], stop: threading.Event,
+              idle: float = 30.0) -> None:
+        """Stream every change under prefix from start_revision on, until the
+        stream ends (EtcdError; EtcdCompacted when that revision is gone) or
+        stop is set. on_events(revision, [(PUT or DELETE, kv)]) per response.
+        A stream quiet for `idle` seconds ends too (etcd sends nothing on a
+        quiet watch; a partition must not go unnoticed): the caller resumes
+        from the last revision it had, which loses nothing."""
+        c = self.clients[self.current]
+        body: dict[str, Any] = {"create_request": {
+            "key": _b64(prefix), "range_end": _b64(prefix_end(prefix)),
+            "start_revision": start_revision}}
+        try:
+            resp = c.session.post(c.get_url("/watch"), json=body, stream=True,
+                                  timeout=(self.cfg.timeout, idle))
+            resp.raise_for_status()
+        except Exception as exc:
+            self.errors["watch"] += 1
+            raise EtcdError(f"etcd watch: {exc!r}") from exc
+        with self._watch_lock:
+            self._watches.add(resp)
+        try:
+            for line in resp.iter_lines():
+                if stop.is_set():
+                    return
+                if not line.strip():
+                    continue
+                msg = json.loads(line)
+                result = msg.get("result", {})
+                if result.get("canceled") or "error" in msg:
+                    compact = int(result.get("compact_revision", 0))
+                    if compact:
+                        raise EtcdCompacted(compact)
+                    raise EtcdError(f"etcd watch canceled: {result.get('cancel_reason') or line!r}")
+                if result.get("created"):
+                    on_created()
+                events = [(e.get("type", "PUT"), _kv(e["kv"])) for e in result.get("events", [])]
+                if events:
+                    on_events(int(result["header"]["revision"]), events)
+        except EtcdError:
+            self.errors["watch"] += 1
+            raise
+        except Exception as exc:  # requests' read timeout, a reset, etcd going away
+            if stop.is_set() or _quiet(exc):
+                return
+            self.errors["watch"] += 1
+            raise EtcdError(f"etcd watch ended: {exc!r}") from exc
+        finally:
+            with self._watch_lock:
+                self._watches.discard(resp)
+            resp.close()
+        if not stop.is_set():
+            self.errors["watch"] += 1
+            raise EtcdError("etcd watch: the stream ended")
+
+    def close_watches(self) -> None:
+        """End every watch stream now (the watching threads see it at once)."""
+        with self._watch_lock:
+            for resp in list(self._watches):
+                sock = _socket_of(resp)
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked read
+                resp.close()
+
+
+def _quiet(exc: BaseException) -> bool:
+    """A watch stream that only timed out reading (nothing changed for
+    `idle` seconds), as requests reports it."""
+    import requests
+    from urllib3.exceptions import ReadTimeoutError
+
+    if isinstance(exc, requests.exceptions.Timeout):
+        return True
+    inner = exc.args[0] if exc.args else None
+    return isinstance(exc, requests.exceptions.ConnectionError) and isinstance(
+        inner, ReadTimeoutError)
+
+
+def _socket_of(resp: Any) -> socket.socket | None:
+    """The socket under a streaming requests response (urllib3 keeps it on
+    the http.client response it wraps)."""
+    try:
+        sock = resp.raw._fp.fp.raw._sock
+    except AttributeError:
+        return None
+    return sock if isinstance(sock, socket.socket) else None
+
+
+def _kv(k: dict[str, Any]) -> Kv:
+    return Kv(_unb64(k["key"]).decode(), _unb64(k.get("value", "")),
+              int(k.get("mod_revision", 0)), int(k.get("lease", 0)))

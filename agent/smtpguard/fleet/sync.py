@@ -9,10 +9,14 @@ in the other hosts' (the agent applies those on its own loop).
 Writes are compare-and-swap on the key's mod_revision: a host only replaces
 the record it last saw, so two hosts that decided about one VM while apart
 (a partition, etcd down) are resolved by record.FleetRecord's rule, never by
-who reconnects first. Changes are read by polling the range from the last
-revision (a revisioned read survives etcd restarts and outages as a stream
-does not). While etcd is unreachable nothing here blocks the agent:
-decisions wait in `pending` (one per VM, the latest) and go out when it is back.
+who reconnects first. Changes come in on a watch of the prefix (and one of
+fleet.policy_prefix), resumed from the last revision seen whenever the stream
+ends (etcd restarted, a partition, WATCH_IDLE seconds without a change): etcd
+replays what happened since, and a full read follows only when that revision
+was compacted. While no watch streams, the thread polls the range from the
+last revision instead, as a revisioned read survives what a stream does not.
+While etcd is unreachable nothing here blocks the agent: decisions wait in
+`pending` (one per VM, the latest) and go out when it is back.
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ import time
 from collections.abc import Callable
 
 from smtpguard import logs
-from smtpguard.fleet.etcd import Etcd, EtcdError, Kv
+from smtpguard.fleet.etcd import Etcd, EtcdCompacted, EtcdError, Kv
 from smtpguard.fleet.record import FleetRecord
 from smtpguard.policy.model import Fleet as FleetPolicy
 
-POLL = 0.5  # seconds between reads of what changed
+POLL = 0.5  # seconds between passes (publish, keep alive; read only while no watch streams)
 BACKOFF_MAX = 5.0
+WATCH_IDLE = 30.0  # a watch stream with nothing for this long is resumed (a partition shows)
 
 
 class FleetSync:
@@ -66,6 +71,19 @@ class FleetSync:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fleet", daemon=True)
+        # The watches: the prefix's (records, tenants) and the policy's; while
+        # one streams its range is not polled.
+        self.watching = False
+        self.policy_watching = False
+        self._resync = False  # the watch's revision was compacted: read everything
+        self._policy_dirty = True
+        self._policy_rev = 0  # the store's revision at the last policy read
+        self._read_lock = threading.Lock()  # records and revisions, from both threads
+        self._watchers = [threading.Thread(target=self._watch_records, name="fleet-watch",
+                                           daemon=True)]
+        if cfg.policy_prefix is not None and policy is not None:
+            self._watchers.append(threading.Thread(target=self._watch_policy,
+                                                   name="fleet-watch-policy", daemon=True))
 
     def key(self, vm: str) -> str:
         return f"{self.cfg.prefix}/vms/{vm}"
@@ -73,12 +91,17 @@ class FleetSync:
     # -- the agent's side ----------------------------------------------------
     def start(self) -> None:
         self._thread.start()
+        for w in self._watchers:
+            w.start()
 
     def stop(self) -> None:
         """Leases are left to run out: the records must outlive a restart."""
         self._stop.set()
         self._wake.set()
+        self.etcd.close_watches()
         self._thread.join(5)
+        for w in self._watchers:
+            w.join(5)
 
     def publish(self, rec: FleetRecord) -> None:
         with self._lock:
@@ -223,17 +246,19 @@ class FleetSync:
                     self.tenant_out.setdefault(tenant, counts)
                 raise
 
+    def _tenant(self, kv: Kv) -> None:
+        tenant, _, host = kv.key[len(f"{self.cfg.prefix}/tenants/"):].rpartition("/")
+        try:
+            counts = json.loads(kv.value)
+        except ValueError:
+            return
+        with self._lock:
+            self.tenants.setdefault(tenant, {})[host] = counts
+
     def _read_tenants(self) -> None:
-        prefix = f"{self.cfg.prefix}/tenants/"
-        rev, kvs = self.etcd.range(prefix, self.tenant_rev + 1)
+        rev, kvs = self.etcd.range(f"{self.cfg.prefix}/tenants/", self.tenant_rev + 1)
         for kv in kvs:
-            tenant, _, host = kv.key[len(prefix):].rpartition("/")
-            try:
-                counts = json.loads(kv.value)
-            except ValueError:
-                continue
-            with self._lock:
-                self.tenants.setdefault(tenant, {})[host] = counts
+            self._tenant(kv)
         self.tenant_rev = max(self.tenant_rev, rev)
 
     def _read_policy(self) -> None:
@@ -241,7 +266,9 @@ class FleetSync:
         on when any changed, came or went; their revision is the newest
         mod_revision among them (or the store's, after a deletion)."""
         assert self.cfg.policy_prefix is not None and self.policy is not None
+        self._policy_dirty = False  # before the read: an event during it reads again
         rev, kvs = self.etcd.range(self.cfg.policy_prefix + "/")
+        self._policy_rev = max(self._policy_rev, rev)
         seen = tuple(sorted((kv.key, kv.mod_revision) for kv in kvs))
         if seen == self._policy_seen:
             return
@@ -253,12 +280,84 @@ class FleetSync:
         self.policy(docs, self.policy_revision)
 
     def _read(self) -> None:
-        if self.cfg.policy_prefix is not None and self.policy is not None:
+        """What the watches would have brought, read instead while they do not
+        stream (and everything after a compaction)."""
+        if self.cfg.policy_prefix is not None and self.policy is not None and (
+                self._policy_dirty or not self.policy_watching):
             self._read_policy()
-        if self.cfg.tenant_budget is not None:
-            self._read_tenants()
-        rev, kvs = self.etcd.range(f"{self.cfg.prefix}/vms/", self.rev + 1)
-        for kv in kvs:
-            if kv.mod_revision > self.seen.get(kv.key, 0):
-                self._take(kv)
-        self.rev = max(self.rev, rev)
+        if self.watching and not self._resync:
+            return
+        with self._read_lock:
+            if self._resync:
+                self._resync = False
+                self.rev = self.tenant_rev = 0
+            if self.cfg.tenant_budget is not None:
+                self._read_tenants()
+            rev, kvs = self.etcd.range(f"{self.cfg.prefix}/vms/", self.rev + 1)
+            for kv in kvs:
+                if kv.mod_revision > self.seen.get(kv.key, 0):
+                    self._take(kv)
+            self.rev = max(self.rev, rev)
+
+    # -- the watches -------------------------------------------------------------
+    def _watch_records(self) -> None:
+        """Records and tenant counts as they change, from the revision after
+        the last one read (the first read is _connect's)."""
+        def created() -> None:
+            self.watching = True
+
+        def events(rev: int, evs: list[tuple[str, Kv]]) -> None:
+            with self._read_lock:
+                for kind, kv in evs:
+                    if kind != "PUT":
+                        continue  # a record or count gone with its lease: nothing to undo
+                    if kv.key.startswith(vms):
+                        if kv.mod_revision > self.seen.get(kv.key, 0):
+                            self._take(kv)
+                    elif kv.key.startswith(tenants):
+                        self._tenant(kv)
+                self.rev = max(self.rev, rev)
+                self.tenant_rev = max(self.tenant_rev, rev)
+
+        vms, tenants = f"{self.cfg.prefix}/vms/", f"{self.cfg.prefix}/tenants/"
+        self._watch(f"{self.cfg.prefix}/", lambda: self.rev, created, events, "watching")
+
+    def _watch_policy(self) -> None:
+        def created() -> None:
+            self.policy_watching = True
+
+        def events(rev: int, evs: list[tuple[str, Kv]]) -> None:
+            self._policy_rev = max(self._policy_rev, rev)
+            self._policy_dirty = True
+            self._wake.set()
+
+        assert self.cfg.policy_prefix is not None
+        self._watch(self.cfg.policy_prefix + "/", lambda: self._policy_rev, created, events,
+                    "policy_watching")
+
+    def _watch(self, prefix: str, rev: Callable[[], int], created: Callable[[], None],
+               events: Callable[[int, list[tuple[str, Kv]]], None], flag: str) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            if not self.lease or not rev():
+                self._stop.wait(0.1)  # not connected yet: _connect reads first
+                continue
+            try:
+                self.etcd.watch(prefix, rev() + 1, events, created, self._stop, WATCH_IDLE)
+                backoff = 0.5
+            except EtcdCompacted as exc:
+                self.log.warning("fleet.watch_compacted", prefix=prefix, error=str(exc))
+                with self._read_lock:
+                    self._resync = True
+                self._policy_dirty = True
+            except EtcdError as exc:
+                self.log.debug("fleet.watch_ended", prefix=prefix, error=str(exc))
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+            except Exception as exc:  # a bug here must not end the thread
+                self.log.error("fleet.watch_failed", error=str(exc))
+                self.log.debug("fleet.watch_failed", exc_info=True)
+                self._stop.wait(BACKOFF_MAX)
+            finally:
+                setattr(self, flag, False)
+                self._wake.set()  # the loop polls until the watch is back
