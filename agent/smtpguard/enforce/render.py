@@ -217,12 +217,14 @@ def chains(desired: Desired, family: str, caps: Capabilities) -> dict[str, list[
     pol = desired.policy
     verdict = _verdict(family, caps)
     out: dict[str, list[list[Any]]] = {
-        "prerouting": [[_match(_p("tcp", "dport"), "@smtp_ports"), _jump("smtp")]],
+        # Only a bare SYN (a new attempt) goes further: every other packet, an
+        # SMTP session's included, leaves at this first rule, on its cheapest
+        # test (the TCP flags byte; not TCP at all fails before that).
+        "prerouting": [[_match({"&": [_p("tcp", "flags"), ["fin", "syn", "rst", "ack"]]}, "syn"),
+                        _match(_p("tcp", "dport"), "@smtp_ports"), _jump("smtp")]],
         "smtp": [
             [_match(_p("ip", "daddr"), "@relays4"), RETURN],
             [_match(_p("ip6", "daddr"), "@relays6"), RETURN],
-            [_match({"&": [_p("tcp", "flags"), ["fin", "syn", "rst", "ack"]]}, "syn", "!="),
-             RETURN],
             [{"vmap": {"key": IIF, "data": "@vm_state"}}],
             [{"vmap": {"key": IIF, "data": "@vm_class"}}],
             [_match(IIF, "@vm_ifaces"), _jump(class_chain(pol.default_class))],
