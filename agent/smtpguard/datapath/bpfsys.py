@@ -154,9 +154,14 @@ class PinnedMap:
 
     def items(self, chunk: int = 4096) -> Iterator[tuple[Any, Any]]:
         """Every element, in batches of `chunk` (one syscall each)."""
+        # A structure element is a view into its batch's own arrays; a scalar
+        # one (c_uint32) comes out of ctypes as a plain int: wrapped again.
+        wrap_k = issubclass(self.Key, ctypes._SimpleCData)
+        wrap_v = issubclass(self.Leaf, ctypes._SimpleCData)
         for keys, values, n in self.batches(chunk):
             for i in range(n):
-                yield keys[i], values[i]  # views into this batch's own arrays
+                k, v = keys[i], values[i]
+                yield (self.Key(k) if wrap_k else k), (self.Leaf(v) if wrap_v else v)
 
     def batches(self, chunk: int = 4096) -> Iterator[tuple[Any, Any, int]]:
         """(keys array, values array, how many are filled) per batch read, each

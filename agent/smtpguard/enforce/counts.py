@@ -21,11 +21,14 @@ agent reads the same totals (and a reboot clears both, as it clears the hot).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from smtpguard import logs
 from smtpguard.enforce import render
+from smtpguard.errors import EnforcerError
 
 # An element key written in nft's text syntax (JSON cannot set a counter's
 # value): only names that need no escaping are retired.
@@ -112,3 +115,77 @@ def forget_commands(cold: Mapping[Key, int], gone: set[str]) -> list[dict[str, A
         "family": fam, "table": render.TABLE, "name": cold_set(reason),
         "elem": [{"concat": [ifname, port]}]}}}
         for (fam, reason, ifname, port) in sorted(cold) if ifname in gone]
+
+
+class Counters:
+    """The enforcer's rejection counters: hot sets read on every call, the
+    retired values from memory (read from the kernel once, then kept by
+    retire() and forget()). `lock` is held across each read of both and
+    across a retirement, so no reader ever sees an element in both or in
+    neither (a count that goes down)."""
+
+    def __init__(self, list_set: Callable[..., dict[str, Any]],
+                 text: Callable[[str], tuple[int, str]],
+                 json_cmds: Callable[[list[dict[str, Any]], str], None]) -> None:
+        self._list_set = list_set  # (family, name, scrape=...) -> the listed set
+        self._text = text
+        self._json = json_cmds
+        self.lock = threading.RLock()
+        self._cold: dict[Key, int] | None = None
+
+    def invalidate(self) -> None:
+        with self.lock:
+            self._cold = None
+
+    def hot(self) -> list[BlockedCount]:
+        return [c for fam in render.FAMILIES for reason in render.REASONS
+                for c in parse(fam, reason, self._list_set(fam, hot_set(reason)))]
+
+    def retired(self) -> dict[Key, int]:
+        with self.lock:
+            if self._cold is None:
+                self._cold = {c.key: c.packets for fam in render.FAMILIES
+                              for reason in render.REASONS
+                              for c in parse(fam, reason, self._list_set(
+                                  fam, cold_set(reason), scrape=True))}
+            return dict(self._cold)
+
+    def blocked(self) -> list[BlockedCount]:
+        with self.lock:
+            return merged(self.hot(), self.retired())
+
+    def retire(self, ifnames: Iterable[str]) -> int:
+        """Move these interfaces' hot elements to the retired sets in one
+        transaction; how many moved."""
+        wanted = set(ifnames)
+        if not wanted:
+            return 0
+        with self.lock:
+            hot = [c for c in self.hot() if c.ifname in wanted]
+            script, after = retire_script(hot, self.retired(), wanted)
+            if not script:
+                return 0
+            rc, err = self._text("\n".join(script))
+            if rc != 0:
+                self._cold = None  # read again from the kernel
+                raise EnforcerError(f"retiring idle counters: {err or rc}")
+            self._cold = after
+        moved = sum(1 for line in script if line.startswith("add "))
+        logs.get().debug("nft.counters_retired", elements=moved)
+        return moved
+
+    def forget(self, ifnames: Iterable[str]) -> None:
+        """Delete the counters, hot and retired, of interfaces that are gone."""
+        gone = set(ifnames)
+        if not gone:
+            return
+        with self.lock:
+            cold = self.retired()
+            cmds = [{"delete": {"element": {
+                "family": c.family, "table": render.TABLE, "name": hot_set(c.reason),
+                "elem": [{"concat": [c.ifname, c.port]}]}}}
+                for c in self.hot() if c.ifname in gone]
+            cmds += forget_commands(cold, gone)
+            if cmds:
+                self._json(cmds, "forgetting interfaces")
+            self._cold = {k: n for k, n in cold.items() if k[2] not in gone}

@@ -118,10 +118,9 @@ class NftablesEnforcer:
         # seconds to list): on a context of their own, never holding up the loop.
         self._scrape = _nft()
         self._scrape_lock = threading.Lock()
-        # counts.py: what was retired of each counter (None: not read yet), and
-        # the sized sets of the last apply (a scrape lists those one by one).
-        self._cold: dict[counts.Key, int] | None = None
-        self._cold_lock = threading.Lock()
+        # The rejection counters, hot and retired (counts.py), and the sized
+        # sets of the last apply (a scrape lists those one by one).
+        self.counters = counts.Counters(self._list_set, self._text, self._json)
         self._sized: dict[str, list[str]] = {}
 
     # -- low level ---------------------------------------------------------
@@ -130,6 +129,12 @@ class NftablesEnforcer:
             rc, _out, err = self.n.json_cmd({"nftables": cmds})
         if rc != 0:
             raise EnforcerError(f"{what}: {err.strip() or rc}")
+
+    def _text(self, script: str) -> tuple[int, str]:
+        """nft commands in its own syntax, one transaction: (rc, error)."""
+        with self._lock:
+            rc, _out, err = self.n.cmd(script)
+        return rc, err.strip()
 
     def _list(self, family: str) -> dict[str, Any] | None:
         with self._lock:
@@ -178,8 +183,7 @@ class NftablesEnforcer:
                 # The named counter of earlier versions (the flushed rules were its users).
                 cmds.append({"delete": {"counter": {"family": fam, "table": render.TABLE,
                                                     "name": "overflow"}}})
-        with self._cold_lock:
-            self._cold = None  # a set whose definition changed was recreated empty
+        self.counters.invalidate()  # a set whose definition changed was recreated empty
         self._json(cmds, "applying the smtpguard tables")
         self._sized = {fam: sorted({n for n, b in render.sets(desired, fam).items()
                                     if b.get("size") and not n.startswith("old_")}
@@ -265,25 +269,17 @@ class NftablesEnforcer:
     def blocked_counts(self) -> list[BlockedCount]:
         """Rejected attempts per (family, reason, interface, port), retired
         ones included; reads only the hot counter sets."""
-        hot = []
-        for fam in render.FAMILIES:
-            for reason in render.REASONS:
-                hot += counts.parse(fam, reason, self._list_set(fam, counts.hot_set(reason)))
-        return counts.merged(hot, self._retired())
-
-    def _retired(self) -> dict[counts.Key, int]:
-        with self._cold_lock:
-            if self._cold is None:
-                self._cold = {c.key: c.packets for fam in render.FAMILIES
-                              for reason in render.REASONS
-                              for c in counts.parse(fam, reason, self._list_set(
-                                  fam, counts.cold_set(reason), scrape=True))}
-            return dict(self._cold)
+        return self.counters.blocked()
 
     def report(self) -> tuple[list[BlockedCount], dict[tuple[str, str], tuple[int, int]], int]:
         """Blocked counts, set fill levels and overflows, on the scrape's own
         libnftables context: the sized sets one by one (a table or a named
         counter listed whole would fetch the retired elements too)."""
+        with self.counters.lock:
+            return self._report()
+
+    def _report(self) -> tuple[list[BlockedCount], dict[tuple[str, str], tuple[int, int]],
+                               int]:
         hot: list[BlockedCount] = []
         fill: dict[tuple[str, str], tuple[int, int]] = {}
         overflow = 0
@@ -303,62 +299,19 @@ class NftablesEnforcer:
             overflow += counts.packets(listed.get("overflow", {}))
             for reason in render.REASONS:
                 hot += counts.parse(fam, reason, listed.get(counts.hot_set(reason), {}))
-        return counts.merged(hot, self._retired()), fill, overflow
+        return counts.merged(hot, self.counters.retired()), fill, overflow
 
     def retire(self, ifnames: Iterable[str]) -> int:
-        """Move these (idle) interfaces' counters to the retired sets, in one
-        transaction (counts.py); how many elements moved."""
-        wanted = set(ifnames)
-        if not wanted:
-            return 0
-        hot = [c for fam in render.FAMILIES for reason in render.REASONS
-               for c in counts.parse(fam, reason, self._list_set(fam, counts.hot_set(reason)))
-               if c.ifname in wanted]
-        if not hot:
-            return 0
-        cold = self._retired()
-        script, after = counts.retire_script(hot, cold, wanted)
-        if not script:
-            return 0
-        with self._lock:
-            rc, _out, err = self.n.cmd("\n".join(script))
-        if rc != 0:
-            with self._cold_lock:
-                self._cold = None  # read again from the kernel
-            raise EnforcerError(f"retiring idle counters: {err.strip() or rc}")
-        with self._cold_lock:
-            self._cold = after
-        moved = sum(1 for line in script if line.startswith("add "))
-        logs.get().debug("nft.counters_retired", elements=moved)
-        return moved
+        """Move these (idle) interfaces' counters to the retired sets (counts.py)."""
+        return self.counters.retire(ifnames)
 
     def forget(self, ifnames: Iterable[str]) -> None:
         """Drop the per-interface counters (hot and retired) of interfaces that are gone."""
-        gone = set(ifnames)
-        if not gone:
-            return
-        cmds = []
-        for fam in render.FAMILIES:
-            for reason in render.REASONS:
-                for c in counts.parse(fam, reason,
-                                      self._list_set(fam, counts.hot_set(reason))):
-                    if c.ifname in gone:
-                        cmds.append({"delete": {"element": {
-                            "family": c.family, "table": render.TABLE,
-                            "name": counts.hot_set(c.reason),
-                            "elem": [{"concat": [c.ifname, c.port]}]}}})
-        cold = self._retired()
-        cmds += counts.forget_commands(cold, gone)
-        if cmds:
-            self._json(cmds, "forgetting interfaces")
-        with self._cold_lock:
-            if self._cold is not None:
-                self._cold = {k: n for k, n in self._cold.items() if k[2] not in gone}
+        self.counters.forget(ifnames)
 
     def remove(self) -> bool:
         """Delete our tables (enforcement off). True if there was anything."""
-        with self._cold_lock:
-            self._cold = None
+        self.counters.invalidate()
         with self._lock:
             return remove_tables(self.n)
 
