@@ -61,8 +61,14 @@ clean-lab: setup
 bench: setup
 	$(PY) bench/run.py $(BENCH)
 
+# The classifier is compiled once here and stored in the state dir, so the
+# first start after boot loads it instead of compiling (not under DESTDIR:
+# another kernel runs there). A failure only costs that start the compile.
 install:
 	scripts/install.sh
+	$(if $(DESTDIR),,/opt/smtpguard/venv/bin/python -m smtpguard.datapath.compile --prime \
+		--cache-dir /var/lib/smtpguard/bpf-cache >/dev/null || \
+		echo "install: classifier not stored (the first start compiles it)" >&2)
 
 uninstall:
 	scripts/install.sh --uninstall $(if $(PURGE),--purge)

@@ -2,8 +2,10 @@
 namespace full of VM interfaces (persistent taps named vnetN, as libvirt's):
 
 - start-up to ready (sd_notify READY=1, which systemd waits for) with 100
-  interfaces: a first start (bcc compiles in a child, pins, exits) and a
-  restart (the pinned build is reused);
+  interfaces: a first start after boot (nothing pinned; the build stored in
+  the state dir, by make install or an earlier compile, is loaded without
+  compiling), a first start with nothing stored either (bcc compiles in a
+  child, pins, stores, exits) and a restart (the pinned build is reused);
 - with 1,000 interfaces (attached, enforced with the default policy): steady
   resident memory, CPU at idle, and the CPU one /metrics scrape costs.
 
@@ -120,9 +122,13 @@ def run() -> list[Row]:
 
         run_in(ns, lo_up)
         add_ifaces(ns, 100)
-        first = agent.start()
+        cold = agent.start()  # empty state dir: compiles, stores the build
         agent.stop()
         restart = agent.start()
+        agent.stop()
+        # As after a reboot: no filters, pins or tables; the state dir stays.
+        subprocess.run([*agent.cmd, "--cleanup"], capture_output=True, check=True)
+        first = agent.start()
         agent.stop()
         add_ifaces(ns, 900, start=100)
         at_1000 = agent.start(metrics=True)
@@ -144,10 +150,14 @@ def run() -> list[Row]:
         shutil.rmtree(tmp, ignore_errors=True)
     bcc = bcc_in_process_mb()
     return [
-        Row(SECTION_START, "start-up to ready, 100 interfaces, first start (compiles)",
-            first * 1000, "ms", "", "< 1500 ms", first < 1.5,
-            note="a first start after boot: bcc compiles in a child process, which pins "
-                 "and exits; later starts reuse the pinned build"),
+        Row(SECTION_START, "start-up to ready, 100 interfaces, first start after boot",
+            first * 1000, "ms", f"nothing stored (compiles) {cold * 1000:,.0f} ms",
+            "< 1500 ms", first < 1.5,
+            note="nothing pinned: the build stored in the state dir (make install, or the "
+                 "last compile) is loaded with bpf(2); with nothing stored, bcc compiles in "
+                 "a child process, which pins, stores and exits; restarts reuse the pins"),
+        Row(SECTION_START, "start-up to ready, 100 interfaces, first start, nothing stored",
+            cold * 1000, "ms"),
         Row(SECTION_START, "start-up to ready, 100 interfaces, restart (pinned build)",
             restart * 1000, "ms", f"first start {first * 1000:,.0f} ms", "< 1500 ms",
             restart < 1.5),

@@ -19,7 +19,7 @@ from smtpguard.control import ControlServer
 from smtpguard.datapath import attach
 from smtpguard.datapath.doorbell import Doorbell
 from smtpguard.datapath.interfaces import LinkEvent, LinkMonitor, VmIface, dump_links
-from smtpguard.datapath.loader import Datapath, Sizes, ensure_bpffs
+from smtpguard.datapath.loader import CACHE_DIR, Datapath, Sizes, ensure_bpffs
 from smtpguard.datapath.snapshot import Snapshot, take
 from smtpguard.defaults import DEFAULT_METRICS, DEFAULT_PIN_DIR, DEFAULT_SOCKET, DEFAULT_STATE_DIR
 from smtpguard.detect.engine import Detector
@@ -83,7 +83,8 @@ class Agent:
         self._bell: Doorbell | None = None
         self._listener: threading.Thread | None = None
         # Possibly prepared already (compiling while the CLI imported us).
-        self.datapath = datapath or Datapath(cfg.pin_dir, cfg.sizes)
+        self.datapath = datapath or Datapath(cfg.pin_dir, cfg.sizes,
+                                             cache_dir=cfg.state_dir / CACHE_DIR)
         self.log = logs.get()
         # Replaced, never mutated: the metrics thread reads it without a lock.
         self.ifaces: Mapping[int, VmIface] = {}

@@ -190,7 +190,7 @@ def _libvirt_hook(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from smtpguard.datapath.loader import Datapath, Sizes, ensure_bpffs
+    from smtpguard.datapath.loader import CACHE_DIR, Datapath, Sizes, ensure_bpffs
 
     if args.netns:
         from smtpguard.netns import enter
@@ -198,10 +198,11 @@ def _run(args: argparse.Namespace) -> int:
         enter(args.netns)
     datapath = None
     if not (args.cleanup or args.dry_run):
-        # A build not pinned yet compiles (about a second) while the rest of
-        # the agent is imported and set up.
+        # A build neither pinned nor stored in the state dir compiles (about a
+        # second) while the rest of the agent is imported and set up.
         ensure_bpffs(Path("/sys/fs/bpf"))
-        datapath = Datapath(args.pin_dir, Sizes(conn_table=args.conn_table_size))
+        datapath = Datapath(args.pin_dir, Sizes(conn_table=args.conn_table_size),
+                            cache_dir=args.state_dir / CACHE_DIR)
         datapath.prepare()
     from smtpguard.agent import Agent, AgentConfig, cleanup
     from smtpguard.policy import load_path

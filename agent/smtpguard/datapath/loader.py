@@ -2,7 +2,10 @@
 
 A build is named by a tag (sources, flags, kernel). When programs of that tag
 are pinned beside the maps, the agent just opens them: no compile, no LLVM.
-Otherwise a child process compiles with bcc and pins them (compile.py).
+Otherwise (a first start after boot) the build stored in the cache directory
+is loaded with bpf(2) (prebuilt.py), and only when there is none or it does
+not load does a child process compile with bcc and pin them (compile.py),
+storing the build for the next time.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import json
 import os
 import shutil
 import subprocess
@@ -21,14 +25,23 @@ from pathlib import Path
 from typing import Any
 
 from smtpguard import logs
-from smtpguard.datapath import maps, recent
+from smtpguard.datapath import maps, prebuilt, recent
 from smtpguard.datapath.bpfsys import PinnedMap, map_info, obj_get
-from smtpguard.datapath.compile import BPF_SOURCE, PROGRAMS, build_tag, cflags, prog_pin
+from smtpguard.datapath.compile import (
+    BPF_SOURCE,
+    PROGRAMS,
+    build_tag,
+    cflags,
+    pin_programs,
+    prog_pin,
+)
 from smtpguard.datapath.doorbell import Doorbell
 from smtpguard.errors import BpfLoadError
 
 PINNED_MAPS: dict[str, tuple[type[Any], type[Any]]] = {
     **maps.MIRRORS, "smtp_ports": (ctypes.c_uint32, ctypes.c_uint8)}
+# The compiled build kept for starts with nothing pinned, in the state dir.
+CACHE_DIR = "bpf-cache"
 # Ring buffers have no keys or values to mirror or check, and hold no
 # per-VM data: the doorbell opens this one itself.
 WAKE_RING = "smtp_wake_ring"
@@ -111,13 +124,17 @@ class Datapath:
     """The loaded classifier: program fds for tc, and its maps."""
 
     def __init__(self, pin_dir: Path, sizes: Sizes | None = None,
-                 bpf_dir: Path | None = None) -> None:
+                 bpf_dir: Path | None = None, cache_dir: Path | None = None) -> None:
         self.pin_dir = pin_dir
         self.sizes = sizes or Sizes()
         self.bpf_dir = bpf_dir or default_bpf_dir()
+        # Where compiled builds are kept across reboots (the state dir's
+        # bpf-cache/); None: always compile what is not pinned.
+        self.cache_dir = cache_dir
         self.ingress_fd = -1
         self.egress_fd = -1
         self.compile_seconds = 0.0
+        self.source = ""  # how the programs came: pinned, cache or compiled
         self.tables: dict[str, PinnedMap] = {}
         self._tag = ""
         self._adopted = False
@@ -149,14 +166,44 @@ class Datapath:
         flags = cflags(self.bpf_dir, self.pin_dir, self.sizes.max_stats,
                        self.sizes.max_ifaces, self.sizes.conn_table, self.sizes.recent)
         self._tag = build_tag(self.bpf_dir, flags)
-        if not self._adopted or not all(prog_pin(self.pin_dir, p, self._tag).exists()
-                                        for p in PROGRAMS):
-            self._started = time.monotonic()
-            self._child = subprocess.Popen(
-                [sys.executable, "-m", "smtpguard.datapath.compile", "--bpf-dir",
-                 str(self.bpf_dir), "--pin-dir", str(self.pin_dir), "--tag", self._tag,
-                 "--", *flags],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if self._adopted and all(prog_pin(self.pin_dir, p, self._tag).exists()
+                                 for p in PROGRAMS):
+            self.source = "pinned"
+            return
+        cache: list[str] = []
+        if self.cache_dir is not None:
+            key = prebuilt.cache_key(self.bpf_dir, flags)
+            path = prebuilt.cache_path(self.cache_dir, key)
+            if self._load_cached(path, key):
+                self.source = "cache"
+                return
+            cache = ["--cache-file", str(path), "--cache-key", json.dumps(key)]
+        self.source = "compiled"
+        self._started = time.monotonic()
+        self._child = subprocess.Popen(
+            [sys.executable, "-m", "smtpguard.datapath.compile", "--bpf-dir",
+             str(self.bpf_dir), "--pin-dir", str(self.pin_dir), "--tag", self._tag,
+             *cache, "--", *flags],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def _load_cached(self, path: Path, key: dict[str, str]) -> bool:
+        """Load and pin the stored build; False (logged with the reason) when
+        it is missing or unusable, and the caller compiles."""
+        log = logs.get(pin_dir=str(self.pin_dir), cache=str(path))
+        try:
+            fds = prebuilt.load(prebuilt.read(path, key), PROGRAMS, self.pin_dir)
+        except prebuilt.CacheMiss as exc:
+            log.info("bpf.cache_miss", reason=str(exc))
+            return False
+        try:
+            pin_programs(self.pin_dir, fds, self._tag)
+        except OSError as exc:
+            log.warning("bpf.cache_miss", reason=f"pinning programs: {exc}")
+            return False
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        return True
 
     def load(self) -> None:
         """Open (compiling first if needed) the programs and the pinned maps."""
@@ -179,12 +226,18 @@ class Datapath:
             raise BpfLoadError(f"opening pinned objects in {self.pin_dir}: {exc}") from exc
         logs.get(pin_dir=str(self.pin_dir)).info(
             "bpf.loaded", build=self._tag, compiled=compiled, adopted=self._adopted,
-            compile_seconds=round(self.compile_seconds, 3))
+            source=self.source, compile_seconds=round(self.compile_seconds, 3))
 
     def _finish(self, child: subprocess.Popen[str]) -> None:
-        _out, err = child.communicate()
+        out, err = child.communicate()
         self.compile_seconds = time.monotonic() - self._started
         if child.returncode == 0:
+            for line in out.splitlines():  # the child's word on the cache
+                with contextlib.suppress(ValueError, TypeError):
+                    msg = dict(json.loads(line))
+                    stored = msg.pop("cache", "") == "stored"
+                    logs.get(pin_dir=str(self.pin_dir)).info(
+                        "bpf.cache_stored" if stored else "bpf.cache_not_stored", **msg)
             return
         last = (err.strip().splitlines() or ["(no output)"])[-1]
         if not Path(f"/lib/modules/{os.uname().release}/build").exists():
