@@ -57,16 +57,23 @@ def obj_pin(fd: int, path: str) -> None:
     bpf(OBJ_PIN, _ObjAttr(pathname=ctypes.addressof(p), bpf_fd=fd))
 
 
-class _InfoAttr(ctypes.Structure):
+class InfoAttr(ctypes.Structure):
     _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32),
                 ("info", ctypes.c_uint64)]
 
 
-class _MapInfo(ctypes.Structure):
+class RawMapInfo(ctypes.Structure):
+    """struct bpf_map_info (uapi/linux/bpf.h), as far as we read it."""
+
     _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32),
                 ("key_size", ctypes.c_uint32), ("value_size", ctypes.c_uint32),
                 ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32),
-                ("name", ctypes.c_char * 16), ("_rest", ctypes.c_uint8 * 64)]
+                ("name", ctypes.c_char * 16), ("ifindex", ctypes.c_uint32),
+                ("btf_vmlinux_value_type_id", ctypes.c_uint32), ("netns_dev", ctypes.c_uint64),
+                ("netns_ino", ctypes.c_uint64), ("btf_id", ctypes.c_uint32),
+                ("btf_key_type_id", ctypes.c_uint32), ("btf_value_type_id", ctypes.c_uint32),
+                ("_pad", ctypes.c_uint32), ("map_extra", ctypes.c_uint64),
+                ("_rest", ctypes.c_uint8 * 32)]
 
 
 @dataclass(frozen=True)
@@ -78,10 +85,15 @@ class MapInfo:
     name: str
 
 
-def map_info(fd: int) -> MapInfo:
-    info = _MapInfo()
-    bpf(OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info),
+def raw_map_info(fd: int) -> RawMapInfo:
+    info = RawMapInfo()
+    bpf(OBJ_GET_INFO_BY_FD, InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info),
                                       info=ctypes.addressof(info)))
+    return info
+
+
+def map_info(fd: int) -> MapInfo:
+    info = raw_map_info(fd)
     return MapInfo(info.type, info.key_size, info.value_size, info.max_entries,
                    info.name.decode())
 

@@ -28,7 +28,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from smtpguard.datapath.bpfsys import OBJ_GET_INFO_BY_FD, bpf, obj_get, obj_pin
+from smtpguard.datapath.bpfsys import (
+    OBJ_GET_INFO_BY_FD,
+    InfoAttr,
+    RawMapInfo,
+    bpf,
+    obj_get,
+    obj_pin,
+    raw_map_info,
+)
 
 FORMAT = 1
 MAP_CREATE, PROG_LOAD, BTF_LOAD, BTF_GET_FD_BY_ID = 0, 5, 18, 19
@@ -81,23 +89,6 @@ class _ProgLoadAttr(ctypes.Structure):
                 ("prog_flags", ctypes.c_uint32), ("prog_name", ctypes.c_char * 16)]
 
 
-class _InfoAttr(ctypes.Structure):
-    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32),
-                ("info", ctypes.c_uint64)]
-
-
-class _MapInfo(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32),
-                ("key_size", ctypes.c_uint32), ("value_size", ctypes.c_uint32),
-                ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32),
-                ("name", ctypes.c_char * 16), ("ifindex", ctypes.c_uint32),
-                ("btf_vmlinux_value_type_id", ctypes.c_uint32), ("netns_dev", ctypes.c_uint64),
-                ("netns_ino", ctypes.c_uint64), ("btf_id", ctypes.c_uint32),
-                ("btf_key_type_id", ctypes.c_uint32), ("btf_value_type_id", ctypes.c_uint32),
-                ("_pad", ctypes.c_uint32), ("map_extra", ctypes.c_uint64),
-                ("_rest", ctypes.c_uint8 * 32)]
-
-
 class _BtfInfo(ctypes.Structure):
     _fields_ = [("btf", ctypes.c_uint64), ("btf_size", ctypes.c_uint32),
                 ("id", ctypes.c_uint32), ("name", ctypes.c_uint64),
@@ -115,14 +106,7 @@ class _BtfLoadAttr(ctypes.Structure):
                 ("btf_log_level", ctypes.c_uint32)]
 
 
-def _info(fd: int) -> _MapInfo:
-    info = _MapInfo()
-    bpf(OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info),
-                                      info=ctypes.addressof(info)))
-    return info
-
-
-def _spec(name: str, info: _MapInfo, pinned: bool, btf: bool = False) -> MapSpec:
+def _spec(name: str, info: RawMapInfo, pinned: bool, btf: bool = False) -> MapSpec:
     return MapSpec(name, info.type, info.key_size, info.value_size, info.max_entries,
                    info.map_flags, pinned, info.btf_key_type_id if btf else 0,
                    info.btf_value_type_id if btf else 0)
@@ -133,11 +117,11 @@ def _btf_blob(btf_id: int) -> bytes:
     fd = bpf(BTF_GET_FD_BY_ID, _GetIdAttr(id=btf_id))
     try:
         info = _BtfInfo()
-        bpf(OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info),
+        bpf(OBJ_GET_INFO_BY_FD, InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info),
                                           info=ctypes.addressof(info)))
         buf = ctypes.create_string_buffer(info.btf_size)
         info = _BtfInfo(btf=ctypes.addressof(buf), btf_size=len(buf))
-        bpf(OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info),
+        bpf(OBJ_GET_INFO_BY_FD, InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info),
                                           info=ctypes.addressof(info)))
         return buf.raw[:info.btf_size]
     finally:
@@ -223,7 +207,7 @@ def _pinned_id(path: Path) -> int:
     except OSError:
         return 0
     try:
-        return int(_info(fd).id)
+        return int(raw_map_info(fd).id)
     finally:
         os.close(fd)
 
@@ -241,7 +225,7 @@ def dump(b: Any, programs: tuple[str, ...], pin_dir: Path) -> dict[str, Any]:
         relocs = []
         for idx, fd in _map_refs(raw):
             if fd not in by_fd:
-                info = _info(fd)
+                info = raw_map_info(fd)
                 name = info.name.decode()
                 if name in maps:
                     raise CacheMiss(f"two maps named {name}")
@@ -257,7 +241,7 @@ def dump(b: Any, programs: tuple[str, ...], pin_dir: Path) -> dict[str, Any]:
     if len(btf_ids) == 1:  # one module, one BTF
         btf = base64.b64encode(_btf_blob(btf_ids.pop())).decode()
     else:  # no types to refer to: plain maps
-        maps = {n: _spec(n, _info(fd), maps[n].pinned) for fd, n in by_fd.items()}
+        maps = {n: _spec(n, raw_map_info(fd), maps[n].pinned) for fd, n in by_fd.items()}
     return {"license": license.decode() if license else "GPL", "btf": btf,
             "maps": [asdict(m) for m in maps.values()], "programs": progs}
 
@@ -344,7 +328,7 @@ def _open_maps(specs: list[MapSpec], pin_dir: Path, btf: bytes | None) -> dict[s
             if spec.pinned and path.exists():
                 fd = obj_get(str(path))
                 fds[spec.name] = fd
-                if _spec(spec.name, _info(fd), True).shape() != spec.shape():
+                if _spec(spec.name, raw_map_info(fd), True).shape() != spec.shape():
                     raise CacheMiss(f"pinned map {spec.name} has another shape")
                 continue
             if btf is not None and btf_fd < 0:
