@@ -43,20 +43,37 @@ def test_ruleset_matches_golden() -> None:
 
 
 def test_vm_chain_semantics() -> None:
-    """A block rejects every SMTP port until its time; a throttle swaps in the
-    tighter ceiling on every port not blocked and skips the class ceiling;
-    the class blocks 25 and limits the submission ports."""
+    """A VM's rules do not depend on its state: a block rejects every SMTP
+    port while the interface is in the block set; a throttle swaps in the
+    tighter ceiling on every port not blocked and skips the class ceiling
+    while it is in the throttle set; the class blocks 25 and limits the
+    submission ports. The state is in the sets, timed to the second."""
     chains = R.chains(DESIRED, "ipv4", NOW)
     blocked = chains[R.vm_chain("vnet1")]
-    assert [r.tag for r in blocked[:4]] == ["block/25", "block/465", "block/587", "block/2525"]
-    assert {r.until for r in blocked[:4]} == {1_800_003_601}  # rounded up, never early
-    assert [r.tag for r in blocked[4:]] == ["port25/25", "limit/465", "limit/587", "limit/2525"]
-    throttled = [r.tag for r in chains[R.vm_chain("vnet2")]]
-    assert throttled == ["throttle/25", "throttle/465", "throttle/587", "throttle/2525",
+    routed = [r for r in blocked if not r.by_port]
+    # every state rule twice: the set looked up by input interface, then by bridge port
+    assert [(r.tag, r.by_port) for r in blocked[:2]] == [("block/25", False), ("block/25", True)]
+    assert [r for r in blocked if r.by_port] == [
+        R.replace(r, by_port=True) for r in routed if r.state]
+    assert [(r.tag, r.state) for r in routed[:5]] == [
+        ("block/25", "block"), ("block/465", "block"), ("block/587", "block"),
+        ("block/2525", "block"), ("port25/25", "throttle")]
+    assert [r.tag for r in routed[5:]] == ["throttle/465", "throttle/587", "throttle/2525",
+                                           "throttled", "port25/25", "limit/465",
+                                           "limit/587", "limit/2525"]
+    assert all(r.state is None for r in routed[9:])
+    throttled = [r.tag for r in chains[R.vm_chain("vnet2")] if not r.by_port]
+    assert throttled == ["block/25", "block/465", "block/587", "block/2525",
+                         "throttle/25", "throttle/465", "throttle/587", "throttle/2525",
                          "throttled", "limit/25", "limit/465", "limit/587", "limit/2525"]
+    assert [r.comment("ipv4") for r in blocked if r.state and not r.limit] == [
+        r.comment("ipv4") for r in chains[R.vm_chain("tap7i0")] if r.state and not r.limit]
+    assert R.set_state(DESIRED, NOW) == {"vnet1": ("block", 1_800_003_601),  # rounded up
+                                         "vnet2": ("throttle", None)}
     # One bucket per VM, shared by its limited ports; another VM has its own.
-    lim = {r.limit.name for r in blocked if r.limit}
-    other = {r.limit.name for r in chains[R.vm_chain("tap7i0")] if r.limit}
+    lim = {r.limit.name for r in blocked if r.limit and r.tag.startswith("limit")}
+    other = {r.limit.name for r in chains[R.vm_chain("tap7i0")]
+             if r.limit and r.tag.startswith("limit")}
     assert len(lim) == 1 and len(other) == 1 and lim != other
     # Interfaces not seen yet: the default class, limited per source address.
     assert all(r.limit.per_source for r in chains[R.DEFAULT_CHAIN] if r.limit)
@@ -73,7 +90,7 @@ def test_dispatch_relays_first_known_vms_then_patterns() -> None:
 
 def test_expired_action_renders_nothing() -> None:
     d = Desired(POLICY, {"vnet1": "default"}, {"vnet1": Action("block", NOW - 1)})
-    assert [r.tag for r in R.chains(d, "ipv4", NOW)[R.vm_chain("vnet1")]][0] == "port25/25"
+    assert R.set_state(d, NOW) == {}
 
 
 def test_comments_carry_tag_until_and_digest() -> None:
@@ -106,13 +123,20 @@ def test_more_ports_than_one_multiport_match_holds() -> None:
     assert [len(j.syn_ports) for j in jumps] == [15, 5]
 
 
-def test_actions_read_back_from_chain_tags() -> None:
-    tags = {R.vm_chain("a"): [("block/25", 200), ("port25/25", None)],
-            R.vm_chain("b"): [("throttle/587", None), ("throttled", None)],
-            R.vm_chain("c"): [("block/25", 50)],  # lapsed
-            R.DEFAULT_CHAIN: [("port25/25", None)]}
-    assert R.actions_from(tags, now=100) == {"a": Action("block", 200.0),
-                                             "b": Action("throttle", None)}
+def test_actions_read_back_from_the_sets() -> None:
+    """Any element of an interface says what is in force (a block over a
+    throttle); an interface whose four elements differ is named to repair."""
+    from smtpguard.enforce.ipset_state import IpsetState
+
+    read: dict[str, dict[str, list[tuple[str, int | None, bool]]]] = {
+        fam: {"a": [("block", 200, False), ("block", 200, True)],
+              "b": [("throttle", None, False), ("throttle", None, True)]}
+        for fam in ("ipv4", "ipv6")}
+    read["ipv6"]["c"] = [("block", None, True)]  # lost elsewhere by hand
+    state, odd = IpsetState.state(read)
+    assert R.actions_of(state) == {"a": Action("block", 200.0), "b": Action("throttle", None),
+                                   "c": Action("block", None)}
+    assert odd == {"c"}
 
 
 class Made:
@@ -170,7 +194,7 @@ def test_kernel_ready_loads_then_names_what_is_missing(tmp_path: Path) -> None:
     loads: list[int] = []
     with pytest.raises(BackendUnavailable, match=r"no ip_tables_names, ip6_tables_names in "
                        r"/proc/net\) .* `modprobe -a ip_tables iptable_filter ip6_tables "
-                       r"ip6table_filter`"):
+                       r"ip6table_filter ip_set ip_set_hash_netiface xt_set`"):
         kernel_ready(tmp_path, lambda: loads.append(1))
     assert loads == [1]
 

@@ -1,9 +1,14 @@
 """The iptables backend: our chains in the filter table of iptables-legacy and
 ip6tables-legacy, through python-iptables (libiptc; iptc_table.py edits a
-table, iptables_render.py says what the rules are).
+table, iptables_render.py says what the rules are), and the VMs' blocks and
+throttles as elements of our ipsets (ipset_state.py).
 
-Each change is one table replace per family, which the kernel swaps in
-atomically: no packet sees a half-applied change. Chains whose rules (by the
+A block, throttle or release is an element added or deleted: the rules
+that act on it are in every VM's chain already, so the table is not
+replaced (a replace re-checks every rule in it: 30 ms per family at 1,000
+VMs). A VM that comes, goes or changes class is one table replace per
+family, which the kernel swaps in atomically: no packet sees a half-applied
+change. Chains whose rules (by the
 digest in their comments) are already right are not touched, and rules that
 are rewritten take their predecessors' counters, so per-VM counts never go
 back. Use it only where the host already runs iptables-legacy: creating
@@ -24,6 +29,7 @@ from smtpguard import logs
 from smtpguard.enforce import iptables_render as R
 from smtpguard.enforce import render
 from smtpguard.enforce.desired import Action, Capabilities, Desired
+from smtpguard.enforce.ipset_state import IpsetState
 from smtpguard.enforce.iptc_table import Model, XtTable
 from smtpguard.enforce.nftables import BlockedCount
 from smtpguard.errors import BackendUnavailable, EnforcerError
@@ -49,7 +55,9 @@ def _iptc() -> Any:
     return iptc
 
 
-MODULES = ("ip_tables", "iptable_filter", "ip6_tables", "ip6table_filter")
+# The tables, then the sets and their match (which the kernel also loads on first use).
+MODULES = ("ip_tables", "iptable_filter", "ip6_tables", "ip6table_filter",
+           "ip_set", "ip_set_hash_netiface", "xt_set")
 
 
 def _modprobe() -> None:
@@ -94,6 +102,8 @@ class IptablesEnforcer:
         self._nat_model: dict[str, Model] = {}  # family -> our nat chains, when redirecting
         self._bridge_seen: bool | None = None
         self._groups: dict[str, str] = {}  # ifname -> vm, for VMs with several interfaces
+        self._actions: dict[str, Action] = {}  # what our sets hold, as we last wrote them
+        self.sets = IpsetState()  # blocks and throttles: elements, not rules
 
     @classmethod
     def for_enforcing(cls) -> IptablesEnforcer:
@@ -169,6 +179,8 @@ class IptablesEnforcer:
 
     def _done(self, desired: Desired, model: dict[str, Model]) -> None:
         self._model = model
+        self._actions = {n: a for n, a in desired.actions.items()
+                         if n in R.set_state(desired)}
         self._policy = desired.policy
         self._classes = R.vm_ifaces(desired)
         self._check_bridge()
@@ -179,10 +191,19 @@ class IptablesEnforcer:
         prune what is ours but not wanted."""
         with self._lock:
             self._groups = dict(desired.groups)
+            # The sets first: the rules refer to them, and a VM's chain is in
+            # force from its first SYN with its block already in the set.
+            self.sets.ensure()
+            state = R.set_state(desired)
+            held, odd = self.sets.state(self.sets.read())
+            self.sets.write(state, (set(state) | set(held)) - odd, held)
+            self.sets.write(state, odd)
             model: dict[str, Model] = {}
             for fam in R.FAMILIES:
                 ft = self._table(fam)
                 have = ft.read()
+                for chain in ft.unflagged:  # lost the flag (a restore): rewritten, counts kept
+                    have[chain] = [" ".join(c.split()[:2] + ["lost"]) for c in have[chain]]
                 want = R.chains(desired, fam)
                 drop = {c for c in have if c.startswith(R.PREFIX)} - set(want)
                 model[fam] = self._edit(ft, have, want, drop, R.hook_rules(desired.policy),
@@ -199,10 +220,14 @@ class IptablesEnforcer:
         now = time.time()
         added = set(classes) - set(self._classes or {})
         gone = set(self._classes or {}) - set(classes)
+        if added:
+            self.sets.ensure()
+        # Before the chains: a VM's block follows it to its new interface
+        # before the chain that acts on it is there.
+        self.sets.write(R.set_state(desired, now), touched | gone)
         for fam in R.FAMILIES:
             want: dict[str, list[R.Rule]] = {
-                R.vm_chain(n): R.vm_rules(n, classes[n], desired.actions.get(n), pol, now, fam,
-                                          R.shared_owner(desired, n))
+                R.vm_chain(n): R.vm_rules(n, classes[n], pol, fam, R.shared_owner(desired, n))
                 for n in sorted(touched & set(classes))}
             if added or gone:
                 want[R.DISPATCH] = R.dispatch_rules(desired, fam)
@@ -230,12 +255,13 @@ class IptablesEnforcer:
     def set_action(self, ifnames: list[str], action: Action | None,
                    classes: dict[str, str] | None = None, default_class: str = "default"
                    ) -> None:
-        """Block, throttle or release these interfaces: their chains only."""
+        """Block, throttle or release these interfaces: their elements in our
+        sets, and their chains only where one comes, goes or changes class."""
         with self._lock:
             if self._policy is None:
                 raise EnforcerError("no policy applied yet")
             self._trusted()
-            actions = self.actions()
+            actions = dict(self._actions)
             for n in ifnames:
                 if action is None:
                     actions.pop(n, None)
@@ -244,23 +270,25 @@ class IptablesEnforcer:
             known = dict(self._classes or {})
             if classes is not None:  # the caller's view of which VMs exist wins
                 known = {n: c for n, c in classes.items()}
-            self._update(Desired(self._policy, known, actions, self._groups), set(ifnames))
+            desired = Desired(self._policy, known, actions, self._groups)
+            if R.vm_ifaces(desired) != self._classes:
+                self._update(desired, set(ifnames))
+            else:
+                self.sets.write(R.set_state(desired), ifnames)
+                self._actions = actions
 
     def actions(self) -> dict[str, Action]:
+        """What our sets hold now (read from the kernel: an element deleted
+        or added by hand shows, and verify() puts it right)."""
         with self._lock:
-            model = self._trusted()
-        tags: dict[str, list[tuple[str, int | None]]] = {}
-        for fam in R.FAMILIES:
-            for chain, comments in model[fam].items():
-                if chain in tags:
-                    continue
-                tags[chain] = [p for p in map(R.parse_comment, comments) if p]
-        return R.actions_from(tags, time.time())
+            state, _odd = self.sets.state(self.sets.read())
+        return R.actions_of(state)
 
     def disagreeing(self) -> set[str]:
-        """Each VM's chain is written for both families in one change; a hand
-        edit of one shows as drift (repaired by a full apply) instead."""
-        return set()
+        """Interfaces whose elements differ between our sets (a family, or
+        the routed or bridged element, lost by hand): verify() puts them right."""
+        with self._lock:
+            return self.sets.state(self.sets.read())[1]
 
     def _trusted(self) -> dict[str, Model]:
         """What our chains hold: what we last wrote, else read from the kernel."""
@@ -268,6 +296,7 @@ class IptablesEnforcer:
             self._model = {fam: self._table(fam).read() for fam in R.FAMILIES}
             self._classes = {c[len(R.VM_CHAIN):]: "?" for c in self._model["ipv4"]
                              if c.startswith(R.VM_CHAIN)}
+            self._actions = R.actions_of(self.sets.state(self.sets.read())[0])
         return self._model
 
     def _check_bridge(self) -> None:
@@ -310,6 +339,10 @@ class IptablesEnforcer:
                 if not ft.jumps_first(chain, len(
                         [c for c in comments if R.parse_comment(c)])):
                     return False
+            elif chain.startswith(R.VM_CHAIN) and table == "filter":
+                plain, by_port, n = ft.by_port_lookups(chain)
+                if n != len(comments) or plain != by_port:  # or restored from saved
+                    return False  # rules, which dropped the bridge-port lookups
             elif len(ft.counters(chain)) != len(comments):
                 return False
         return True
@@ -317,8 +350,9 @@ class IptablesEnforcer:
     def blocked_counts(self) -> list[BlockedCount]:
         """Rejected attempts per (family, reason, interface, port), from the
         packet counters of our REJECT rules (read by position, no parsing).
-        Reading them means copying the whole table out of the kernel (40 ms
-        at 1,000 VMs), so a reading is reused for up to COUNTS_MAX_AGE."""
+        Reading them means copying the whole table out of the kernel (about
+        100 ms at 1,000 VMs), so a reading is reused for up to COUNTS_MAX_AGE.
+        Rules that never rejected give no count (nftables has none either)."""
         with self._lock:
             now = time.monotonic()
             if self._counts is not None and now - self._counts[0] < COUNTS_MAX_AGE:
@@ -330,7 +364,7 @@ class IptablesEnforcer:
     def _read_counts(self) -> list[BlockedCount]:
         with self._lock:
             model = self._trusted()
-            out = []
+            sums: dict[tuple[str, str, str, int], int] = {}
             for fam in R.FAMILIES:
                 ft = self._table(fam)
                 for chain, comments in model[fam].items():
@@ -346,15 +380,18 @@ class IptablesEnforcer:
                     if len(counters) != len(comments):
                         continue  # drifted: the repair pass rebuilds it
                     for comment, (packets, _bytes) in zip(comments, counters, strict=True):
+                        if not packets:  # nothing rejected: no count (as nftables has none)
+                            continue
                         parsed = R.parse_comment(comment)
                         if not parsed:
                             continue
                         ifname, tag = (owner, parsed[0]) if owner is not None else \
                             (R.parse_tally(parsed[0]) or ("", ""))
                         what = R.counted(tag)
-                        if what and ifname:
-                            out.append(BlockedCount(fam, what[0], ifname, what[1], packets))
-            return out
+                        if what and ifname:  # a tag's rules (routed, bridged) add up
+                            key = (fam, what[0], ifname, what[1])
+                            sums[key] = sums.get(key, 0) + packets
+            return [BlockedCount(*k, n) for k, n in sums.items()]
 
     def report(self) -> tuple[list[BlockedCount], dict[tuple[str, str], tuple[int, int]], int]:
         """Blocked counts, the fill of the per-source hashlimit of interfaces
@@ -404,4 +441,5 @@ class IptablesEnforcer:
                 existed |= changed
             self._model = None
             self._nat_model = {}
+            existed |= self.sets.destroy()  # the rules that used them are gone
         return existed

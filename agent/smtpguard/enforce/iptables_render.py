@@ -6,8 +6,11 @@ The same semantics as the nftables tables, in what iptables can express:
     SMTPG            relays -j RETURN; per known VM interface
                      `-i IF -g SMTPG-V-IF` and `--physdev-in IF -g SMTPG-V-IF`;
                      then the interface patterns (`veth+`) -g SMTPG-DEFAULT
-    SMTPG-V-IF       that VM's block or throttle (timed by `-m time --datestop`,
-                     so it ends in the kernel on time), then its class's rules
+    SMTPG-V-IF       that VM's block and throttle rules, each matching only
+                     while the interface is in the state's ipset (`-m set
+                     --match-set SMTPG-BLOCK4 src,src`; each twice: looked up
+                     by input interface, and by bridge port), then its
+                     class's rules
     SMTPG-DEFAULT    the default class for interfaces the agent has not seen yet
 
 iptables has no interface-keyed maps, so a VM's ceiling is a hashlimit of its
@@ -18,6 +21,11 @@ iptables (`--physdev-in`). Rejections are TCP resets, which FORWARD and INPUT
 can always send; a refused client does not retransmit, so each rejected SYN is
 one attempt and a rule's packet counter is the count.
 
+The rules of a VM do not change when it is blocked, throttled or released:
+only its elements in the SMTPG-BLOCK/SMTPG-THROTTLE sets do (ipset_state.py;
+a timed action is an element timeout), so such a change never replaces the
+table, and the counts of its rules stay on them.
+
 Every rule carries a comment `smtpguard TAG DIGEST`: TAG says what it counts
 (`block/25`, `limit/587`, ...; a timed action adds `@UNTIL`), DIGEST is a hash
 of the rule, so a chain whose digests match what is wanted is left untouched
@@ -26,14 +34,14 @@ of the rule, so a chain whose digests match what is wanted is left untouched
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
-from smtpguard.enforce import render
+from smtpguard.enforce import ipset_state, render
 from smtpguard.enforce.desired import Action, Desired
 from smtpguard.policy.model import Ceiling, Policy, VmClass
 
@@ -84,6 +92,8 @@ class Rule:
     until: int | None = None  # epoch seconds: matches only until then (xt_time)
     limit: Limit | None = None
     not_dnat: bool = False  # only connections not redirected by our DNAT
+    state: str | None = None  # matches only while the interface is in this state's set
+    by_port: bool = False  # the set is looked up by bridge port (see ipset_state)
     to: str | None = None  # DNAT's destination (the nat table's redirect)
 
     @property
@@ -110,6 +120,9 @@ class Rule:
             a += ["-m", "conntrack", "!", "--ctstate", "DNAT"]
         if self.until is not None:
             a += ["-m", "time", "--datestop", datestop(self.until)]
+        if self.state:
+            a += ["-m", "set", "--match-set", ipset_state.set_name(self.state, family),
+                  "src,src"]
         if self.limit:
             lim = self.limit
             a += ["-m", "hashlimit", "--hashlimit-above", lim.rate, "--hashlimit-burst",
@@ -127,9 +140,15 @@ class Rule:
         return a
 
     def comment(self, family: Family) -> str:
-        digest = hashlib.sha1(" ".join(self.args(family)).encode()).hexdigest()[:10]
-        tag = self.tag if self.until is None else f"{self.tag}@{self.until}"
-        return f"{COMMENT} {tag} {digest}"
+        return _comment(self, family)
+
+
+@functools.lru_cache(maxsize=1 << 17)  # a full apply asks for each rule's more than once
+def _comment(rule: Rule, family: Family) -> str:
+    text = " ".join(rule.args(family)) + (" [by-port]" if rule.by_port else "")
+    digest = hashlib.sha1(text.encode()).hexdigest()[:10]
+    tag = rule.tag if rule.until is None else f"{rule.tag}@{rule.until}"
+    return f"{COMMENT} {tag} {digest}"
 
 
 def tally_rule(ifname: str, tag: str) -> Rule:
@@ -229,34 +248,31 @@ def _class_rules(cls: str, policy: Policy, owner: str, per_source: bool,
     return rules
 
 
-def _action_rules(ifname: str, action: Action, c: VmClass, policy: Policy,
-                  now: float, family: Family) -> list[Rule]:
-    if action.until is not None and action.until <= now:
-        return []  # over: the kernel stopped matching it already
-    until = None if action.until is None else math.ceil(action.until)
+def _action_rules(owner: str, c: VmClass, policy: Policy, family: Family) -> list[Rule]:
+    """A block and a throttle, each in force while the interface is in its
+    set: every rule twice, looking the set up by the packet's input interface
+    (routed taps) and by its bridge port (bridged VMs)."""
     ports = sorted(policy.smtp_ports)
-    if action.kind == "block":
-        return [Rule(f"block/{p}", "REJECT", dport=p, until=until) for p in ports]
-    rules = []
+    rules = [Rule(f"block/{p}", "REJECT", dport=p, state="block") for p in ports]
     blocked25 = blocks25(c, family)
     if blocked25:
-        rules.append(Rule("port25/25", "REJECT", dport=25, until=until))
-    lim = _limit("throttle", ifname, c.throttle, False)
-    rules += [Rule(f"throttle/{p}", "REJECT", dport=p, until=until, limit=lim)
+        rules.append(Rule("port25/25", "REJECT", dport=25, state="throttle"))
+    lim = _limit("throttle", owner, c.throttle, False)
+    rules += [Rule(f"throttle/{p}", "REJECT", dport=p, limit=lim, state="throttle")
               for p in ports if not (p == 25 and blocked25)]
-    rules.append(Rule("throttled", "RETURN", until=until))  # the class ceiling does not apply
-    return rules
+    # the class ceiling does not apply to a throttled VM
+    rules.append(Rule("throttled", "RETURN", state="throttle"))
+    return [v for r in rules for v in (r, replace(r, by_port=True))]
 
 
-def vm_rules(ifname: str, cls: str, action: Action | None, policy: Policy,
-             now: float, family: Family, owner: str | None = None) -> list[Rule]:
+def vm_rules(ifname: str, cls: str, policy: Policy, family: Family,
+             owner: str | None = None) -> list[Rule]:
     """owner: whose ceiling the hashlimits are (the VM's, for a VM with
     several interfaces: the same name is one bucket in the kernel)."""
     c = policy.classes[cls]
     audit = policy.mode_of(cls) == "audit"
     owner = owner or ifname
-    head = [] if action is None or audit else \
-        _action_rules(owner, action, c, policy, now, family)
+    head = [] if audit else _action_rules(owner, c, policy, family)
     return head + _class_rules(cls, policy, owner, False, family)
 
 
@@ -310,8 +326,24 @@ def chains(desired: Desired, family: Family, now: float | None = None
     out = {DISPATCH: dispatch_rules(desired, family),
            DEFAULT_CHAIN: _class_rules(pol.default_class, pol, "*", True, family)}
     for ifname, cls in vm_ifaces(desired).items():
-        out[vm_chain(ifname)] = vm_rules(ifname, cls, desired.actions.get(ifname), pol, now,
-                                         family, shared_owner(desired, ifname))
+        out[vm_chain(ifname)] = vm_rules(ifname, cls, pol, family,
+                                         shared_owner(desired, ifname))
+    return out
+
+
+def set_state(desired: Desired, now: float | None = None) -> ipset_state.State:
+    """What our sets should hold: the actions in force of interfaces with a
+    chain whose class judges (an audit class has no action rules)."""
+    now = time.time() if now is None else now
+    pol = desired.policy
+    out: ipset_state.State = {}
+    for ifname, cls in vm_ifaces(desired).items():
+        action = desired.actions.get(ifname)
+        if action is None or pol.mode_of(cls) == "audit":
+            continue
+        until = ipset_state.until_of(action)
+        if until is None or until > now:
+            out[ifname] = (action.kind, until)
     return out
 
 
@@ -348,14 +380,29 @@ def nat_hook_rules(policy: Policy) -> list[Rule]:
 def restore_text(desired: Desired, family: Family, now: float | None = None) -> str:
     """What apply() builds, as iptables-restore input (for --dry-run)."""
     want = chains(desired, family, now)
-    lines = [f"# {family}: ip{'6' if family == 'ipv6' else ''}tables-legacy-restore "
-             "--noflush", "*filter"]
+    inet = "inet" if family == "ipv4" else "inet6"
+    lines = [f"# ipset restore -exist, {family} (before the rules that refer to the sets)"]
+    lines += [f"#   create {ipset_state.set_name(k, family)} hash:net,iface family {inet} "
+              f"timeout 0 comment maxelem {ipset_state.MAXELEM}" for k in ipset_state.KINDS]
+    for ifname, (kind, until) in sorted(set_state(desired, now).items()):
+        left = 0 if until is None else max(1, math.ceil(until - (time.time() if now is None
+                                                                 else now)))
+        for dev in (ifname, f"physdev:{ifname}"):
+            lines.append(f"#   add {ipset_state.set_name(kind, family)} "
+                         f"{ipset_state.ANY[family]},{dev} timeout {left} "
+                         f"comment \"{'' if until is None else until}\"")
+    lines += [f"# {family}: ip{'6' if family == 'ipv6' else ''}tables-legacy-restore "
+              "--noflush", "*filter"]
     lines += [f":{name} - [0:0]" for name in want]
     for hook in HOOKS:
         lines += [_line(hook, r, family, insert=True) for r in reversed(hook_rules(
             desired.policy))]
     for name, rules in want.items():
-        lines += [_line(name, r, family) for r in rules]
+        for r in rules:
+            if r.by_port:  # xt_set can, iptables cannot say it
+                lines.append("# the next rule looks its set up by bridge port "
+                             "(xt_set flag IPSET_FLAG_PHYSDEV)")
+            lines.append(_line(name, r, family))
     lines.append("COMMIT")
     if render.redirecting(desired.policy):
         lines += ["*nat", f":{NAT_CHAIN} - [0:0]"]
@@ -371,19 +418,7 @@ def _line(chain: str, rule: Rule, family: Family, insert: bool = False) -> str:
                      "-m", "comment", "--comment", f'"{rule.comment(family)}"'])
 
 
-def actions_from(rules: Mapping[str, list[tuple[str, int | None]]], now: float
-                 ) -> dict[str, Action]:
-    """Blocks and throttles in force from our VM chains' (tag, until) lists."""
-    out: dict[str, Action] = {}
-    for chain, tags in rules.items():
-        if not chain.startswith(VM_CHAIN):
-            continue
-        ifname = chain[len(VM_CHAIN):]
-        for tag, until in tags:
-            kind = "block" if tag.startswith("block/") else \
-                "throttle" if tag == "throttled" else None
-            if kind is None or (until is not None and until <= now):
-                continue
-            out[ifname] = Action(kind, None if until is None else float(until))  # type: ignore[arg-type]
-            break
-    return out
+def actions_of(state: ipset_state.State) -> dict[str, Action]:
+    """Blocks and throttles in force, from our sets' (kind, until) per interface."""
+    return {n: Action(kind, None if until is None else float(until))  # type: ignore[arg-type]
+            for n, (kind, until) in state.items()}

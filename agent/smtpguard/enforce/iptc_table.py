@@ -12,8 +12,9 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
+from smtpguard.enforce import ipset_state, render
 from smtpguard.enforce import iptables_render as R
-from smtpguard.enforce import render
+from smtpguard.enforce import iptc_raw as X
 from smtpguard.errors import EnforcerError
 
 Model = dict[str, list[str]]  # chain -> the comments of its rules, in order
@@ -33,6 +34,9 @@ class XtTable:
         except iptc.IPTCError as exc:
             raise EnforcerError(f"reading the {family} {name} table: {exc}") from exc
         self.table = table
+        # raw entries by shape (iptc_raw), kept per table edit: a set match
+        # holds the set's index in this namespace, as it was when built
+        self.templates: dict[R.Rule, bytes] = {}
 
     def is_chain(self, chain: str) -> bool:
         return bool(self.table.is_chain(chain))
@@ -43,6 +47,16 @@ class XtTable:
             self.table.delete_chain(chain)
 
     def new_rule(self, spec: R.Rule) -> Any:
+        shape = X.shape(spec)
+        if shape is None:
+            return self._build(spec)
+        entry = self.iptc.ip4tc.ipt_entry if self.family == "ipv4" else \
+            self.iptc.ip6tc.ip6t_entry
+        if shape not in self.templates:  # the first of its shape, built for real
+            self.templates[shape] = bytes(self._build(spec).rule)
+        return X.RawRule(X.fill(self.templates[shape], spec, self.family, entry), entry)
+
+    def _build(self, spec: R.Rule) -> Any:
         iptc = self.iptc
         r = iptc.Rule() if self.family == "ipv4" else iptc.Rule6()
         if spec.iface:
@@ -63,6 +77,11 @@ class XtTable:
             r.create_match("conntrack").ctstate = "!DNAT"
         if spec.until is not None:
             r.create_match("time").datestop = R.datestop(spec.until)
+        if spec.state:  # before the hashlimit: a bucket sees only what is in the state
+            m = r.create_match("set")
+            m.match_set = [ipset_state.set_name(spec.state, self.family), "src,src"]
+            if spec.by_port:
+                X.by_bridge_port(m)
         if spec.limit:
             lim = spec.limit
             m = r.create_match("hashlimit")
@@ -94,15 +113,22 @@ class XtTable:
                 return str(m.get_all_parameters().get("comment", [""])[0]).strip('"')
         return ""
 
+    def _entries(self, chain: str) -> list[tuple[str, int, int]]:
+        return X.entries(self.table, chain)
+
     def read(self) -> Model:
-        """Our chains as the kernel holds them (parses every rule: start, repair)."""
+        """Our chains as the kernel holds them (every rule: start, repair)."""
         out: Model = {}
+        self.unflagged: set[str] = set()  # chains whose bridge-port lookups are lost
         for chain in self.table.chains:
             if chain.name.startswith(R.PREFIX):
-                out[chain.name] = [self.comment(r) for r in chain.rules]
+                got = self._entries(chain.name)
+                out[chain.name] = [c for c, _p, _b in got]
+                if sum(p for _c, p, _b in got) != sum(b for _c, _p, b in got):
+                    self.unflagged.add(chain.name)
         for hook in self.hooks:
             if self.table.is_chain(hook):
-                out[hook] = [self.comment(r) for r in self.iptc.Chain(self.table, hook).rules]
+                out[hook] = self.read_hook(hook)
         return out
 
     def counters(self, chain: str) -> list[tuple[int, int]]:
@@ -113,6 +139,13 @@ class XtTable:
             out.append((int(entry.counters.pcnt), int(entry.counters.bcnt)))
             entry = self.table.next_rule(entry)
         return out
+
+    def by_port_lookups(self, chain: str) -> tuple[int, int, int]:
+        """(set matches looking up by input interface, by bridge port, rules)
+        in this chain: the flag is not in any rule's text, so a restore of
+        saved rules drops it without changing a comment."""
+        got = self._entries(chain)
+        return sum(p for _c, p, _b in got), sum(b for _c, _p, b in got), len(got)
 
     def delete_at(self, chain: str, index: int) -> None:
         # python-iptables deletes by rule only; libiptc can by position.
@@ -167,6 +200,8 @@ class XtTable:
                 if kept and spec.reason:
                     rule.counters = kept.pop(0)
                 self.table.insert_entry(chain, rule.rule, i1 + k)
+                if kept is not None:
+                    rule.counters = (0, 0)  # a shared rule goes on without them
         if retired is not None:
             for tag, left in carry.items():
                 for p, b in left:
@@ -208,7 +243,7 @@ class XtTable:
         out = []
         for (ifname, tag), n in sorted(totals.items()):
             spec = R.tally_rule(ifname, tag)
-            rule = self.new_rule(spec)
+            rule = self._build(spec)
             rule.counters = n
             self.table.append_entry(chain, rule.rule)
             out.append(spec.comment(self.family))
@@ -221,7 +256,7 @@ class XtTable:
             raise EnforcerError(f"{what}: {exc}") from exc
 
     def read_hook(self, hook: str) -> list[str]:
-        return [self.comment(r) for r in self.iptc.Chain(self.table, hook).rules]
+        return [c for c, _p, _b in self._entries(hook)]
 
     def jumps_first(self, hook: str, n: int) -> bool:
         """Whether the hook's first n rules jump to our chain (cheap)."""
