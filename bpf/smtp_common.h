@@ -131,6 +131,21 @@ struct smtp_config {
 	 * production; tests move it to put attempts in the first slots after
 	 * boot without waiting for a reboot. */
 	__u64 slot_offset_ns;
+	/* OR-ed into skb->mark of the SYNs of a tripped interface (below); the
+	 * nftables tables reject what carries it. 0: no trip wire. */
+	__u32 trip_mark;
+	__u32 pad;
+};
+
+/* The trip wire, one per armed interface (smtp_trip): the agent writes
+ * {n = 0, at = the attempts its VM may still make before it crosses a block
+ * threshold}; the classifier counts each new attempt in n, lets the at-th
+ * through (the crossing one) and marks every SMTP SYN after it, so the
+ * tables stop the VM from its next attempt on, in the kernel, while the
+ * agent (woken) records the block and disarms. */
+struct trip {
+	__u64 n;		/* new attempts since armed (the classifier's) */
+	__u64 at;		/* trip once n reaches it; 0: disarmed */
 };
 
 #endif /* SMTP_COMMON_H */

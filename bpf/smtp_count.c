@@ -8,7 +8,9 @@
  *   smtpg_egress   packets sent to the VM: the answer to each attempt
  *                  (SYN-ACK, RST).
  * Both only count and always return TC_ACT_UNSPEC, so the next tc filter on
- * the hook (another tool's) still runs. Enforcement is nftables.
+ * the hook (another tool's) still runs. Enforcement is nftables; the one
+ * thing the classifier changes is skb->mark, on the SYNs of an interface
+ * whose trip wire went (struct trip), for the tables' rule that rejects them.
  *
  * Load-time settings (-D from the agent): PIN_DIR, MAX_STATS, MAX_IFACES,
  * CONN_TABLE_SIZE, MAX_RECENT. Run-time settings come from maps: smtp_ports,
@@ -62,6 +64,10 @@ BPF_TABLE_PINNED("array", __u32, __u8, smtp_ports, 65536,
 		 PIN_DIR "/smtp_ports");
 BPF_TABLE_PINNED("array", __u32, struct smtp_config, smtp_config, 1,
 		 PIN_DIR "/smtp_config");
+/* The trip wire (struct trip): the agent arms and disarms, the classifier
+ * counts; a new attempt of an interface not armed costs one lookup. */
+BPF_TABLE_PINNED("hash", __u32, struct trip, smtp_trip, MAX_IFACES,
+		 PIN_DIR "/smtp_trip");
 /* Indexed by FULL_*: only written when a map is full, so one shared array. */
 BPF_TABLE_PINNED("array", __u32, __u64, smtp_full, FULL_SLOTS,
 		 PIN_DIR "/smtp_full");
@@ -437,6 +443,30 @@ static __always_inline struct smtp_stats *stats_for(__u32 ifindex, __u16 port)
 	return smtp_stats.lookup_or_try_init(&key, &zero);
 }
 
+/* A new attempt (fresh) or a retransmitted SYN on an armed interface: the
+ * attempt that reaches `at` passes (the crossing one); every SYN after it,
+ * retransmissions included, is marked for the tables to reject. */
+static __always_inline void trip_wire(struct __sk_buff *skb, int fresh)
+{
+	__u32 ifindex = skb->ifindex;
+	struct trip *t = smtp_trip.lookup(&ifindex);
+	struct smtp_config *c;
+	__u32 zero = 0;
+	__u64 n, at;
+
+	if (!t)
+		return;
+	at = t->at;
+	if (!at)
+		return;
+	n = fresh ? __sync_fetch_and_add(&t->n, 1) + 1 : t->n;
+	if (n < at || (fresh && n == at))
+		return;	/* (the agent was woken for this attempt already) */
+	c = smtp_config.lookup(&zero);
+	if (c && c->trip_mark)
+		skb->mark |= c->trip_mark;
+}
+
 static __always_inline __u64 no_answer_ns(void)
 {
 	__u32 zero = 0;
@@ -474,11 +504,13 @@ static __always_inline void count_syn(struct __sk_buff *skb, struct l4 *l,
 			count_destination(ck.ifindex, ck.daddr, now);
 			count_recent(ck.ifindex, ck.family, ck.daddr, now);
 			wake_agent();
+			trip_wire(skb, 1);
 			return;
 		}
 		old = smtp_conns.lookup(&ck);
 	}
 	__sync_fetch_and_add(&st->retransmits, 1);
+	trip_wire(skb, 0);
 	if (old && old->state == CONN_PENDING &&
 	    now - old->first_ns >= no_answer_ns() &&
 	    __sync_val_compare_and_swap(&old->state, CONN_PENDING,

@@ -16,7 +16,7 @@ from typing import Any
 
 from smtpguard import logs, operator_api
 from smtpguard.control import ControlServer
-from smtpguard.datapath import attach
+from smtpguard.datapath import attach, trip
 from smtpguard.datapath.doorbell import Doorbell
 from smtpguard.datapath.interfaces import LinkEvent, LinkMonitor, VmIface, dump_links
 from smtpguard.datapath.loader import CACHE_DIR, Datapath, Sizes, ensure_bpffs
@@ -136,6 +136,8 @@ class Agent:
             self.datapath.table("smtp_dests"), self.keeper, lambda: self.ifaces,
             lambda: self.generation, self.clock, recent_table=self.datapath.table("smtp_recent"),
             loaded=lambda: self.loaded)
+        if self.keeper is None:
+            trip.disarm_all(self.datapath.table("smtp_trip"))  # nothing would reject the marks
         if self.responder.store is not None:
             migrate.to_ids(self.responder.store, self.ifaces.values(), self.policy.interfaces)
         stored = self.responder.load() and bool(self.responder.detector.records)
@@ -148,6 +150,7 @@ class Agent:
             # Only once this backend enforces: if it cannot, the start fails
             # with the other one's enforcement still in the kernel.
             remove_other_real(self.keeper.enforcer.name)
+            self._apply_datapath_policy()  # the trip wire, now that the tables are there
         self.responder.start()
         if self.policy.fleet is not None:
             from smtpguard.fleet.link import FleetLink
@@ -175,6 +178,9 @@ class Agent:
             self.control = ControlServer(self.cfg.control_socket, self.submit)
             self.control.start()
         self._next_log = self.clock() + self.cfg.log_interval
+        # One detection step before READY: the VMs here now have their trip
+        # wires armed (datapath/trip.py) by the time systemd says started.
+        self.responder.detect()
         self.notifier.ready(f"{len(self.ifaces)} VM interfaces")
         self.log.info("agent.started", interfaces=len(self.ifaces),
                       pin_dir=str(self.cfg.pin_dir), policy=self._policy_name(),
@@ -403,6 +409,12 @@ class Agent:
         self.datapath.set_ports(self.policy.smtp_ports)
         self.datapath.set_no_answer(self.policy.datapath.no_answer_after)
         self.datapath.set_slot_offset(0)  # the kernel's clock as it is (tests move it)
+        # Marked SYNs are rejected by the nftables tables' rule only (see
+        # datapath/trip.py); with no such rule there is nothing to mark for.
+        nft = self.keeper is not None and self.keeper.enforcer.name == "nftables"
+        self.datapath.set_trip_mark(self.policy.datapath.trip_mark if nft else 0)
+        if self.responder is not None:
+            self.responder.trips = self.datapath.table("smtp_trip") if nft else None
 
     # -- identity ----------------------------------------------------------
     def _start_inventory(self) -> None:

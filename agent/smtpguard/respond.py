@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from smtpguard import logs
-from smtpguard.datapath import recent
+from smtpguard.datapath import recent, trip
 from smtpguard.datapath.interfaces import VmIface
+from smtpguard.datapath.maps import SmtpKey
 from smtpguard.datapath.snapshot import read_ports
 from smtpguard.detect.engine import Detector
-from smtpguard.detect.machine import Transition
+from smtpguard.detect.machine import Transition, VmRecord, trip_budget
 from smtpguard.enforce.desired import Action
 from smtpguard.enforce.keeper import Keeper
 from smtpguard.errors import SmtpguardError
@@ -107,6 +108,8 @@ class Responder:
         self._next_samples = 0.0
         self._next_prune = 0.0
         self._next_retire = 0.0
+        # smtp_trip (datapath/trip.py) when the tables reject marked SYNs, else None.
+        self.trips: Any = None
         self.last_loop = 0.0
         self.incidents = IncidentBook(self.store, self.activity, self.context)
         self._loaded = False
@@ -179,6 +182,8 @@ class Responder:
                 for c in self.keeper.enforcer.blocked_counts():
                     blocked[c.ifname] = blocked.get(c.ifname, 0) + c.packets
             self.detector.observe(per_iface, blocked, self.ifaces())
+            if self.trips is not None:
+                self._arm(read)
             self._observe_loop(time.monotonic() - t0)
             self.last_loop = time.time()
             if self.clock() >= self._next_samples:
@@ -190,6 +195,48 @@ class Responder:
         except Exception as exc:
             self.log.error("detect.failed", error=str(exc))
             self.log.debug("detect.failed", exc_info=True)
+
+    def _arm(self, read: Mapping[int, Mapping[int, Any]]) -> None:
+        """Each VM's trip wire set to what it may still attempt before a
+        block threshold fires (detect.machine.trip_budget), written only
+        where the kernel's differs: after the detection step, so a VM it
+        just blocked is disarmed and one released is armed again."""
+        det = self.detector
+        pol = det.policy
+        now_mono = det.mono_ns() / 1e9
+        by_vm: dict[str, list[VmIface]] = {}
+        for v in self.ifaces().values():
+            by_vm.setdefault(v.vm, []).append(v)
+        for vm, vifs in by_vm.items():
+            cls = place(pol, facts_of(vm, vifs)).cls
+            idx = [v.ifindex for v in vifs]
+
+            def fig(t: Any, since: float, vm: str = vm, idx: list[int] = idx) -> float:
+                return det.figure(vm, idx, t, since, now_mono)
+
+            budget = trip_budget(det.records.get(vm, VmRecord(vm)), pol.classes[cls],
+                                 pol.mode_of(cls), fig)
+            for v in vifs:
+                have = trip.left(self.trips, v.ifindex)
+                if budget is None:
+                    if have is not None:
+                        trip.disarm(self.trips, v.ifindex)
+                    continue
+                # What the VM attempted since `read` counts against the budget.
+                want = budget - (self._attempts(v.ifindex, read) -
+                                 sum(c.attempts for c in read.get(v.ifindex, {}).values()))
+                if have != max(want, 0) or have is None:
+                    trip.arm(self.trips, v.ifindex, want)
+
+    def _attempts(self, ifindex: int, read: Mapping[int, Mapping[int, Any]]) -> int:
+        """The interface's attempts now, on the ports `read` had for it."""
+        n = 0
+        for port, c in read.get(ifindex, {}).items():
+            try:
+                n += int(self.stats[SmtpKey(ifindex, port)].attempts)
+            except KeyError:
+                n += c.attempts
+        return n
 
     def _retire_idle(self, read: Mapping[int, Mapping[int, Any]]) -> None:
         """Retire the rejection counters of interfaces idle for RETIRE_AFTER

@@ -10,6 +10,7 @@ from pathlib import Path
 from frames import syn4
 from smtpguard.datapath.bpfsys import map_info
 from smtpguard.datapath.loader import Datapath, Sizes, ensure_bpffs
+from smtpguard.datapath.maps import SmtpConfig
 from smtpguard.datapath.testrun import test_run as run_prog
 
 SIZES = Sizes(max_stats=64, max_ifaces=8, conn_table=64, recent=64)
@@ -34,7 +35,7 @@ def test_a_map_of_an_old_shape_is_replaced_and_the_others_keep_their_counts() ->
         # Programs of that build are pinned: only the stale map makes it compile.
         dp = Datapath(pin, SIZES)
         dp.load()
-        assert map_info(dp.table("smtp_config").fd).value_size == 16
+        assert map_info(dp.table("smtp_config").fd).value_size == ctypes.sizeof(SmtpConfig)
         ((_, st),) = dp.table("smtp_stats").items()
         assert st.attempts == 1
         dp.set_no_answer(2.0)

@@ -70,7 +70,7 @@ class Sizes:
         return {"smtp_stats": self.max_stats, "smtp_conns": self.conn_table,
                 "smtp_dests": self.max_ifaces, "smtp_recent": self.recent,
                 "smtp_ports": 65536, "smtp_config": 1, "smtp_full": len(maps.FULL_SLOTS),
-                "smtp_wake": 1}
+                "smtp_wake": 1, "smtp_trip": self.max_ifaces}
 
 
 def ensure_bpffs(root: Path) -> None:
@@ -271,6 +271,10 @@ class Datapath:
         then take their `now` from slot_now()."""
         self._config(slot_offset_ns=offset_ns % (1 << 64))
 
+    def set_trip_mark(self, mark: int) -> None:
+        """The skb->mark bits a tripped interface's SYNs get (0: no trip wire)."""
+        self._config(trip_mark=mark)
+
     def slot_now(self) -> int:
         """CLOCK_MONOTONIC as the sketch's slots see it (with the offset)."""
         off = int(self.table("smtp_config")[ctypes.c_uint32(0)].slot_offset_ns)
@@ -304,11 +308,12 @@ class Datapath:
                 with contextlib.suppress(KeyError):
                     del table[k]
             removed += len(doomed)
-        dests = self.table("smtp_dests")
-        for ifindex in ifindexes:
-            with contextlib.suppress(KeyError):
-                del dests[ctypes.c_uint32(ifindex)]
-                removed += 1
+        for name in ("smtp_dests", "smtp_trip"):
+            table = self.table(name)
+            for ifindex in ifindexes:
+                with contextlib.suppress(KeyError):
+                    del table[ctypes.c_uint32(ifindex)]
+                    removed += 1
         removed += recent.forget(self.table("smtp_recent"), ifindexes)
         return removed
 

@@ -101,7 +101,13 @@ class DestSketch(ctypes.Structure):
 
 # Must stay in sync with struct smtp_config in bpf/smtp_common.h
 class SmtpConfig(ctypes.Structure):
-    _fields_ = [("no_answer_ns", ctypes.c_uint64), ("slot_offset_ns", ctypes.c_uint64)]
+    _fields_ = [("no_answer_ns", ctypes.c_uint64), ("slot_offset_ns", ctypes.c_uint64),
+                ("trip_mark", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+# Must stay in sync with struct trip in bpf/smtp_common.h
+class Trip(ctypes.Structure):
+    _fields_ = [("n", ctypes.c_uint64), ("at", ctypes.c_uint64)]
 
 
 def slot_epoch(raw: int) -> int | None:
@@ -120,6 +126,7 @@ MIRRORS: dict[str, tuple[type[ctypes.Structure] | type[ctypes.c_uint32], type]] 
     "smtp_config": (ctypes.c_uint32, SmtpConfig),
     "smtp_full": (ctypes.c_uint32, ctypes.c_uint64),
     "smtp_wake": (ctypes.c_uint32, ctypes.c_uint32),
+    "smtp_trip": (ctypes.c_uint32, Trip),
 }
 # Must stay in sync with FULL_* in bpf/smtp_common.h
 FULL_SLOTS = {"smtp_stats": 0, "smtp_dests": 1}

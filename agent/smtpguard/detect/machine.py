@@ -19,6 +19,7 @@ its own, so every path is unit-tested.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -159,6 +160,23 @@ def decide(rec: VmRecord, cls: VmClass, figure: Figure, blocks_at: Sequence[floa
     elif rec.state == "flagged":
         rec = replace(rec, flagged_until=now + flag_for)
     return rec, out
+
+
+def trip_budget(rec: VmRecord, cls: VmClass, mode: str, figure: Figure) -> int | None:
+    """Attempts the VM may still make before a block threshold on attempts
+    fires (decide()'s own figures): the trip wire's budget (datapath/trip.py),
+    so the kernel stops the attempt after the crossing one. None when there
+    is nothing to arm: audit, blocked already, an operator's decision in
+    force, no block threshold on attempts."""
+    if mode != "enforce" or rec.state == "blocked" or rec.manual_until is not None or (
+            rec.actor.startswith("operator") and rec.state == "throttled"
+            and rec.until is None):
+        return None
+    left = [t.at_least - figure(t, rec.baseline) for t in cls.thresholds
+            if t.metric == "attempts" and t.action == "block"]
+    if not left:
+        return None
+    return max(1, math.ceil(min(left)))
 
 
 def operator_block(rec: VmRecord, who: str, duration: float | None, reason: str,

@@ -223,8 +223,7 @@ def chains(desired: Desired, family: str, caps: Capabilities) -> dict[str, list[
         "prerouting": [[_match({"&": [_p("tcp", "flags"), ["fin", "syn", "rst", "ack"]]}, "syn"),
                         _match(_p("tcp", "dport"), "@smtp_ports"), _jump("smtp")]],
         "smtp": [
-            [_match(_p("ip", "daddr"), "@relays4"), RETURN],
-            [_match(_p("ip6", "daddr"), "@relays6"), RETURN],
+            *_relay_rules(pol.datapath.trip_mark),
             [{"vmap": {"key": IIF, "data": "@vm_state"}}],
             [{"vmap": {"key": IIF, "data": "@vm_class"}}],
             [_match(IIF, "@vm_ifaces"), _jump(class_chain(pol.default_class))],
@@ -239,6 +238,20 @@ def chains(desired: Desired, family: str, caps: Capabilities) -> dict[str, list[
     if family == "inet" and redirecting(pol):
         out.update(_redirect_chains(pol))
     return out
+
+
+def _relay_rules(mark: int) -> list[list[Any]]:
+    """The relays are always open; then a SYN the classifier marked (its VM
+    is past a block threshold: datapath/trip.py) is blocked, before its VM's
+    state or class is looked at. A marked SYN to a relay leaves unmarked."""
+    meta: dict[str, Any] = {"meta": {"key": "mark"}}
+    clear = [{"mangle": {"key": meta, "value": {"&": [meta, ~mark & 0xFFFFFFFF]}}}] \
+        if mark else []
+    rules = [[_match(_p("ip", "daddr"), "@relays4"), *clear, RETURN],
+             [_match(_p("ip6", "daddr"), "@relays6"), *clear, RETURN]]
+    if mark:
+        rules.append([_match({"&": [meta, mark]}, mark), _goto("block")])
+    return rules
 
 
 def redirecting(policy: Policy) -> list[str]:

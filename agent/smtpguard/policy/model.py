@@ -136,6 +136,17 @@ class Interfaces(Strict):
 
 class Datapath(Strict):
     no_answer_after: Duration = 2.0
+    # datapath/trip.py: the skb->mark bit the classifier sets on the SYNs of a
+    # VM past a block threshold, which the tables reject. 0: no trip wire.
+    trip_mark: int = 0x04000000
+
+    @field_validator("trip_mark")
+    @classmethod
+    def _one_bit(cls, v: int) -> int:
+        if v < 0 or v >= 1 << 32 or v & (v - 1):
+            raise ValueError("must be 0 or a single bit of the 32-bit mark, "
+                             "e.g. 0x04000000")
+        return v
 
 
 class Libvirt(Strict):
