@@ -136,8 +136,9 @@ class Agent:
             self.datapath.table("smtp_dests"), self.keeper, lambda: self.ifaces,
             lambda: self.generation, self.clock, recent_table=self.datapath.table("smtp_recent"),
             loaded=lambda: self.loaded)
-        if self.keeper is None:
-            trip.disarm_all(self.datapath.table("smtp_trip"))  # nothing would reject the marks
+        # Armed afresh by the first detection step (below), from the records:
+        # nothing of an earlier run's wires is trusted.
+        trip.disarm_all(self.datapath.table("smtp_trip"))
         if self.responder.store is not None:
             migrate.to_ids(self.responder.store, self.ifaces.values(), self.policy.interfaces)
         stored = self.responder.load() and bool(self.responder.detector.records)

@@ -108,8 +108,10 @@ class Responder:
         self._next_samples = 0.0
         self._next_prune = 0.0
         self._next_retire = 0.0
-        # smtp_trip (datapath/trip.py) when the tables reject marked SYNs, else None.
+        # smtp_trip (datapath/trip.py) when the tables reject marked SYNs, else
+        # None; and the interfaces armed in it (only those are read back).
         self.trips: Any = None
+        self._armed: set[int] = set()
         self.last_loop = 0.0
         self.incidents = IncidentBook(self.store, self.activity, self.context)
         self._loaded = False
@@ -217,16 +219,20 @@ class Responder:
             budget = trip_budget(det.records.get(vm, VmRecord(vm)), pol.classes[cls],
                                  pol.mode_of(cls), fig)
             for v in vifs:
-                have = trip.left(self.trips, v.ifindex)
                 if budget is None:
-                    if have is not None:
+                    if v.ifindex in self._armed:
                         trip.disarm(self.trips, v.ifindex)
+                        self._armed.discard(v.ifindex)
                     continue
+                have = trip.left(self.trips, v.ifindex)
                 # What the VM attempted since `read` counts against the budget.
                 want = budget - (self._attempts(v.ifindex, read) -
                                  sum(c.attempts for c in read.get(v.ifindex, {}).values()))
-                if have != max(want, 0) or have is None:
+                if have is None or have != max(want, 0):
                     trip.arm(self.trips, v.ifindex, want)
+                self._armed.add(v.ifindex)
+        gone = self._armed - {v.ifindex for vifs in by_vm.values() for v in vifs}
+        self._armed -= gone  # (their entries went with the interfaces: Datapath.forget)
 
     def _attempts(self, ifindex: int, read: Mapping[int, Mapping[int, Any]]) -> int:
         """The interface's attempts now, on the ports `read` had for it."""
