@@ -225,12 +225,14 @@ class Responder:
                         self._armed.discard(v.ifindex)
                     continue
                 have = trip.left(self.trips, v.ifindex)
+                self._armed.add(v.ifindex)
+                if have == budget:
+                    continue  # as armed (and nothing attempted since `read`): most VMs
                 # What the VM attempted since `read` counts against the budget.
                 want = budget - (self._attempts(v.ifindex, read) -
                                  sum(c.attempts for c in read.get(v.ifindex, {}).values()))
                 if have is None or have != max(want, 0):
                     trip.arm(self.trips, v.ifindex, want)
-                self._armed.add(v.ifindex)
         gone = self._armed - {v.ifindex for vifs in by_vm.values() for v in vifs}
         self._armed -= gone  # (their entries went with the interfaces: Datapath.forget)
 
