@@ -43,7 +43,7 @@ def test_first_start_after_boot_loads_the_stored_build_and_counts_alike(
     reboot(agent)
     agent.start()
     ev = agent.wait_event("bpf.loaded")
-    assert (ev["source"], ev["compiled"], ev["compile_seconds"]) == ("cache", False, 0.0)
+    assert (ev["source"], ev["compiled"]) == ("cache", False)
     assert agent.wait_event("iface.attached", vm="vm1")
     assert traffic(lab, agent) == compiled
 
