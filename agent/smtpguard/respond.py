@@ -26,7 +26,7 @@ from smtpguard.metrics import LOOP_BUCKETS
 from smtpguard.policy.explain import threshold_text
 from smtpguard.policy.load import LoadedPolicy
 from smtpguard.policy.membership import facts_of, place
-from smtpguard.policy.model import Policy
+from smtpguard.policy.model import Policy, VmClass
 from smtpguard.store import Store
 from smtpguard.webhook import Webhook
 
@@ -112,6 +112,10 @@ class Responder:
         # None; and the interfaces armed in it (only those are read back).
         self.trips: Any = None
         self._armed: set[int] = set()
+        # _arm_plan's (interfaces, policy, VMs to arm), and per armed interface
+        # the (budget, attempts) it was last seen with.
+        self._plan: tuple[Any, Any, list[tuple[str, list[VmIface], VmClass, str]]] | None = None
+        self._wired: dict[int, tuple[int, int]] = {}
         self.last_loop = 0.0
         self.incidents = IncidentBook(self.store, self.activity, self.context)
         self._loaded = False
@@ -198,43 +202,67 @@ class Responder:
             self.log.error("detect.failed", error=str(exc))
             self.log.debug("detect.failed", exc_info=True)
 
+    def _arm_plan(self) -> list[tuple[str, list[VmIface], VmClass, str]]:
+        """The VMs that have a wire to arm (their class blocks on attempts),
+        with their interfaces, class and mode: placed again only when the
+        interfaces or the policy change (both are replaced, never edited),
+        not on every step (placing 1,000 VMs was most of an idle loop)."""
+        ifaces, pol = self.ifaces(), self.detector.policy
+        if self._plan is None or self._plan[0] is not ifaces or self._plan[1] is not pol:
+            by_vm: dict[str, list[VmIface]] = {}
+            for v in ifaces.values():
+                by_vm.setdefault(v.vm, []).append(v)
+            plan: list[tuple[str, list[VmIface], VmClass, str]] = []
+            for vm, vifs in by_vm.items():
+                name = place(pol, facts_of(vm, vifs)).cls
+                cls = pol.classes[name]
+                if any(t.metric == "attempts" and t.action == "block" for t in cls.thresholds):
+                    plan.append((vm, vifs, cls, pol.mode_of(name)))
+            self._plan = (ifaces, pol, plan)
+            self._wired.clear()
+            return plan
+        return self._plan[2]
+
     def _arm(self, read: Mapping[int, Mapping[int, Any]]) -> None:
         """Each VM's trip wire set to what it may still attempt before a
         block threshold fires (detect.machine.trip_budget), written only
         where the kernel's differs: after the detection step, so a VM it
-        just blocked is disarmed and one released is armed again."""
+        just blocked is disarmed and one released is armed again. A wire
+        whose budget and attempts are as the last step left them is not read
+        back (the classifier counts only new attempts)."""
         det = self.detector
-        pol = det.policy
         now_mono = det.mono_ns() / 1e9
-        by_vm: dict[str, list[VmIface]] = {}
-        for v in self.ifaces().values():
-            by_vm.setdefault(v.vm, []).append(v)
-        for vm, vifs in by_vm.items():
-            cls = place(pol, facts_of(vm, vifs)).cls
+        planned: set[int] = set()
+        for vm, vifs, cls, mode in self._arm_plan():
             idx = [v.ifindex for v in vifs]
 
             def fig(t: Any, since: float, vm: str = vm, idx: list[int] = idx) -> float:
                 return det.figure(vm, idx, t, since, now_mono)
 
-            budget = trip_budget(det.records.get(vm, VmRecord(vm)), pol.classes[cls],
-                                 pol.mode_of(cls), fig)
+            rec = det.records.get(vm) or VmRecord(vm)
+            budget = trip_budget(rec, cls, mode, fig)
             for v in vifs:
                 if budget is None:
-                    if v.ifindex in self._armed:
-                        trip.disarm(self.trips, v.ifindex)
-                        self._armed.discard(v.ifindex)
-                    continue
+                    continue  # disarmed below, as not planned
+                planned.add(v.ifindex)
+                seen = sum(c.attempts for c in read.get(v.ifindex, {}).values())
+                if self._wired.get(v.ifindex) == (budget, seen):
+                    continue  # as armed, and nothing attempted since: most VMs
                 have = trip.left(self.trips, v.ifindex)
                 self._armed.add(v.ifindex)
+                self._wired[v.ifindex] = (budget, seen)
                 if have == budget:
-                    continue  # as armed (and nothing attempted since `read`): most VMs
+                    continue
                 # What the VM attempted since `read` counts against the budget.
-                want = budget - (self._attempts(v.ifindex, read) -
-                                 sum(c.attempts for c in read.get(v.ifindex, {}).values()))
+                want = budget - (self._attempts(v.ifindex, read) - seen)
                 if have is None or have != max(want, 0):
                     trip.arm(self.trips, v.ifindex, want)
-        gone = self._armed - {v.ifindex for vifs in by_vm.values() for v in vifs}
-        self._armed -= gone  # (their entries went with the interfaces: Datapath.forget)
+        present = self.ifaces()
+        for ifindex in self._armed - planned:
+            self._wired.pop(ifindex, None)
+            if ifindex in present:  # (a gone interface's entry went with it: Datapath.forget)
+                trip.disarm(self.trips, ifindex)
+        self._armed &= planned
 
     def _attempts(self, ifindex: int, read: Mapping[int, Mapping[int, Any]]) -> int:
         """The interface's attempts now, on the ports `read` had for it."""
