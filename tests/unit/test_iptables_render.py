@@ -46,8 +46,9 @@ def test_vm_chain_semantics() -> None:
     """A VM's rules do not depend on its state: a block rejects every SMTP
     port while the interface is in the block set; a throttle swaps in the
     tighter ceiling on every port not blocked and skips the class ceiling
-    while it is in the throttle set; the class blocks 25 and limits the
-    submission ports. The state is in the sets, timed to the second."""
+    while it is in the throttle set; the class blocks 25 (ahead of the
+    throttle, so in every state but a block) and limits the submission
+    ports. The state is in the sets, timed to the second."""
     chains = R.chains(DESIRED, "ipv4", NOW)
     blocked = chains[R.vm_chain("vnet1")]
     routed = [r for r in blocked if not r.by_port]
@@ -57,11 +58,11 @@ def test_vm_chain_semantics() -> None:
         R.replace(r, by_port=True) for r in routed if r.state]
     assert [(r.tag, r.state) for r in routed[:5]] == [
         ("block/25", "block"), ("block/465", "block"), ("block/587", "block"),
-        ("block/2525", "block"), ("port25/25", "throttle")]
-    assert [r.tag for r in routed[5:]] == ["throttle/465", "throttle/587", "throttle/2525",
-                                           "throttled", "port25/25", "limit/465",
-                                           "limit/587", "limit/2525"]
-    assert all(r.state is None for r in routed[9:])
+        ("block/2525", "block"), ("port25/25", None)]  # the class's: in every state
+    assert [(r.tag, r.state) for r in routed[5:]] == [
+        ("throttle/465", "throttle"), ("throttle/587", "throttle"),
+        ("throttle/2525", "throttle"), ("throttled", "throttle"), ("limit/465", None),
+        ("limit/587", None), ("limit/2525", None)]
     throttled = [r.tag for r in chains[R.vm_chain("vnet2")] if not r.by_port]
     assert throttled == ["block/25", "block/465", "block/587", "block/2525",
                          "throttle/25", "throttle/465", "throttle/587", "throttle/2525",
@@ -77,6 +78,21 @@ def test_vm_chain_semantics() -> None:
     assert len(lim) == 1 and len(other) == 1 and lim != other
     # Interfaces not seen yet: the default class, limited per source address.
     assert all(r.limit.per_source for r in chains[R.DEFAULT_CHAIN] if r.limit)
+
+
+def test_vm_chains_copied_from_their_class_are_the_rules_made_afresh() -> None:
+    """Each VM's chain is its class's with the VM's buckets written in (rule
+    copies with a digest text substituted): the same rules, digests and
+    buckets as making every rule on its own."""
+    for fam in R.FAMILIES:
+        for name, rules in R.chains(DESIRED, fam, NOW).items():
+            fresh = [R.replace(r) for r in rules]  # no memos: args and digest made anew
+            assert rules == fresh, name
+            assert [r.comment(fam) for r in rules] == [r.comment(fam) for r in fresh], name
+        alone = R.vm_rules("tap7i0", "default", POLICY, fam)  # no class chain to copy
+        assert alone == R.chains(DESIRED, fam, NOW)[R.vm_chain("tap7i0")]
+        assert [r.comment(fam) for r in alone] == [
+            r.comment(fam) for r in R.chains(DESIRED, fam, NOW)[R.vm_chain("tap7i0")]]
 
 
 def test_dispatch_relays_first_known_vms_then_patterns() -> None:

@@ -8,7 +8,8 @@ that act on it are in every VM's chain already, so the table is not
 replaced (a replace re-checks every rule in it: 30 ms per family at 1,000
 VMs). A VM that comes, goes or changes class is one table replace per
 family, which the kernel swaps in atomically: no packet sees a half-applied
-change. Chains whose rules (by the
+change; a full apply has the kernel check one family's table in the
+background while it builds the other's. Chains whose rules (by the
 digest in their comments) are already right are not touched, and rules that
 are rewritten take their predecessors' counters, so per-VM counts never go
 back. Use it only where the host already runs iptables-legacy: creating
@@ -18,69 +19,32 @@ measured) and cannot be undone without a reboot (see enforce/select.py).
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 from smtpguard import logs
 from smtpguard.enforce import iptables_render as R
 from smtpguard.enforce import render
 from smtpguard.enforce.desired import Action, Capabilities, Desired
 from smtpguard.enforce.ipset_state import IpsetState
+from smtpguard.enforce.iptables_kernel import (
+    PROC,
+    TABLE_NAMES,
+    kernel_ready,
+    legacy_tables_in_use,
+    load_iptc,
+)
 from smtpguard.enforce.iptc_table import Model, XtTable
 from smtpguard.enforce.nftables import BlockedCount
-from smtpguard.errors import BackendUnavailable, EnforcerError
+from smtpguard.errors import EnforcerError
 from smtpguard.policy.model import Policy
 
-PROC = Path("/proc/thread-self/net")  # this thread's namespace (the lab runs agents in threads)
-TABLE_NAMES = {"ipv4": "ip_tables_names", "ipv6": "ip6_tables_names"}
+__all__ = ["IptablesEnforcer", "kernel_ready", "legacy_tables_in_use"]  # select.py, tests
+
 HASHLIMIT_PROC = {"ipv4": "ipt_hashlimit", "ipv6": "ip6t_hashlimit"}
 COUNTS_MAX_AGE = 1.0  # seconds a counter reading is reused
-
-
-def legacy_tables_in_use(proc: Path = PROC) -> bool:
-    """Whether this network namespace already has iptables-legacy tables."""
-    return any((proc / n).exists() and (proc / n).read_text().strip()
-               for n in TABLE_NAMES.values())
-
-
-def _iptc() -> Any:
-    try:
-        import iptc
-    except (ImportError, OSError) as exc:  # OSError: libip4tc/libxtables missing
-        raise BackendUnavailable(f"python-iptables is not usable: {exc}") from exc
-    return iptc
-
-
-# The tables, then the sets and their match (which the kernel also loads on first use).
-MODULES = ("ip_tables", "iptable_filter", "ip6_tables", "ip6table_filter",
-           "ip_set", "ip_set_hash_netiface", "xt_set")
-
-
-def _modprobe() -> None:
-    subprocess.run(["modprobe", "-q", "-a", *MODULES], stdin=subprocess.DEVNULL,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-
-
-def kernel_ready(proc: Path = PROC, load: Callable[[], None] = _modprobe) -> None:
-    """The kernel's iptables-legacy must be loaded: libiptc cannot load it
-    ("iptables who? (do you need to insmod?)"), and neither can the service,
-    whose unit has no CAP_SYS_MODULE. A host that runs iptables-legacy has
-    it; for one that does not, modprobe is tried (it works for root outside
-    the unit), then the error says what to load."""
-    if all((proc / n).exists() for n in TABLE_NAMES.values()):
-        return
-    load()
-    missing = [n for n in TABLE_NAMES.values() if not (proc / n).exists()]
-    if missing:
-        raise BackendUnavailable(
-            f"the kernel's iptables-legacy is not loaded (no {', '.join(missing)} in "
-            f"/proc/net) and this process may not load it: run `modprobe -a "
-            f"{' '.join(MODULES)}` (and list them in /etc/modules-load.d/ to keep them), "
-            "or use the nftables backend")
 
 
 class IptablesEnforcer:
@@ -90,7 +54,7 @@ class IptablesEnforcer:
     name = "iptables"
 
     def __init__(self, policy: Policy | None = None, proc: Path = PROC) -> None:
-        self.iptc = _iptc()
+        self.iptc = load_iptc()
         self._policy = policy  # set_action needs one: apply() sets it
         self.proc = proc
         # FORWARD/INPUT can always send a reset; bridged VMs are seen with br_netfilter.
@@ -117,10 +81,12 @@ class IptablesEnforcer:
         return XtTable(self.iptc, family)
 
     def _edit(self, ft: XtTable, have: Model, want: dict[str, list[R.Rule]],
-              drop: set[str], hooks: list[R.Rule] | None, trusted: bool) -> Model:
+              drop: set[str], hooks: list[R.Rule] | None, trusted: bool,
+              after: XtTable | None = None, background: bool = False) -> Model:
         """One table replace: sync the chains in `want` (targets first, then
         the dispatch that jumps to them), delete the chains in `drop`, put our
-        jumps first in the hooks. `have` is what we believe the chains hold."""
+        jumps first in the hooks. `have` is what we believe the chains hold.
+        after, background: see XtTable.commit."""
         new = dict(have)
         retired: dict[str, dict[str, tuple[int, int]]] = {}
         try:
@@ -149,7 +115,7 @@ class IptablesEnforcer:
                 new[hook] = ft.sync_chain(hook, ft.read_hook(hook), hooks, hook=True)
         except self.iptc.IPTCError as exc:
             raise EnforcerError(f"building the smtpguard {ft.family} chains: {exc}") from exc
-        ft.commit(f"applying the smtpguard {ft.family} {ft.name} chains")
+        ft.commit(f"applying the smtpguard {ft.family} {ft.name} chains", after, background)
         return new
 
     def _has_table(self, family: R.Family, name: str) -> bool:
@@ -199,15 +165,23 @@ class IptablesEnforcer:
             self.sets.write(state, (set(state) | set(held)) - odd, held)
             self.sets.write(state, odd)
             model: dict[str, Model] = {}
-            for fam in R.FAMILIES:
-                ft = self._table(fam)
-                have = ft.read()
-                for chain in ft.unflagged:  # lost the flag (a restore): rewritten, counts kept
-                    have[chain] = [" ".join(c.split()[:2] + ["lost"]) for c in have[chain]]
-                want = R.chains(desired, fam)
-                drop = {c for c in have if c.startswith(R.PREFIX)} - set(want)
-                model[fam] = self._edit(ft, have, want, drop, R.hook_rules(desired.policy),
-                                        trusted=False)
+            # Each family's table is replaced in the background while the next
+            # is built, in order: the kernel checks one as Python makes the other.
+            prev: XtTable | None = None
+            try:
+                for fam in R.FAMILIES:
+                    ft = self._table(fam)
+                    have = ft.read()
+                    for chain in ft.unflagged:  # lost the flag (a restore): rewritten
+                        have[chain] = [" ".join(c.split()[:2] + ["lost"]) for c in have[chain]]
+                    want = R.chains(desired, fam)
+                    drop = {c for c in have if c.startswith(R.PREFIX)} - set(want)
+                    model[fam] = self._edit(ft, have, want, drop, R.hook_rules(desired.policy),
+                                            trusted=False, after=prev, background=True)
+                    prev = ft
+            finally:
+                if prev is not None:
+                    prev.finish()
             self._nat(desired)
             self._done(desired, model)
 

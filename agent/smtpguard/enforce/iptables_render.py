@@ -26,26 +26,53 @@ only its elements in the SMTPG-BLOCK/SMTPG-THROTTLE sets do (ipset_state.py;
 a timed action is an element timeout), so such a change never replaces the
 table, and the counts of its rules stay on them.
 
-Every rule carries a comment `smtpguard TAG DIGEST`: TAG says what it counts
-(`block/25`, `limit/587`, ...; a timed action adds `@UNTIL`), DIGEST is a hash
-of the rule, so a chain whose digests match what is wanted is left untouched
-(its counters too).
+Every rule carries a comment saying what it counts and a digest of the
+rule (iptables_rule.py), so a chain whose digests match what is wanted is left
+untouched (its counters too). A VM's chain is its class's, made once per
+apply, with the VM's own hashlimit buckets written in (`chains`).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 import time
-from dataclasses import dataclass, replace
-from typing import Literal
+from dataclasses import replace
 
 from smtpguard.enforce import ipset_state, render
 from smtpguard.enforce.desired import Action, Desired
+from smtpguard.enforce.iptables_rule import (  # re-exported: callers say R.Rule
+    COMMENT as COMMENT,
+)
+from smtpguard.enforce.iptables_rule import (
+    SRC_MASK as SRC_MASK,
+)
+from smtpguard.enforce.iptables_rule import (
+    Family as Family,
+)
+from smtpguard.enforce.iptables_rule import (
+    Limit as Limit,
+)
+from smtpguard.enforce.iptables_rule import (
+    Rule as Rule,
+)
+from smtpguard.enforce.iptables_rule import (
+    counted as counted,
+)
+from smtpguard.enforce.iptables_rule import (
+    datestop as datestop,
+)
+from smtpguard.enforce.iptables_rule import (
+    parse_comment as parse_comment,
+)
+from smtpguard.enforce.iptables_rule import (
+    parse_tally as parse_tally,
+)
+from smtpguard.enforce.iptables_rule import (
+    tally_rule as tally_rule,
+)
 from smtpguard.policy.model import Ceiling, Policy, VmClass
 
-Family = Literal["ipv4", "ipv6"]
 FAMILIES: tuple[Family, ...] = ("ipv4", "ipv6")
 PREFIX = "SMTPG"
 DISPATCH = PREFIX
@@ -57,132 +84,12 @@ TALLY_CHAIN = f"{PREFIX}-TALLY"
 NAT_CHAIN = f"{PREFIX}-NAT"  # in the nat table: port-25 redirects
 NAT_HOOKS = ("PREROUTING",)
 HOOKS = ("FORWARD", "INPUT")
-COMMENT = "smtpguard"
 UNKNOWN_IFACE = "*"  # what counters of not-yet-seen interfaces are reported under
 MULTIPORT_MAX = 15  # ports one multiport match can hold
 SIZES = {  # hashlimit tables: explicit sizes; a full table drops (never lets through)
     "vm": (16, 16),  # (buckets, max entries): one entry, the VM's own bucket
     "unknown": (4096, 65536),  # per source address of interfaces not seen yet
 }
-SRC_MASK = {"ipv4": 32, "ipv6": 64}  # an IPv6 VM gets one bucket per /64
-
-
-@dataclass(frozen=True)
-class Limit:
-    """A hashlimit match rejecting what is over the ceiling."""
-
-    name: str
-    rate: str  # "20/min"
-    burst: int
-    per_source: bool = False  # keyed by source address (interfaces not seen yet)
-    size: int = 16
-    max: int = 16
-
-
-@dataclass(frozen=True)
-class Rule:
-    tag: str  # what the rule is, for counting: "block/25", "limit/587", "vm", ...
-    target: str  # REJECT, RETURN or a chain
-    goto: bool = False
-    iface: str | None = None
-    physdev: str | None = None
-    dst: str | None = None
-    syn_ports: tuple[int, ...] = ()  # the hook's jump: SYNs to these ports
-    dport: int | None = None
-    until: int | None = None  # epoch seconds: matches only until then (xt_time)
-    limit: Limit | None = None
-    not_dnat: bool = False  # only connections not redirected by our DNAT
-    state: str | None = None  # matches only while the interface is in this state's set
-    by_port: bool = False  # the set is looked up by bridge port (see ipset_state)
-    to: str | None = None  # DNAT's destination (the nat table's redirect)
-
-    @property
-    def reason(self) -> str | None:
-        """The reason a REJECT counts under (port25, limit, throttle, block)."""
-        head = self.tag.split("/")[0]
-        return head if head in render.REASONS and self.target == "REJECT" else None
-
-    def args(self, family: Family) -> list[str]:
-        """The rule as iptables arguments, without chain and comment."""
-        a: list[str] = []
-        if self.iface:
-            a += ["-i", self.iface]
-        if self.dst:
-            a += ["-d", self.dst]
-        if self.syn_ports:
-            a += ["-p", "tcp", "-m", "tcp", "--syn", "-m", "multiport", "--dports",
-                  ",".join(map(str, self.syn_ports))]
-        if self.dport is not None:
-            a += ["-p", "tcp", "-m", "tcp", "--dport", str(self.dport)]
-        if self.physdev:
-            a += ["-m", "physdev", "--physdev-in", self.physdev]
-        if self.not_dnat:
-            a += ["-m", "conntrack", "!", "--ctstate", "DNAT"]
-        if self.until is not None:
-            a += ["-m", "time", "--datestop", datestop(self.until)]
-        if self.state:
-            a += ["-m", "set", "--match-set", ipset_state.set_name(self.state, family),
-                  "src,src"]
-        if self.limit:
-            lim = self.limit
-            a += ["-m", "hashlimit", "--hashlimit-above", lim.rate, "--hashlimit-burst",
-                  str(lim.burst), "--hashlimit-name", lim.name]
-            if lim.per_source:
-                mask = SRC_MASK[family]
-                a += ["--hashlimit-mode", "srcip", "--hashlimit-srcmask", str(mask)]
-            a += ["--hashlimit-htable-size", str(lim.size), "--hashlimit-htable-max",
-                  str(lim.max), "--hashlimit-htable-expire", str(render.LIMITER_IDLE * 1000)]
-        a += ["-g" if self.goto else "-j", self.target]
-        if self.target == "REJECT":
-            a += ["--reject-with", "tcp-reset"]
-        if self.to:
-            a += ["--to-destination", self.to]
-        return a
-
-    def comment(self, family: Family) -> str:
-        return _comment(self, family)
-
-
-@functools.lru_cache(maxsize=1 << 17)  # a full apply asks for each rule's more than once
-def _comment(rule: Rule, family: Family) -> str:
-    text = " ".join(rule.args(family)) + (" [by-port]" if rule.by_port else "")
-    digest = hashlib.sha1(text.encode()).hexdigest()[:10]
-    tag = rule.tag if rule.until is None else f"{rule.tag}@{rule.until}"
-    return f"{COMMENT} {tag} {digest}"
-
-
-def tally_rule(ifname: str, tag: str) -> Rule:
-    """Where a removed counting rule's count goes (never evaluated)."""
-    return Rule(f"tally:{ifname}:{tag}", "RETURN", iface=ifname)
-
-
-def parse_tally(tag: str) -> tuple[str, str] | None:
-    """(ifname, counting tag) from a tally rule's tag."""
-    kind, _, rest = tag.partition(":")
-    ifname, _, counted = rest.rpartition(":")
-    return (ifname, counted) if kind == "tally" and ifname else None
-
-
-def counted(tag: str) -> tuple[str, int] | None:
-    """(reason, port) a counting tag counts under ("block/25" -> ("block", 25))."""
-    reason, _, port = tag.partition("/")
-    return (reason, int(port)) if reason in render.REASONS and port.isdigit() else None
-
-
-def parse_comment(comment: str) -> tuple[str, int | None] | None:
-    """(tag, until) from one of our comments; None for anyone else's."""
-    parts = comment.split()
-    if len(parts) != 3 or parts[0] != COMMENT:
-        return None
-    tag, _, until = parts[1].partition("@")
-    return tag, int(until) if until.isdigit() else None
-
-
-def datestop(until: int) -> str:
-    """xt_time's --datestop for an action that ends at `until` (a whole
-    second, rounded up): it matches up to and including its second, so the
-    last second is the one before. Resolution 1 s, never early."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(until - 1))
 
 
 def vm_chain(ifname: str) -> str:
@@ -199,13 +106,17 @@ def hashlimit_rate(ceiling: Ceiling) -> str:
     return f"{max(1, round(per_second * 86400))}/day"
 
 
-def _limit(kind: str, owner: str, ceiling: Ceiling, per_source: bool) -> Limit:
+def _bucket(kind: str, owner: str, rate: str, burst: int, per_source: bool) -> str:
     """Named by what it limits and how: a reload that keeps the ceiling keeps
     the bucket (same name), a changed ceiling starts a fresh one."""
+    key = f"{kind}|{owner}|{rate}|{burst}|{per_source}"
+    return f"sg{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+
+
+def _limit(kind: str, owner: str, ceiling: Ceiling, per_source: bool) -> Limit:
     rate = hashlimit_rate(ceiling)
-    key = f"{kind}|{owner}|{rate}|{ceiling.burst}|{per_source}"
     size, most = SIZES["unknown" if per_source else "vm"]
-    return Limit(f"sg{hashlib.sha1(key.encode()).hexdigest()[:12]}", rate, ceiling.burst,
+    return Limit(_bucket(kind, owner, rate, ceiling.burst, per_source), rate, ceiling.burst,
                  per_source, size, most)
 
 
@@ -248,32 +159,65 @@ def _class_rules(cls: str, policy: Policy, owner: str, per_source: bool,
     return rules
 
 
-def _action_rules(owner: str, c: VmClass, policy: Policy, family: Family) -> list[Rule]:
+def _action_rules(owner: str, c: VmClass, policy: Policy, family: Family
+                  ) -> tuple[list[Rule], list[Rule]]:
     """A block and a throttle, each in force while the interface is in its
     set: every rule twice, looking the set up by the packet's input interface
-    (routed taps) and by its bridge port (bridged VMs)."""
+    (routed taps) and by its bridge port (bridged VMs). Port 25 of a class
+    that blocks it has no throttle rule: the class's own block comes first."""
     ports = sorted(policy.smtp_ports)
-    rules = [Rule(f"block/{p}", "REJECT", dport=p, state="block") for p in ports]
     blocked25 = blocks25(c, family)
-    if blocked25:
-        rules.append(Rule("port25/25", "REJECT", dport=25, state="throttle"))
     lim = _limit("throttle", owner, c.throttle, False)
-    rules += [Rule(f"throttle/{p}", "REJECT", dport=p, limit=lim, state="throttle")
-              for p in ports if not (p == 25 and blocked25)]
+    throttle = [Rule(f"throttle/{p}", "REJECT", dport=p, limit=lim, state="throttle")
+                for p in ports if not (p == 25 and blocked25)]
     # the class ceiling does not apply to a throttled VM
-    rules.append(Rule("throttled", "RETURN", state="throttle"))
-    return [v for r in rules for v in (r, replace(r, by_port=True))]
+    throttle.append(Rule("throttled", "RETURN", state="throttle"))
+    return ([v for p in ports for r in [Rule(f"block/{p}", "REJECT", dport=p, state="block")]
+             for v in (r, replace(r, by_port=True))],
+            [v for r in throttle for v in (r, replace(r, by_port=True))])
+
+
+PROTO_OWNER = "\0"  # whose buckets a class's chain is first made with (no VM's)
 
 
 def vm_rules(ifname: str, cls: str, policy: Policy, family: Family,
-             owner: str | None = None) -> list[Rule]:
+             owner: str | None = None, protos: dict[str, list[Rule]] | None = None
+             ) -> list[Rule]:
     """owner: whose ceiling the hashlimits are (the VM's, for a VM with
-    several interfaces: the same name is one bucket in the kernel)."""
-    c = policy.classes[cls]
-    audit = policy.mode_of(cls) == "audit"
-    owner = owner or ifname
-    head = [] if audit else _action_rules(owner, c, policy, family)
-    return head + _class_rules(cls, policy, owner, False, family)
+    several interfaces: the same name is one bucket in the kernel). protos:
+    the class chains made so far in this rendering (class -> rules), reused."""
+    proto = None if protos is None else protos.get(cls)
+    if proto is None:
+        own = _class_rules(cls, policy, PROTO_OWNER, False, family)
+        if policy.mode_of(cls) == "audit":
+            proto = own
+        else:  # block; the class's port 25 (whatever the state); throttle; ceiling
+            block, throttle = _action_rules(PROTO_OWNER, policy.classes[cls], policy, family)
+            proto = block + [r for r in own if not r.limit] + throttle + [
+                r for r in own if r.limit]
+        if protos is not None:
+            protos[cls] = proto
+    return _owned(proto, owner or ifname, family)
+
+
+def _owned(proto: list[Rule], owner: str, family: Family) -> list[Rule]:
+    """A class's chain with this owner's buckets: the rules without one are
+    the class's own objects, the others copies (Rule.rebucket)."""
+    buckets: dict[str, Limit] = {}
+    out: list[Rule] = []
+    for r in proto:
+        lim = r.limit
+        if lim is None:
+            out.append(r)
+            continue
+        mine = buckets.get(lim.name)
+        if mine is None:
+            kind = r.tag.partition("/")[0]  # throttle/465 -> the throttle's bucket
+            mine = buckets[lim.name] = Limit(
+                _bucket(kind, owner, lim.rate, lim.burst, lim.per_source), lim.rate,
+                lim.burst, lim.per_source, lim.size, lim.max)
+        out.append(r.rebucket(mine, (family,)))
+    return out
 
 
 def shared_owner(desired: Desired, ifname: str) -> str | None:
@@ -325,9 +269,10 @@ def chains(desired: Desired, family: Family, now: float | None = None
     pol = desired.policy
     out = {DISPATCH: dispatch_rules(desired, family),
            DEFAULT_CHAIN: _class_rules(pol.default_class, pol, "*", True, family)}
+    protos: dict[str, list[Rule]] = {}
     for ifname, cls in vm_ifaces(desired).items():
         out[vm_chain(ifname)] = vm_rules(ifname, cls, pol, family,
-                                         shared_owner(desired, ifname))
+                                         shared_owner(desired, ifname), protos)
     return out
 
 

@@ -4,7 +4,10 @@ ipt_entry/ip6t_entry, xt_entry_match headers and data, the target).
 python-iptables builds a rule in ~0.2 ms (48,000 rules at 1,000 VMs), so
 iptc_table builds the first of each shape with it and makes the others as
 copies with what differs from one VM to the next written in (interface,
-jump, hashlimit name, comment: each a fixed-size field). Reading walks the
+jump, hashlimit name, comment: each a fixed-size field at an offset found
+once per template), and a rule object in many chains (a class's rules
+without a bucket) is made once. Rules are bytes, handed to libiptc as they
+are. Reading walks the
 entries the same way, for the comments and for what no rule's text shows:
 a set match's bridge-port lookup (xt_set's IPSET_FLAG_PHYSDEV, which no
 iptables option sets).
@@ -13,7 +16,6 @@ iptables option sets).
 from __future__ import annotations
 
 import ctypes
-import functools
 from dataclasses import replace
 from typing import Any
 
@@ -25,50 +27,36 @@ IFACE_AT = {"ipv4": 16, "ipv6": 64}  # ipt_ip.iniface, ip6t_ip6.iniface
 TARGET_OFFSET_AT = {"ipv4": 88, "ipv6": 140}  # ipt_entry/ip6t_entry.target_offset
 
 
-class RawRule:
-    """A rule as libiptc takes it (an entry, its matches, its target)."""
-
-    def __init__(self, raw: bytes, entry_type: Any) -> None:
-        self.buf = (ctypes.c_ubyte * len(raw)).from_buffer_copy(raw)
-        self.entry_type = entry_type
-
-    @property
-    def rule(self) -> Any:
-        return self.buf
-
-    @property
-    def counters(self) -> tuple[int, int]:
-        c = self.entry_type.from_buffer(self.buf).counters
-        return int(c.pcnt), int(c.bcnt)
-
-    @counters.setter
-    def counters(self, value: tuple[int, int]) -> None:
-        c = self.entry_type.from_buffer(self.buf).counters
-        c.pcnt, c.bcnt = value
-
-
-@functools.lru_cache(maxsize=1 << 17)
 def shape(spec: R.Rule) -> R.Rule | None:
     """What a template is kept under: the rule with what differs from one VM
     to the next blanked (each a fixed-size field, written into a copy by
-    _fill); None for what is not worth one (tallies, wildcards)."""
+    Template.fill); None for what is not worth one (tallies, wildcards).
+    Memoized on the rule and shared with its bucket-renamed copies."""
+    memo = spec.alike
+    if "shape" not in memo:
+        memo["shape"] = _shape(spec)
+    got: R.Rule | None = memo["shape"]
+    return got
+
+
+def _shape(spec: R.Rule) -> R.Rule | None:
     if spec.tag.startswith("tally:"):
         return None
-    shape = spec
     for name in (spec.iface, spec.physdev):
         if name and (name.endswith("+") or len(name) >= 16):
             return None
+    blank: dict[str, Any] = {}
     if spec.iface:  # masks differ by length
-        shape = replace(shape, iface=str(len(spec.iface)))
+        blank["iface"] = str(len(spec.iface))
     if spec.physdev:
-        shape = replace(shape, physdev=str(len(spec.physdev)))
+        blank["physdev"] = str(len(spec.physdev))
     if spec.target in (R.vm_chain(spec.iface or ""), R.vm_chain(spec.physdev or "")):
-        shape = replace(shape, target=R.VM_CHAIN)  # the dispatch's jump to a VM's chain
+        blank["target"] = R.VM_CHAIN  # the dispatch's jump to a VM's chain
     if spec.limit:
         if len(spec.limit.name) >= 16:
             return None
-        shape = replace(shape, limit=replace(spec.limit, name=""))
-    return shape
+        blank["limit"] = replace(spec.limit, name="")
+    return replace(spec, **blank) if blank else spec
 
 
 def _put(raw: bytearray, at: int, size: int, text: str) -> None:
@@ -78,31 +66,48 @@ def _put(raw: bytearray, at: int, size: int, text: str) -> None:
     raw[at:at + size] = data + b"\0" * (size - len(data))
 
 
-def fill(template: bytes, spec: R.Rule, family: R.Family, entry: Any) -> bytes:
-    """The template with this rule's interface, jump, bucket and comment:
-    struct ipt_entry/ip6t_entry, then xt_entry_match headers and data
-    (physdev, hashlimit and comment each start with their string), then
-    the target (a jump names its chain)."""
-    raw = bytearray(template)
-    head = ctypes.sizeof(entry)
-    if spec.iface:
-        _put(raw, IFACE_AT[family], 16, spec.iface)
-    target_at = int.from_bytes(raw[TARGET_OFFSET_AT[family]:TARGET_OFFSET_AT[family] + 2],
-                               "little")
-    at = head
-    while at + MATCH_HEAD <= target_at:
-        size = int.from_bytes(raw[at:at + 2], "little")
-        name = bytes(raw[at + 2:at + 31]).split(b"\0")[0]
-        if name == b"physdev" and spec.physdev:
-            _put(raw, at + MATCH_HEAD, 16, spec.physdev)
-        elif name == b"hashlimit" and spec.limit:
-            _put(raw, at + MATCH_HEAD, 16, spec.limit.name)
-        elif name == b"comment":
-            _put(raw, at + MATCH_HEAD, 256, spec.comment(family))
-        at += max(size, MATCH_HEAD)
-    if spec.target.startswith(R.VM_CHAIN):
-        _put(raw, target_at + 2, 29, spec.target)
-    return bytes(raw)
+class Template:
+    """The first rule of a shape as python-iptables built it, and where in
+    it what differs from one rule of the shape to the next sits: struct
+    ipt_entry/ip6t_entry (the input interface), then xt_entry_match headers
+    and data (physdev, hashlimit and comment each start with their string),
+    then the target (a jump names its chain)."""
+
+    def __init__(self, raw: bytes, family: R.Family, entry: Any) -> None:
+        self.raw = raw
+        self.family = family
+        self.target_at = int.from_bytes(
+            raw[TARGET_OFFSET_AT[family]:TARGET_OFFSET_AT[family] + 2], "little")
+        self.data_at: dict[bytes, int] = {}  # match name -> where its data starts
+        at = ctypes.sizeof(entry)
+        while at + MATCH_HEAD <= self.target_at:
+            size = int.from_bytes(raw[at:at + 2], "little")
+            self.data_at.setdefault(raw[at + 2:at + 31].split(b"\0")[0], at + MATCH_HEAD)
+            at += max(size, MATCH_HEAD)
+
+    def fill(self, spec: R.Rule) -> bytes:
+        """This rule: the template with its interface, jump, bucket and comment."""
+        raw = bytearray(self.raw)
+        if spec.iface:
+            _put(raw, IFACE_AT[self.family], 16, spec.iface)
+        at = self.data_at.get(b"physdev")
+        if at is not None and spec.physdev:
+            _put(raw, at, 16, spec.physdev)
+        at = self.data_at.get(b"hashlimit")
+        if at is not None and spec.limit:
+            _put(raw, at, 16, spec.limit.name)
+        at = self.data_at.get(b"comment")
+        if at is not None:
+            _put(raw, at, 256, spec.comment(self.family))
+        if spec.target.startswith(R.VM_CHAIN):
+            _put(raw, self.target_at + 2, 29, spec.target)
+        return bytes(raw)
+
+
+def per_vm(spec: R.Rule) -> bool:
+    """Whether a rule's bytes hold anything of one VM's (else one rule
+    object's bytes serve every chain it is in)."""
+    return bool(spec.iface or spec.physdev or spec.limit or spec.target.startswith(R.VM_CHAIN))
 
 
 # struct xt_set_info_match_v3/v4 (linux/netfilter/xt_set.h): after the

@@ -3,13 +3,18 @@ python-iptables (libiptc): reading our chains, editing them by position while
 keeping counters, committing.
 
 Nothing here decides what the rules should be (iptables_render does) or when
-to change them (the backend, iptables.py). Every FilterTable is a fresh read
-of the kernel's table; commit() replaces it in one step.
+to change them (the backend, iptables.py). Every XtTable is a fresh read of
+the kernel's table; commit() replaces it in one step, in the background if
+asked (the next family's table is built meanwhile). Rules go to libiptc as
+the bytes of their entries (iptc_raw), python-iptables builds only the first
+of each shape; a chain that is new is written in order, without a diff.
 """
 
 from __future__ import annotations
 
 import difflib
+import struct
+import threading
 from typing import Any
 
 from smtpguard.enforce import ipset_state, render
@@ -35,8 +40,16 @@ class XtTable:
             raise EnforcerError(f"reading the {family} {name} table: {exc}") from exc
         self.table = table
         # raw entries by shape (iptc_raw), kept per table edit: a set match
-        # holds the set's index in this namespace, as it was when built
-        self.templates: dict[R.Rule, bytes] = {}
+        # holds the set's index in this namespace, as it was when built.
+        self.templates: dict[R.Rule, X.Template] = {}
+        # The same by id (hashing a rule costs more than filling a template):
+        # the rule is kept alive beside it.
+        self.by_id: dict[int, tuple[R.Rule, X.Template]] = {}
+        self.made: dict[int, tuple[R.Rule, bytes]] = {}  # rules in many chains, made once
+        self.entry_type = iptc.ip4tc.ipt_entry if family == "ipv4" else iptc.ip6tc.ip6t_entry
+        self.lib = table._iptc  # libiptc itself: a rule's bytes go in as they are
+        self._pending: threading.Thread | None = None  # a background commit
+        self._failed: EnforcerError | None = None
 
     def is_chain(self, chain: str) -> bool:
         return bool(self.table.is_chain(chain))
@@ -46,15 +59,39 @@ class XtTable:
             self.table.flush_entries(chain)
             self.table.delete_chain(chain)
 
-    def new_rule(self, spec: R.Rule) -> Any:
+    def new_rule(self, spec: R.Rule) -> bytes:
+        """The rule's entry (struct ipt_entry/ip6t_entry with its matches and target)."""
+        made = self.made.get(id(spec))
+        if made is not None:
+            return made[1]
         shape = X.shape(spec)
         if shape is None:
-            return self._build(spec)
-        entry = self.iptc.ip4tc.ipt_entry if self.family == "ipv4" else \
-            self.iptc.ip6tc.ip6t_entry
-        if shape not in self.templates:  # the first of its shape, built for real
-            self.templates[shape] = bytes(self._build(spec).rule)
-        return X.RawRule(X.fill(self.templates[shape], spec, self.family, entry), entry)
+            return bytes(self._build(spec).rule)
+        got = self.by_id.get(id(shape))
+        if got is None:
+            template = self.templates.get(shape)
+            if template is None:  # the first of its shape, built for real
+                template = self.templates[shape] = X.Template(
+                    bytes(self._build(spec).rule), self.family, self.entry_type)
+            got = self.by_id[id(shape)] = (shape, template)
+        raw = got[1].fill(spec)
+        if not X.per_vm(spec):
+            self.made[id(spec)] = (spec, raw)
+        return raw
+
+    def with_counters(self, raw: bytes, counters: tuple[int, int]) -> bytes:
+        at = self.entry_type.counters.offset
+        return b"".join((raw[:at], struct.pack("=QQ", *counters), raw[at + 16:]))
+
+    def _append(self, chain: bytes, raw: bytes) -> None:
+        if self.lib.iptc_append_entry(chain, raw, self.table._handle) != 1:
+            raise self.iptc.IPTCError(f"can't append a rule to {chain.decode()}: "
+                                      f"{self.table.strerror()}")
+
+    def _insert(self, chain: bytes, raw: bytes, at: int) -> None:
+        if self.lib.iptc_insert_entry(chain, raw, at, self.table._handle) != 1:
+            raise self.iptc.IPTCError(f"can't insert a rule into {chain.decode()}: "
+                                      f"{self.table.strerror()}")
 
     def _build(self, spec: R.Rule) -> Any:
         iptc = self.iptc
@@ -166,13 +203,18 @@ class XtTable:
             for i in reversed(ours):
                 self.delete_at(chain, i)
             for i, spec in enumerate(want):
-                self.table.insert_entry(chain, self.new_rule(spec).rule, i)
+                self._insert(chain.encode(), self.new_rule(spec), i)
             return want_c + [c for c in have if not R.parse_comment(c)]
+        name = chain.encode()
         if not self.table.is_chain(chain):
             self.table.create_chain(chain)
             have = []
         if have == want_c:
             return have
+        if not have:  # a new chain (a full apply onto an empty table): in order
+            for spec in want:
+                self._append(name, self.new_rule(spec))
+            return want_c
         counters = self.counters(chain)
         if len(counters) != len(have):  # edited behind our back: start the chain afresh
             self.table.flush_entries(chain)
@@ -195,13 +237,11 @@ class XtTable:
             for _ in range(i2 - i1):
                 self.delete_at(chain, i1)
             for k, spec in enumerate(want[j1:j2]):
-                rule = self.new_rule(spec)
+                raw = self.new_rule(spec)
                 kept = carry.get(spec.tag)
                 if kept and spec.reason:
-                    rule.counters = kept.pop(0)
-                self.table.insert_entry(chain, rule.rule, i1 + k)
-                if kept is not None:
-                    rule.counters = (0, 0)  # a shared rule goes on without them
+                    raw = self.with_counters(raw, kept.pop(0))
+                self._insert(name, raw, i1 + k)
         if retired is not None:
             for tag, left in carry.items():
                 for p, b in left:
@@ -249,11 +289,39 @@ class XtTable:
             out.append(spec.comment(self.family))
         return out
 
-    def commit(self, what: str) -> None:
+    def commit(self, what: str, after: XtTable | None = None,
+               background: bool = False) -> None:
+        """Replace the kernel's table with ours. after: a table whose own
+        replace must be done (and must have worked) first. background: in a
+        thread, so the kernel checks this table while the caller builds the
+        next (libiptc lets go of the GIL; finish() waits and says how it went)."""
+        if after is not None:
+            after.finish()
+        if not background:
+            self._commit(what)
+            return
+        self._pending = threading.Thread(target=self._commit, args=(what,),
+                                         name=f"commit-{self.family}", daemon=True)
+        self._pending.start()
+
+    def _commit(self, what: str) -> None:
         try:
             self.table.commit()
         except self.iptc.IPTCError as exc:
-            raise EnforcerError(f"{what}: {exc}") from exc
+            failed = EnforcerError(f"{what}: {exc}")
+            if self._pending is None:
+                raise failed from exc
+            failed.__cause__ = exc
+            self._failed = failed  # for finish(), in the caller's thread
+
+    def finish(self) -> None:
+        """Wait for a background replace; raise its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.join()
+        failed, self._failed = self._failed, None
+        if failed is not None:
+            raise failed
 
     def read_hook(self, hook: str) -> list[str]:
         return [c for c, _p, _b in self._entries(hook)]
