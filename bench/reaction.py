@@ -95,34 +95,15 @@ def trial(ns: str, dest: str) -> float:
     return run_in(ns, run)
 
 
-def warm(ns: str, dest: str) -> None:
-    """One connection to a port nobody serves (not SMTP: neither counted nor
-    judged): the VM's neighbours are resolved before its flood, else its
-    first SYNs wait in the ARP queue, overflow it, and come back as
-    retransmissions a second later, after the block."""
-    def knock() -> None:
-        _connect_port(dest, 9)
-
-    run_in(ns, knock)
-
-
-def _connect_port(addr: str, port: int) -> None:
-    s = socket.socket()
-    s.settimeout(2)
-    try:
-        s.connect((addr, port))
-    except OSError:
-        pass
-    finally:
-        s.close()
-
-
 def flood(lab: topology.Lab, agent: Agent, trials: int) -> tuple[list[float], list[float]]:
     """(attempts past the threshold, the rate each VM reached) per trial."""
     passed, rates = [], []
     for n in range(1, trials + 1):
         vm = f"rvm{n}"
-        warm(lab.vm_ns(vm), topology.dest_addr(10_000 * n))
+        # Its neighbours resolved again right before its flood, else its first
+        # SYNs wait in the ARP queue, overflow it, and come back as
+        # retransmissions a second later, after the block.
+        topology.warm(lab, vm)
         times = fan_out(lab.vm_ns(vm), FLOOD, RATE, port=PORT, first=10_000 * n)
         rates.append((len(times) - 1) / (times[-1] - times[0]))
         deadline = time.monotonic() + 10

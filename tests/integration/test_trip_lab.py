@@ -6,9 +6,7 @@ immunity is over."""
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,30 +63,13 @@ def wait_left(lab: topology.Lab, agent: AgentProc, vm: str, want: int | None,
         time.sleep(0.05)
 
 
-def warm(lab: topology.Lab, vm: str, ipv6: bool) -> None:
-    """One connection to a port the sink does not serve (not SMTP: neither
-    counted nor judged), refused: every neighbour on the way is resolved."""
-    from smtpguard.netns import run_in
-
-    fam = socket.AF_INET6 if ipv6 else socket.AF_INET
-    dest = topology.dest_addr(0, 6 if ipv6 else 4)
-
-    def knock() -> None:
-        with socket.socket(fam, socket.SOCK_STREAM) as s:
-            s.settimeout(5)
-            with contextlib.suppress(ConnectionRefusedError):
-                s.connect((dest, 9))
-
-    run_in(lab.vm_ns(vm), knock)
-
-
 @pytest.mark.parametrize("ipv6", [False, True], ids=["ipv4", "ipv6"])
 def test_not_one_attempt_past_the_crossing_one(armed: Pair, ipv6: bool) -> None:
     lab, agent = armed
-    # Neighbours resolved first (the VM's gateway, the hypervisor's next hop):
-    # a burst that meets an unresolved IPv6 neighbour loses SYNs, and their
-    # retransmissions a second later meet the block instead.
-    warm(lab, "rvm1", ipv6)
+    # Neighbours resolved (again: the lab did when it made the VM) right
+    # before the burst: a burst that meets an unresolved IPv6 neighbour loses
+    # SYNs, and their retransmissions a second later meet the block instead.
+    topology.warm(lab, "rvm1")
     wait_left(lab, agent, "rvm1", AT)  # armed from the start
     got = send(lab, "rvm1", 300, port=587, ipv6=ipv6, timeout=5)
     assert got.get("completed", 0) == AT, got

@@ -40,6 +40,7 @@ SINK_HOST = 2
 VM_HOST_BASE = 10
 MAX_VMS = 240
 SINK_PORTS = (25, 465, 587)
+KNOCK_PORT = 9  # discard: never served by the sink, never SMTP
 STATE_ROOT = Path("/run/smtpguard-lab")
 IFA_F_NODAD = 0x02
 # Sinks started by this process, reaped by down() (a lab built by another
@@ -188,6 +189,7 @@ def add_vm(lab: Lab, n: int) -> str:
         ipr.link("set", index=idx, ifalias=vm)
         ipr.link("set", index=idx, master=ipr.link_lookup(ifname="br0")[0], state="up")
     _vm_side(lab, n)
+    warm(lab, vm)
     logs.get(lab=lab.prefix).info("lab.vm_added", vm=vm, interface=f"veth-{vm}")
     return vm
 
@@ -224,6 +226,7 @@ def replug_vm(lab: Lab, vm: str, host: str, ifalias: str | None = None) -> None:
             ipr.link("set", index=idx, ifalias=ifalias)
         ipr.link("set", index=idx, master=ipr.link_lookup(ifname="br0")[0], state="up")
     _vm_side(lab, n)
+    warm(lab, vm)
     logs.get(lab=lab.prefix).info("lab.vm_replugged", vm=vm, interface=host, ifalias=ifalias)
 
 
@@ -254,8 +257,40 @@ def add_routed_vm(lab: Lab, n: int) -> str:
         ipr.route("add", dst=f"{GW4}/32", oif=eth, scope=253)
         ipr.route("add", dst="0.0.0.0/0", gateway=GW4, oif=eth)
         ipr.route("add", dst="::/0", gateway=GW6, oif=eth)
+    warm(lab, vm)
     logs.get(lab=lab.prefix).info("lab.vm_added", vm=vm, interface=host, routed=True)
     return vm
+
+
+def warm(lab: Lab, vm: str) -> None:
+    """Resolve every neighbour between a VM and the sink, both families: one
+    connection each to a port nobody serves (not SMTP: neither counted nor
+    judged), refused. A VM's first burst would otherwise meet unresolved
+    neighbours, whose queues hold a few packets (IPv6's fewest): the SYNs
+    beyond are lost and their retransmissions, a second later, counted as
+    such. A replugged VM's new MAC reaches the sink the same way."""
+    import socket
+
+    def knock() -> list[str]:
+        failed = []
+        for fam, dest in ((socket.AF_INET, dest_addr(0, 4)), (socket.AF_INET6, dest_addr(0, 6))):
+            for _ in range(3):
+                with socket.socket(fam, socket.SOCK_STREAM) as s:
+                    s.settimeout(2)
+                    try:
+                        s.connect((dest, KNOCK_PORT))
+                    except ConnectionRefusedError:
+                        break  # the answer came back: resolved both ways
+                    except OSError:
+                        continue
+                    break
+            else:
+                failed.append(dest)
+        return failed
+
+    failed = run_in(lab.vm_ns(vm), knock)
+    if failed:
+        logs.get(lab=lab.prefix).warning("lab.warm_failed", vm=vm, unreachable=failed)
 
 
 def remove_vm(lab: Lab, vm: str) -> None:
