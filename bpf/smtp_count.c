@@ -370,7 +370,7 @@ static __always_inline void wake_agent(void)
 	}
 }
 
-/* The sketch's slot clock: bpf_ktime_get_ns() plus the configured offset
+/* The sketch's slot clock: count_syn's coarse clock plus the configured offset
  * (0 but in tests). An inlined array lookup, on new attempts only. */
 static __always_inline __u64 slot_clock(__u64 now)
 {
@@ -380,10 +380,10 @@ static __always_inline __u64 slot_clock(__u64 now)
 	return c ? now + c->slot_offset_ns : now;
 }
 
+/* d: the VM's sketch as looked up by the caller (NULL: it has none yet). */
 static __always_inline void count_destination(__u32 ifindex, const __u8 *daddr,
-					      __u64 now)
+					      __u64 now, struct dest_sketch *d)
 {
-	struct dest_sketch *d = smtp_dests.lookup(&ifindex);
 	__u32 zero = 0;
 	__u64 fine, coarse;
 	__u32 h;
@@ -408,24 +408,21 @@ static __always_inline void count_destination(__u32 ifindex, const __u8 *daddr,
 	hll_add(&d->coarse[coarse & (COARSE_SLOTS - 1)], coarse, h);
 }
 
-/* One more attempt to daddr in the record of recent destinations. */
-static __always_inline void count_recent(__u32 ifindex, __u8 family,
-					 const __u8 *daddr, __u64 now)
+/* One more attempt to rk's destination in the record of recent
+ * destinations; v: its entry as the caller looked it up (a VM's destinations
+ * repeat, and an update that finds its key still takes the bucket lock and a
+ * fresh LRU node), NULL when it had none. */
+static __always_inline void count_recent(struct recent_key *rk,
+					 struct recent_val *v, __u64 now)
 {
-	struct recent_key rk = { .ifindex = ifindex, .family = family };
 	struct recent_val rv = { .attempts = 1, .first_ns = now, .last_ns = now };
-	struct recent_val *v;
 
-	__builtin_memcpy(rk.daddr, daddr, sizeof(rk.daddr));
-	/* Lookup first: a VM's destinations repeat, and an update that finds
-	 * its key still takes the bucket lock and a fresh LRU node. */
-	v = smtp_recent.lookup(&rk);
 	if (!v) {
 		/* Two CPUs may both miss; BPF_NOEXIST lets exactly one insert
 		 * win, and the loser adds to the winner's entry. */
-		if (smtp_recent.insert(&rk, &rv) == 0)
+		if (smtp_recent.insert(rk, &rv) == 0)
 			return;
-		v = smtp_recent.lookup(&rk);
+		v = smtp_recent.lookup(rk);
 		if (!v)
 			return;	/* evicted in between: one count lost */
 	}
@@ -443,13 +440,13 @@ static __always_inline struct smtp_stats *stats_for(__u32 ifindex, __u16 port)
 	return smtp_stats.lookup_or_try_init(&key, &zero);
 }
 
-/* A new attempt (fresh) or a retransmitted SYN on an armed interface: the
- * attempt that reaches `at` passes (the crossing one); every SYN after it,
- * retransmissions included, is marked for the tables to reject. */
-static __always_inline void trip_wire(struct __sk_buff *skb, int fresh)
+/* A new attempt (fresh) or a retransmitted SYN on an armed interface (t: its
+ * wire, NULL when not armed): the attempt that reaches `at` passes (the
+ * crossing one); every SYN after it, retransmissions included, is marked for
+ * the tables to reject. */
+static __always_inline void trip_wire(struct __sk_buff *skb, int fresh,
+				      struct trip *t)
 {
-	__u32 ifindex = skb->ifindex;
-	struct trip *t = smtp_trip.lookup(&ifindex);
 	struct smtp_config *c;
 	__u32 zero = 0;
 	__u64 n, at;
@@ -481,7 +478,13 @@ static __always_inline void count_syn(struct __sk_buff *skb, struct l4 *l,
 	struct conn_key ck = {};
 	struct conn_val cv = {};
 	struct conn_val *old;
-	__u64 now = bpf_ktime_get_ns();
+	struct trip *t;
+	/* The coarse clock (the last tick's time, CLOCK_MONOTONIC_COARSE): what
+	 * it stamps (an attempt's start, the sketch's slots of 8.6 s and more,
+	 * a destination's first and last attempt) needs no better than a tick,
+	 * and it reads the time kept at the last tick where bpf_ktime_get_ns()
+	 * also reads and scales the clocksource (-20 ns a new SYN here). */
+	__u64 now = bpf_ktime_get_coarse_ns();
 
 	ck.ifindex = skb->ifindex;
 	ck.isn = bpf_ntohl(l->tcp->seq);
@@ -498,19 +501,31 @@ static __always_inline void count_syn(struct __sk_buff *skb, struct l4 *l,
 	 * would cost an LRU node allocation on every retransmission.) */
 	old = smtp_conns.lookup(&ck);
 	if (!old) {
+		struct recent_key rk = { .ifindex = ck.ifindex, .family = ck.family };
+		struct dest_sketch *d;
+		struct recent_val *rv;
+
+		/* The lookups a new attempt needs, all before its insert and
+		 * atomics: each locked instruction waits for the loads before it,
+		 * so cache misses issued together overlap (-15 ns a new SYN). */
+		__builtin_memcpy(rk.daddr, ck.daddr, sizeof(rk.daddr));
+		d = smtp_dests.lookup(&ck.ifindex);
+		rv = smtp_recent.lookup(&rk);
+		t = smtp_trip.lookup(&ck.ifindex);
 		if (smtp_conns.insert(&ck, &cv) == 0) {
 			__sync_fetch_and_add(&st->attempts, 1);
 			st->last_attempt_ns = now;
-			count_destination(ck.ifindex, ck.daddr, now);
-			count_recent(ck.ifindex, ck.family, ck.daddr, now);
+			count_destination(ck.ifindex, ck.daddr, now, d);
+			count_recent(&rk, rv, now);
 			wake_agent();
-			trip_wire(skb, 1);
+			trip_wire(skb, 1, t);
 			return;
 		}
 		old = smtp_conns.lookup(&ck);
 	}
 	__sync_fetch_and_add(&st->retransmits, 1);
-	trip_wire(skb, 0);
+	t = smtp_trip.lookup(&ck.ifindex);
+	trip_wire(skb, 0, t);
 	if (old && old->state == CONN_PENDING &&
 	    now - old->first_ns >= no_answer_ns() &&
 	    __sync_val_compare_and_swap(&old->state, CONN_PENDING,
@@ -538,13 +553,13 @@ int smtpg_ingress(struct __sk_buff *skb)
 		map_full(FULL_STATS);	/* counted, and exported with the fill level */
 		return TC_ACT_UNSPEC;
 	}
-	__sync_fetch_and_add(&st->packets, 1);
-	__sync_fetch_and_add(&st->bytes, skb->len);
-
 	flags = ((__u8 *)l.tcp)[13];
 	/* A SYN alone opens an attempt; SYN with RST/FIN/ACK is not one. */
 	if ((flags & (F_SYN | F_ACK | F_RST | F_FIN)) == F_SYN)
 		count_syn(skb, &l, st, dport);
+	/* After count_syn: its lookups go first (see there). */
+	__sync_fetch_and_add(&st->packets, 1);
+	__sync_fetch_and_add(&st->bytes, skb->len);
 	return TC_ACT_UNSPEC;
 }
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,6 +10,20 @@ import pytest
 from smtpguard.datapath.loader import Datapath, Sizes, ensure_bpffs
 
 PORTS = (25, 465, 587, 2525)
+# The classifier stamps attempts with the coarse clock: CLOCK_MONOTONIC as of
+# the last tick.
+CLOCK_MONOTONIC_COARSE = 6
+
+
+def coarse_ns() -> int:
+    return time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
+
+
+def past_a_tick() -> None:
+    """Return once the classifier's clock has moved on."""
+    t0 = coarse_ns()
+    while coarse_ns() == t0:
+        time.sleep(0.001)
 
 
 def clear(dp: Datapath) -> None:

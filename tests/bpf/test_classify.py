@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import past_a_tick
 from frames import (
     ACK,
     AH,
@@ -183,6 +184,7 @@ def test_no_answer_is_judged_on_retransmission(dp: Datapath) -> None:
     try:
         dp.set_no_answer(1e-9)
         ingress(dp, syn4(seq=5))
+        past_a_tick()  # the delay has passed on the classifier's clock
         ingress(dp, syn4(seq=5))
         ingress(dp, syn4(seq=5))
         egress(dp, answer(SYN | ACK, 5))  # too late: the outcome stands

@@ -26,7 +26,7 @@ class Destination:
 
     address: str  # "198.19.0.5" or "fdac:26::5" (v4-mapped shown as plain IPv4)
     attempts: int
-    first_ns: int  # bpf_ktime_get_ns() (CLOCK_MONOTONIC ns)
+    first_ns: int  # CLOCK_MONOTONIC ns, to the tick (the classifier's coarse clock)
     last_ns: int
 
 

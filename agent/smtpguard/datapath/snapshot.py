@@ -122,7 +122,8 @@ SKETCH_HORIZON_NS = max((n + 1) << shift for _tier, shift, n in WINDOWS.values()
 def take(stats: Any, dests: Any, clock: Callable[[], int] = time.monotonic_ns,
          every_sketch: bool = False,
          ktime: Callable[[], int] = time.monotonic_ns) -> Snapshot:
-    """Read both maps once. The clock must be CLOCK_MONOTONIC, like bpf_ktime_get_ns.
+    """Read both maps once. The clock must be CLOCK_MONOTONIC (the classifier
+    stamps with its coarse form, the time of the last tick).
 
     Sketches are decoded only for interfaces with an attempt (last_attempt_ns,
     the classifier's own unshifted clock: ktime) within SKETCH_HORIZON_NS: an
