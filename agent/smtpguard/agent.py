@@ -34,6 +34,7 @@ from smtpguard.policy.membership import facts_of, place
 from smtpguard.policy.watch import PolicyWatcher
 from smtpguard.respond import Responder
 from smtpguard.sdnotify import Notifier
+from smtpguard.trip_metrics import TripCollector
 
 POLL = 0.25  # the longest the loop sleeps (it also wakes on events, commands, the bell)
 
@@ -118,7 +119,8 @@ class Agent:
         self.reconcile()
         collectors: list[Any] = [DatapathCollector(
             self.snapshot, lambda: self.ifaces, lambda: self.datapath.loaded, self.health,
-            self.datapath.fill, lambda: self.policy)]
+            self.datapath.fill, lambda: self.policy),
+            TripCollector(lambda: self.datapath.table("smtp_trip"))]
         if self.cfg.enforce:
             from smtpguard.enforce.select import construct
 

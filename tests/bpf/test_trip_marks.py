@@ -48,9 +48,13 @@ def test_the_crossing_attempt_passes_and_every_syn_after_it_is_marked(dp: Datapa
     table = dp.table("smtp_trip")
     try:
         trip.arm(table, LO, 3)
+        trip.arm(table, 999_999, 3)  # another interface's, never reached
+        assert trip.census(table) == (2, 0)
         marks = [mark_of(dp, syn4(seq=s)) for s in range(1, 6)]
         assert marks == [0, 0, 0, MARK, MARK]
         assert trip.left(table, LO) == 0
+        assert trip.census(table) == (1, 1)  # armed, tripped (smtpguard_trip_wires)
+        trip.disarm(table, 999_999)
         assert mark_of(dp, syn4(seq=1)) == MARK  # a retransmission, once tripped
         assert mark_of(dp, syn6(seq=9)) == MARK  # every family, every SMTP port
         assert mark_of(dp, syn4(seq=10, dport=587), mark=0x1) == MARK | 0x1  # others' bits kept
@@ -58,9 +62,11 @@ def test_the_crossing_attempt_passes_and_every_syn_after_it_is_marked(dp: Datapa
         assert attempts(dp) == 7  # counted as ever (the retransmission is none)
         trip.disarm(table, LO)
         assert trip.left(table, LO) is None
+        assert trip.census(table) == (0, 0)
         assert mark_of(dp, syn4(seq=12)) == 0
     finally:
         trip.disarm(table, LO)
+        trip.disarm(table, 999_999)
         dp.set_trip_mark(0)
 
 

@@ -63,6 +63,12 @@ def wait_left(lab: topology.Lab, agent: AgentProc, vm: str, want: int | None,
         time.sleep(0.05)
 
 
+def wires(agent: AgentProc) -> dict[str, float]:
+    """smtpguard_trip_wires by state, as the agent exports it."""
+    fam = agent.metrics()["smtpguard_trip_wires"]
+    return {dict(k)["state"]: v for k, v in fam.items()}
+
+
 @pytest.mark.parametrize("ipv6", [False, True], ids=["ipv4", "ipv6"])
 def test_not_one_attempt_past_the_crossing_one(armed: Pair, ipv6: bool) -> None:
     lab, agent = armed
@@ -71,11 +77,13 @@ def test_not_one_attempt_past_the_crossing_one(armed: Pair, ipv6: bool) -> None:
     # SYNs, and their retransmissions a second later meet the block instead.
     topology.warm(lab, "rvm1")
     wait_left(lab, agent, "rvm1", AT)  # armed from the start
+    assert wires(agent) == {"armed": 1, "tripped": 0}
     got = send(lab, "rvm1", 300, port=587, ipv6=ipv6, timeout=5)
     assert got.get("completed", 0) == AT, got
     assert got == {"completed": AT, "refused": 300 - AT}, got
     agent.wait_event("vm.blocked", vm="rvm1")
     wait_left(lab, agent, "rvm1", None)  # blocked by its record now: disarmed
+    assert wires(agent) == {"armed": 0, "tripped": 0}
     assert agent.counter("smtpguard_smtp_connection_attempts_total", vm="rvm1") == 300
     assert agent.counter("smtpguard_smtp_blocked_attempts_total", vm="rvm1",
                          reason="block") == 300 - AT

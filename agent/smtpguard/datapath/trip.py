@@ -46,3 +46,18 @@ def left(table: Any, ifindex: int) -> int | None:
 
 def disarm_all(table: Any) -> None:
     table.clear()
+
+
+def census(table: Any) -> tuple[int, int]:
+    """(armed, tripped): wires counting down, and wires whose budget is spent
+    (the classifier marks their SYNs until the agent blocks and disarms).
+    One batched read of the map."""
+    armed = tripped = 0
+    for _, values, n in table.batches():
+        for t in values[:n]:
+            if t.at:
+                if t.n >= t.at:
+                    tripped += 1
+                else:
+                    armed += 1
+    return armed, tripped
