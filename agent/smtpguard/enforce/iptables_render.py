@@ -216,7 +216,7 @@ def _owned(proto: list[Rule], owner: str, family: Family) -> list[Rule]:
             mine = buckets[lim.name] = Limit(
                 _bucket(kind, owner, lim.rate, lim.burst, lim.per_source), lim.rate,
                 lim.burst, lim.per_source, lim.size, lim.max)
-        out.append(r.rebucket(mine, (family,)))
+        out.append(r.rebucket(mine, family))
     return out
 
 

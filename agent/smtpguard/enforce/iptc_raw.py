@@ -39,24 +39,38 @@ def shape(spec: R.Rule) -> R.Rule | None:
     return got
 
 
+_SHAPES: dict[tuple[Any, ...], R.Rule] = {}  # by what is left of a rule: the dispatch's
+# rules are new objects in every rendering, and dataclasses.replace costs ~10 us
+
+
 def _shape(spec: R.Rule) -> R.Rule | None:
     if spec.tag.startswith("tally:"):
         return None
-    for name in (spec.iface, spec.physdev):
+    iface, physdev, target, lim = spec.iface, spec.physdev, spec.target, spec.limit
+    for name in (iface, physdev):
         if name and (name.endswith("+") or len(name) >= 16):
             return None
-    blank: dict[str, Any] = {}
-    if spec.iface:  # masks differ by length
-        blank["iface"] = str(len(spec.iface))
-    if spec.physdev:
-        blank["physdev"] = str(len(spec.physdev))
-    if spec.target in (R.vm_chain(spec.iface or ""), R.vm_chain(spec.physdev or "")):
-        blank["target"] = R.VM_CHAIN  # the dispatch's jump to a VM's chain
-    if spec.limit:
-        if len(spec.limit.name) >= 16:
-            return None
-        blank["limit"] = replace(spec.limit, name="")
-    return replace(spec, **blank) if blank else spec
+    if lim is not None and len(lim.name) >= 16:
+        return None
+    if target in (R.vm_chain(iface or ""), R.vm_chain(physdev or "")):
+        target = R.VM_CHAIN  # the dispatch's jump to a VM's chain
+    key = (spec.tag, target, spec.goto, iface and len(iface), physdev and len(physdev),
+           spec.dst, spec.syn_ports, spec.dport, spec.until, spec.not_dnat, spec.state,
+           spec.by_port, spec.to,
+           lim and (lim.rate, lim.burst, lim.per_source, lim.size, lim.max))
+    got = _SHAPES.get(key)
+    if got is None:
+        blank: dict[str, Any] = {"target": target}
+        if iface:  # masks differ by length
+            blank["iface"] = str(len(iface))
+        if physdev:
+            blank["physdev"] = str(len(physdev))
+        if lim:
+            blank["limit"] = replace(lim, name="")
+        if len(_SHAPES) > 4096:
+            _SHAPES.clear()
+        got = _SHAPES[key] = replace(spec, **blank)
+    return got
 
 
 def _put(raw: bytearray, at: int, size: int, text: str) -> None:

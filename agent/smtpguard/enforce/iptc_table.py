@@ -212,8 +212,12 @@ class XtTable:
         if have == want_c:
             return have
         if not have:  # a new chain (a full apply onto an empty table): in order
+            append, handle, new_rule = self.lib.iptc_append_entry, self.table._handle, \
+                self.new_rule
             for spec in want:
-                self._append(name, self.new_rule(spec))
+                if append(name, new_rule(spec), handle) != 1:
+                    raise self.iptc.IPTCError(f"can't append a rule to {chain}: "
+                                              f"{self.table.strerror()}")
             return want_c
         counters = self.counters(chain)
         if len(counters) != len(have):  # edited behind our back: start the chain afresh
