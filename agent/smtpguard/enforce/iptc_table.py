@@ -169,12 +169,15 @@ class XtTable:
         return out
 
     def counters(self, chain: str) -> list[tuple[int, int]]:
-        """Each rule's (packets, bytes), without parsing the rules."""
+        """Each rule's (packets, bytes), without parsing the rules (libiptc's
+        own walk: python-iptables' wraps every step)."""
         out = []
-        entry = self.table.first_rule(chain)
+        lib, handle = self.lib, self.table._handle
+        entry = lib.iptc_first_rule(chain.encode(), handle)
         while entry:
-            out.append((int(entry.counters.pcnt), int(entry.counters.bcnt)))
-            entry = self.table.next_rule(entry)
+            c = entry.contents.counters
+            out.append((c.pcnt, c.bcnt))
+            entry = lib.iptc_next_rule(entry, handle)
         return out
 
     def by_port_lookups(self, chain: str) -> tuple[int, int, int]:
