@@ -75,8 +75,8 @@ def run() -> list[Row]:
         vs = "" if m is nft else "nftables {:.1f} ms ({:.0f}x)"
         why = "" if m is nft else (
             "a block or release is set elements with both (ipsets here: no table "
-            "replace); a full apply writes 22 rules per VM and family (each state "
-            "rule twice: routed and bridged lookups), each VM's chain its class's "
+            "replace); a full apply writes 19 rules in 2 chains per VM and family "
+            "(each state lookup twice: routed and bridged), each VM's its class's "
             "with the VM's buckets written in, and the kernel checks every rule of "
             "the table it replaces (one family's while the other's is built)")
         for key, what, target, limit in (

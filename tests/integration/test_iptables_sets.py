@@ -135,4 +135,4 @@ def test_rules_from_templates_are_the_rules_python_iptables_builds() -> None:
     finally:
         iptc_raw.shape = shape
     assert copied == built
-    assert all(plain == by_port == 8 for plain, by_port, _n in copied[1])  # 4 + 3 + 1
+    assert all(plain == by_port == 5 for plain, by_port, _n in copied[1])  # 4 + 1

@@ -44,11 +44,12 @@ def test_ruleset_matches_golden() -> None:
 
 def test_vm_chain_semantics() -> None:
     """A VM's rules do not depend on its state: a block rejects every SMTP
-    port while the interface is in the block set; a throttle swaps in the
-    tighter ceiling on every port not blocked and skips the class ceiling
-    while it is in the throttle set; the class blocks 25 (ahead of the
-    throttle, so in every state but a block) and limits the submission
-    ports. The state is in the sets, timed to the second."""
+    port while the interface is in the block set; while it is in the
+    throttle set, its chain goes to its throttle chain, whose tighter
+    ceiling applies on every port not blocked instead of the class's; the
+    class blocks 25 (ahead of the throttle, so in every state but a block)
+    and limits the submission ports. The state is in the sets, timed to the
+    second."""
     chains = R.chains(DESIRED, "ipv4", NOW)
     blocked = chains[R.vm_chain("vnet1")]
     routed = [r for r in blocked if not r.by_port]
@@ -59,16 +60,19 @@ def test_vm_chain_semantics() -> None:
     assert [(r.tag, r.state) for r in routed[:5]] == [
         ("block/25", "block"), ("block/465", "block"), ("block/587", "block"),
         ("block/2525", "block"), ("port25/25", None)]  # the class's: in every state
-    assert [(r.tag, r.state) for r in routed[5:]] == [
-        ("throttle/465", "throttle"), ("throttle/587", "throttle"),
-        ("throttle/2525", "throttle"), ("throttled", "throttle"), ("limit/465", None),
-        ("limit/587", None), ("limit/2525", None)]
+    assert [(r.tag, r.state, r.target) for r in routed[5:]] == [
+        ("throttled", "throttle", R.throttle_chain("vnet1")), ("limit/465", None, "REJECT"),
+        ("limit/587", None, "REJECT"), ("limit/2525", None, "REJECT")]
+    assert routed[5].goto  # the throttle chain's end ends the judgement: no class ceiling
+    assert [(r.tag, r.state) for r in chains[R.throttle_chain("vnet1")]] == [
+        ("throttle/465", None), ("throttle/587", None), ("throttle/2525", None)]
     throttled = [r.tag for r in chains[R.vm_chain("vnet2")] if not r.by_port]
-    assert throttled == ["block/25", "block/465", "block/587", "block/2525",
-                         "throttle/25", "throttle/465", "throttle/587", "throttle/2525",
-                         "throttled", "limit/25", "limit/465", "limit/587", "limit/2525"]
-    assert [r.comment("ipv4") for r in blocked if r.state and not r.limit] == [
-        r.comment("ipv4") for r in chains[R.vm_chain("tap7i0")] if r.state and not r.limit]
+    assert throttled == ["block/25", "block/465", "block/587", "block/2525", "throttled",
+                         "limit/25", "limit/465", "limit/587", "limit/2525"]
+    assert [r.tag for r in chains[R.throttle_chain("vnet2")]] == [
+        "throttle/25", "throttle/465", "throttle/587", "throttle/2525"]
+    assert [r.comment("ipv4") for r in blocked if r.state == "block"] == [
+        r.comment("ipv4") for r in chains[R.vm_chain("tap7i0")] if r.state == "block"]
     assert R.set_state(DESIRED, NOW) == {"vnet1": ("block", 1_800_003_601),  # rounded up
                                          "vnet2": ("throttle", None)}
     # One bucket per VM, shared by its limited ports; another VM has its own.

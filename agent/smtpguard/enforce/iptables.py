@@ -92,16 +92,16 @@ class IptablesEnforcer:
         try:
             for chain, rules in want.items():
                 if chain != R.DISPATCH:
-                    owner = chain[len(R.VM_CHAIN):] if chain.startswith(R.VM_CHAIN) \
-                        else R.UNKNOWN_IFACE
+                    owner = R.owner_of(chain) or R.UNKNOWN_IFACE
                     new[chain] = ft.sync_chain(chain, have.get(chain, []), rules,
                                                retired=retired.setdefault(owner, {}))
             if R.DISPATCH in want:
                 new[R.DISPATCH] = ft.sync_chain(R.DISPATCH, have.get(R.DISPATCH, []),
                                                 want[R.DISPATCH])
-            for chain in sorted(drop - {R.TALLY_CHAIN}):
+            gone = sorted(drop - {R.TALLY_CHAIN})
+            for chain in gone:
                 new.pop(chain, None)
-                ft.drop_chain(chain)
+            ft.drop_chains(gone)
             # A VM that goes takes its counts with it (as nftables forgets them).
             forget = {c[len(R.VM_CHAIN):] for c in drop if c.startswith(R.VM_CHAIN)}
             if ft.name == "filter":
@@ -200,12 +200,12 @@ class IptablesEnforcer:
         # before the chain that acts on it is there.
         self.sets.write(R.set_state(desired, now), touched | gone)
         for fam in R.FAMILIES:
-            want: dict[str, list[R.Rule]] = {
-                R.vm_chain(n): R.vm_rules(n, classes[n], pol, fam, R.shared_owner(desired, n))
-                for n in sorted(touched & set(classes))}
+            want: dict[str, list[R.Rule]] = {}
+            for n in sorted(touched & set(classes)):
+                want.update(R.vm_chains(n, classes[n], pol, fam, R.shared_owner(desired, n)))
             if added or gone:
                 want[R.DISPATCH] = R.dispatch_rules(desired, fam)
-            drop = {R.vm_chain(n) for n in gone}
+            drop = {c for n in gone for c in (R.vm_chain(n), R.throttle_chain(n))}
             model[fam] = self._edit(self._table(fam), model[fam], want, drop, None,
                                     trusted=True)
         self._done(desired, model)
@@ -342,13 +342,8 @@ class IptablesEnforcer:
             for fam in R.FAMILIES:
                 ft = self._table(fam)
                 for chain, comments in model[fam].items():
-                    if chain.startswith(R.VM_CHAIN):
-                        owner: str | None = chain[len(R.VM_CHAIN):]
-                    elif chain == R.DEFAULT_CHAIN:
-                        owner = R.UNKNOWN_IFACE
-                    elif chain == R.TALLY_CHAIN:
-                        owner = None
-                    else:
+                    owner = R.owner_of(chain)  # none: the tally's rules say whose
+                    if owner is None and chain != R.TALLY_CHAIN:
                         continue
                     counters = ft.counters(chain) if ft.is_chain(chain) else []
                     if len(counters) != len(comments):

@@ -6,11 +6,13 @@ The same semantics as the nftables tables, in what iptables can express:
     SMTPG            relays -j RETURN; per known VM interface
                      `-i IF -g SMTPG-V-IF` and `--physdev-in IF -g SMTPG-V-IF`;
                      then the interface patterns (`veth+`) -g SMTPG-DEFAULT
-    SMTPG-V-IF       that VM's block and throttle rules, each matching only
-                     while the interface is in the state's ipset (`-m set
-                     --match-set SMTPG-BLOCK4 src,src`; each twice: looked up
-                     by input interface, and by bridge port), then its
-                     class's rules
+    SMTPG-V-IF       that VM's block rules, each matching only while the
+                     interface is in the block ipset (`-m set --match-set
+                     SMTPG-BLOCK4 src,src`; each twice: looked up by input
+                     interface, and by bridge port), its class's port-25
+                     block, `-g SMTPG-T-IF` while in the throttle set (twice
+                     too), then its class's ceiling
+    SMTPG-T-IF       that VM's throttle: the tighter ceiling, no lookups
     SMTPG-DEFAULT    the default class for interfaces the agent has not seen yet
 
 iptables has no interface-keyed maps, so a VM's ceiling is a hashlimit of its
@@ -78,6 +80,8 @@ PREFIX = "SMTPG"
 DISPATCH = PREFIX
 DEFAULT_CHAIN = f"{PREFIX}-DEFAULT"
 VM_CHAIN = f"{PREFIX}-V-"
+THROTTLE_CHAIN = f"{PREFIX}-T-"  # a VM's throttle, reached while it is in the throttle set
+PROTO_THROTTLE = f"{THROTTLE_CHAIN}\0"  # the throttle chain in a class's (see vm_chains)
 # Nothing jumps here: its rules only hold the counts of counting rules that
 # were removed (a block lifted, a class changed), so per-VM counts never go back.
 TALLY_CHAIN = f"{PREFIX}-TALLY"
@@ -94,6 +98,18 @@ SIZES = {  # hashlimit tables: explicit sizes; a full table drops (never lets th
 
 def vm_chain(ifname: str) -> str:
     return f"{VM_CHAIN}{ifname}"
+
+
+def throttle_chain(ifname: str) -> str:
+    return f"{THROTTLE_CHAIN}{ifname}"
+
+
+def owner_of(chain: str) -> str | None:
+    """The interface whose counts a chain's rules hold (None: no one's)."""
+    for prefix in (VM_CHAIN, THROTTLE_CHAIN):
+        if chain.startswith(prefix):
+            return chain[len(prefix):]
+    return UNKNOWN_IFACE if chain == DEFAULT_CHAIN else None
 
 
 def hashlimit_rate(ceiling: Ceiling) -> str:
@@ -160,55 +176,72 @@ def _class_rules(cls: str, policy: Policy, owner: str, per_source: bool,
 
 
 def _action_rules(owner: str, c: VmClass, policy: Policy, family: Family
-                  ) -> tuple[list[Rule], list[Rule]]:
+                  ) -> tuple[list[Rule], list[Rule], list[Rule]]:
     """A block and a throttle, each in force while the interface is in its
-    set: every rule twice, looking the set up by the packet's input interface
-    (routed taps) and by its bridge port (bridged VMs). Port 25 of a class
-    that blocks it has no throttle rule: the class's own block comes first."""
+    set: the block's rules and the jumps to the VM's throttle chain each
+    twice, looking the set up by the packet's input interface (routed taps)
+    and by its bridge port (bridged VMs); then the throttle chain's rules,
+    which need no lookup. Port 25 of a class that blocks it has no throttle
+    rule: the class's own block comes first. Returns (block, jumps, throttle)."""
     ports = sorted(policy.smtp_ports)
     blocked25 = blocks25(c, family)
     lim = _limit("throttle", owner, c.throttle, False)
-    throttle = [Rule(f"throttle/{p}", "REJECT", dport=p, limit=lim, state="throttle")
+    throttle = [Rule(f"throttle/{p}", "REJECT", dport=p, limit=lim)
                 for p in ports if not (p == 25 and blocked25)]
-    # the class ceiling does not apply to a throttled VM
-    throttle.append(Rule("throttled", "RETURN", state="throttle"))
+    # goto: the throttle chain's end ends the judgement, so the class
+    # ceiling does not apply to a throttled VM
+    jump = Rule("throttled", throttle_chain(owner), goto=True, state="throttle")
     return ([v for p in ports for r in [Rule(f"block/{p}", "REJECT", dport=p, state="block")]
              for v in (r, replace(r, by_port=True))],
-            [v for r in throttle for v in (r, replace(r, by_port=True))])
+            [jump, replace(jump, by_port=True)], throttle)
 
 
-PROTO_OWNER = "\0"  # whose buckets a class's chain is first made with (no VM's)
+PROTO_OWNER = "\0"  # whose buckets and chains a class's chains are first made with
 
 
-def vm_rules(ifname: str, cls: str, policy: Policy, family: Family,
-             owner: str | None = None, protos: dict[str, list[Rule]] | None = None
-             ) -> list[Rule]:
-    """owner: whose ceiling the hashlimits are (the VM's, for a VM with
+def vm_chains(ifname: str, cls: str, policy: Policy, family: Family,
+              owner: str | None = None,
+              protos: dict[str, tuple[list[Rule], list[Rule]]] | None = None
+              ) -> dict[str, list[Rule]]:
+    """A VM's chains: its throttle chain (empty for an audit class: a class
+    change hands its counts on like any rule's), then its own, which jumps
+    there. owner: whose ceiling the hashlimits are (the VM's, for a VM with
     several interfaces: the same name is one bucket in the kernel). protos:
-    the class chains made so far in this rendering (class -> rules), reused."""
+    the class chains made so far in this rendering, reused."""
     proto = None if protos is None else protos.get(cls)
     if proto is None:
         own = _class_rules(cls, policy, PROTO_OWNER, False, family)
         if policy.mode_of(cls) == "audit":
-            proto = own
+            proto = (own, [])
         else:  # block; the class's port 25 (whatever the state); throttle; ceiling
-            block, throttle = _action_rules(PROTO_OWNER, policy.classes[cls], policy, family)
-            proto = block + [r for r in own if not r.limit] + throttle + [
-                r for r in own if r.limit]
+            block, jumps, throttle = _action_rules(PROTO_OWNER, policy.classes[cls], policy,
+                                                   family)
+            proto = (block + [r for r in own if not r.limit] + jumps +
+                     [r for r in own if r.limit], throttle)
         if protos is not None:
             protos[cls] = proto
-    return _owned(proto, owner or ifname, family)
+    owner = owner or ifname
+    return {throttle_chain(ifname): _owned(proto[1], owner, ifname, family),
+            vm_chain(ifname): _owned(proto[0], owner, ifname, family)}
 
 
-def _owned(proto: list[Rule], owner: str, family: Family) -> list[Rule]:
-    """A class's chain with this owner's buckets: the rules without one are
-    the class's own objects, the others copies (Rule.rebucket)."""
+def vm_rules(ifname: str, cls: str, policy: Policy, family: Family,
+             owner: str | None = None) -> list[Rule]:
+    """The rules of a VM's own chain (see vm_chains)."""
+    return vm_chains(ifname, cls, policy, family, owner)[vm_chain(ifname)]
+
+
+def _owned(proto: list[Rule], owner: str, ifname: str, family: Family) -> list[Rule]:
+    """A class's chain with this owner's buckets and this interface's
+    throttle chain: the rules with neither are the class's own objects, the
+    others copies (Rule.rebucket, Rule.retarget)."""
     buckets: dict[str, Limit] = {}
     out: list[Rule] = []
     for r in proto:
         lim = r.limit
         if lim is None:
-            out.append(r)
+            out.append(r if r.target != PROTO_THROTTLE else
+                       r.retarget(throttle_chain(ifname), family))
             continue
         mine = buckets.get(lim.name)
         if mine is None:
@@ -269,10 +302,9 @@ def chains(desired: Desired, family: Family, now: float | None = None
     pol = desired.policy
     out = {DISPATCH: dispatch_rules(desired, family),
            DEFAULT_CHAIN: _class_rules(pol.default_class, pol, "*", True, family)}
-    protos: dict[str, list[Rule]] = {}
+    protos: dict[str, tuple[list[Rule], list[Rule]]] = {}
     for ifname, cls in vm_ifaces(desired).items():
-        out[vm_chain(ifname)] = vm_rules(ifname, cls, pol, family,
-                                         shared_owner(desired, ifname), protos)
+        out.update(vm_chains(ifname, cls, pol, family, shared_owner(desired, ifname), protos))
     return out
 
 

@@ -141,6 +141,19 @@ class Rule:
         d["memo:alike"] = self.alike
         return new
 
+    def retarget(self, target: str, family: Family) -> Rule:
+        """This jump to another chain (as rebucket: a copy, its text swapped)."""
+        new = object.__new__(Rule)
+        d = new.__dict__
+        d.update(self.__dict__)
+        d["target"] = target
+        d.pop("memo:comment", None)
+        jump = "-g" if self.goto else "-j"
+        d["memo:text"] = {family: self._text(family).replace(
+            f"{jump} {self.target}", f"{jump} {target}")}
+        d["memo:alike"] = self.alike
+        return new
+
 
 def datestop(until: int) -> str:
     """xt_time's --datestop for an action that ends at `until` (a whole

@@ -25,6 +25,7 @@ from smtpguard.errors import EnforcerError
 
 IFACE_AT = {"ipv4": 16, "ipv6": 64}  # ipt_ip.iniface, ip6t_ip6.iniface
 TARGET_OFFSET_AT = {"ipv4": 88, "ipv6": 140}  # ipt_entry/ip6t_entry.target_offset
+JUMPS = (R.VM_CHAIN, R.THROTTLE_CHAIN)  # chains a template's jump is written in for
 
 
 def shape(spec: R.Rule) -> R.Rule | None:
@@ -54,6 +55,8 @@ def _shape(spec: R.Rule) -> R.Rule | None:
         return None
     if target in (R.vm_chain(iface or ""), R.vm_chain(physdev or "")):
         target = R.VM_CHAIN  # the dispatch's jump to a VM's chain
+    elif target.startswith(R.THROTTLE_CHAIN):
+        target = R.THROTTLE_CHAIN  # a VM's jump to its throttle chain
     key = (spec.tag, target, spec.goto, iface and len(iface), physdev and len(physdev),
            spec.dst, spec.syn_ports, spec.dport, spec.until, spec.not_dnat, spec.state,
            spec.by_port, spec.to,
@@ -113,7 +116,7 @@ class Template:
         at = self.data_at.get(b"comment")
         if at is not None:
             _put(raw, at, 256, spec.comment(self.family))
-        if spec.target.startswith(R.VM_CHAIN):
+        if spec.target.startswith(JUMPS):
             _put(raw, self.target_at + 2, 29, spec.target)
         return bytes(raw)
 
@@ -121,7 +124,7 @@ class Template:
 def per_vm(spec: R.Rule) -> bool:
     """Whether a rule's bytes hold anything of one VM's (else one rule
     object's bytes serve every chain it is in)."""
-    return bool(spec.iface or spec.physdev or spec.limit or spec.target.startswith(R.VM_CHAIN))
+    return bool(spec.iface or spec.physdev or spec.limit or spec.target.startswith(JUMPS))
 
 
 # struct xt_set_info_match_v3/v4 (linux/netfilter/xt_set.h): after the

@@ -54,9 +54,12 @@ class XtTable:
     def is_chain(self, chain: str) -> bool:
         return bool(self.table.is_chain(chain))
 
-    def drop_chain(self, chain: str) -> None:
-        if self.table.is_chain(chain):
+    def drop_chains(self, chains: list[str]) -> None:
+        """Delete these chains, all emptied first (they may jump to each other)."""
+        there = [c for c in chains if self.table.is_chain(c)]
+        for chain in there:
             self.table.flush_entries(chain)
+        for chain in there:
             self.table.delete_chain(chain)
 
     def new_rule(self, spec: R.Rule) -> bytes:
