@@ -22,6 +22,7 @@ from table import Row, pct
 N = 1000
 TRIALS = 50
 FULL_TRIALS = {"nftables": 10, "iptables-legacy": 3}
+FULL_TARGET_MS = {"nftables": 50.0, "iptables-legacy": 500.0}  # issue 20
 SECTION = "7 policy apply"
 
 
@@ -79,9 +80,10 @@ def run() -> list[Row]:
             "(each state lookup twice: routed and bridged), each VM's its class's "
             "with the VM's buckets written in, and the kernel checks every rule of "
             "the table it replaces (one family's while the other's is built)")
+        full_ms = FULL_TARGET_MS[name]
         for key, what, target, limit in (
-                ("full_p50", f"full apply, p50 of {len(fulls)}", "< 50 ms", 50.0),
-                ("full_p99", f"full apply, p99 of {len(fulls)}", "< 50 ms", 50.0),
+                ("full_p50", f"full apply, p50 of {len(fulls)}", f"< {full_ms:.0f} ms", full_ms),
+                ("full_p99", f"full apply, p99 of {len(fulls)}", f"< {full_ms:.0f} ms", full_ms),
                 ("again", "re-apply onto itself (a restart)", "", 0.0),
                 ("one_p50", f"one VM's change, p50 of {2 * TRIALS}", "< 5 ms", 5.0),
                 ("one_p99", f"one VM's change, p99 of {2 * TRIALS}", "< 5 ms", 5.0),
