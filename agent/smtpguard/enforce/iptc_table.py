@@ -308,18 +308,20 @@ class XtTable:
         if after is not None:
             after.finish()
         if not background:
-            self._commit(what)
+            self._commit(what, False)
             return
-        self._pending = threading.Thread(target=self._commit, args=(what,),
+        self._pending = threading.Thread(target=self._commit, args=(what, True),
                                          name=f"commit-{self.family}", daemon=True)
         self._pending.start()
 
-    def _commit(self, what: str) -> None:
+    def _commit(self, what: str, background: bool) -> None:
         try:
             self.table.commit()
-        except self.iptc.IPTCError as exc:
+        except Exception as exc:  # in a thread, anything must reach finish()
+            if not background and not isinstance(exc, self.iptc.IPTCError):
+                raise
             failed = EnforcerError(f"{what}: {exc}")
-            if self._pending is None:
+            if not background:
                 raise failed from exc
             failed.__cause__ = exc
             self._failed = failed  # for finish(), in the caller's thread
