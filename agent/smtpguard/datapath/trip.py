@@ -17,6 +17,7 @@ before; what the VM attempted in between (microseconds) is forgiven once.
 from __future__ import annotations
 
 import ctypes
+import struct
 from typing import Any
 
 from smtpguard.datapath.maps import Trip
@@ -54,9 +55,11 @@ def census(table: Any) -> tuple[int, int]:
     One batched read of the map."""
     armed = tripped = 0
     for _, values, n in table.batches():
-        for t in values[:n]:
-            if t.at:
-                if t.n >= t.at:
+        # Decoded from the batch's buffer (ctypes would build a struct per entry).
+        raw = memoryview(values).cast("B")[:n * ctypes.sizeof(Trip)]
+        for got, at in struct.iter_unpack("=QQ", raw):
+            if at:
+                if got >= at:
                     tripped += 1
                 else:
                     armed += 1
