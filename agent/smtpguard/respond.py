@@ -16,7 +16,7 @@ from smtpguard.datapath.interfaces import VmIface
 from smtpguard.datapath.maps import SmtpKey
 from smtpguard.datapath.snapshot import read_ports
 from smtpguard.detect.engine import Detector
-from smtpguard.detect.machine import Transition, VmRecord, trip_budget
+from smtpguard.detect.machine import Transition, VmRecord, block_thresholds, trip_budget
 from smtpguard.enforce.desired import Action
 from smtpguard.enforce.keeper import Keeper
 from smtpguard.errors import SmtpguardError
@@ -109,11 +109,11 @@ class Responder:
         self._next_prune = 0.0
         self._next_retire = 0.0
         # smtp_trip (datapath/trip.py) when the tables reject marked SYNs, else
-        # None; and the interfaces armed in it (only those are read back).
+        # None.
         self.trips: Any = None
-        self._armed: set[int] = set()
-        # _arm_plan's (interfaces, policy, VMs to arm), and per armed interface
-        # the (budget, attempts) it was last seen with.
+        # _arm_plan's (interfaces, policy, VMs to arm), and the interfaces this
+        # run armed, each with the (budget, attempts) it was last seen with
+        # (only those are read back).
         self._plan: tuple[Any, Any, list[tuple[str, list[VmIface], VmClass, str]]] | None = None
         self._wired: dict[int, tuple[int, int]] = {}
         self.last_loop = 0.0
@@ -216,10 +216,9 @@ class Responder:
             for vm, vifs in by_vm.items():
                 name = place(pol, facts_of(vm, vifs)).cls
                 cls = pol.classes[name]
-                if any(t.metric == "attempts" and t.action == "block" for t in cls.thresholds):
+                if block_thresholds(cls):
                     plan.append((vm, vifs, cls, pol.mode_of(name)))
             self._plan = (ifaces, pol, plan)
-            self._wired.clear()
             return plan
         return self._plan[2]
 
@@ -249,7 +248,6 @@ class Responder:
                 if self._wired.get(v.ifindex) == (budget, seen):
                     continue  # as armed, and nothing attempted since: most VMs
                 have = trip.left(self.trips, v.ifindex)
-                self._armed.add(v.ifindex)
                 self._wired[v.ifindex] = (budget, seen)
                 if have == budget:
                     continue
@@ -258,11 +256,10 @@ class Responder:
                 if have is None or have != max(want, 0):
                     trip.arm(self.trips, v.ifindex, want)
         present = self.ifaces()
-        for ifindex in self._armed - planned:
-            self._wired.pop(ifindex, None)
+        for ifindex in set(self._wired) - planned:
+            del self._wired[ifindex]
             if ifindex in present:  # (a gone interface's entry went with it: Datapath.forget)
                 trip.disarm(self.trips, ifindex)
-        self._armed &= planned
 
     def _attempts(self, ifindex: int, read: Mapping[int, Mapping[int, Any]]) -> int:
         """The interface's attempts now, on the ports `read` had for it."""

@@ -162,6 +162,11 @@ def decide(rec: VmRecord, cls: VmClass, figure: Figure, blocks_at: Sequence[floa
     return rec, out
 
 
+def block_thresholds(cls: VmClass) -> list[Threshold]:
+    """The class's thresholds that block on attempts: what a trip wire is for."""
+    return [t for t in cls.thresholds if t.metric == "attempts" and t.action == "block"]
+
+
 def trip_budget(rec: VmRecord, cls: VmClass, mode: str, figure: Figure) -> int | None:
     """Attempts the VM may still make before a block threshold on attempts
     fires (decide()'s own figures): the trip wire's budget (datapath/trip.py),
@@ -172,8 +177,7 @@ def trip_budget(rec: VmRecord, cls: VmClass, mode: str, figure: Figure) -> int |
             rec.actor.startswith("operator") and rec.state == "throttled"
             and rec.until is None):
         return None
-    left = [t.at_least - figure(t, rec.baseline) for t in cls.thresholds
-            if t.metric == "attempts" and t.action == "block"]
+    left = [t.at_least - figure(t, rec.baseline) for t in block_thresholds(cls)]
     if not left:
         return None
     return max(1, math.ceil(min(left)))
