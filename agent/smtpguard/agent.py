@@ -322,10 +322,13 @@ class Agent:
         if now < self._next_detect and not (
                 now >= self._earliest_detect and self._bell is not None and self._bell.rung()):
             return
+        # The wall clock with `now`, before the step: an expiry that falls
+        # during the step, after the step's own clock, is still ahead of it
+        # (asked after the step, it was past and a block ended an interval late).
+        wall = time.time()
         self.responder.detect()
         took = self.clock() - now
         self._next_detect = now + self.cfg.detect_interval
-        wall = time.time()
         end = self.responder.detector.next_expiry(wall)
         if end is not None:  # a block ends on time, not up to an interval late
             self._next_detect = min(self._next_detect, now + (end - wall) + 0.001)
