@@ -165,8 +165,10 @@ class IptablesEnforcer:
             self.sets.write(state, (set(state) | set(held)) - odd, held)
             self.sets.write(state, odd)
             model: dict[str, Model] = {}
-            # Each family's table is replaced in the background while the next
-            # is built, in order: the kernel checks one as Python makes the other.
+            # Each family's table is replaced before the next is built. (Replacing
+            # one in a thread while python-iptables built the other crashed the
+            # agent with SIGSEGV in the Debian 12 system test, 1 start in 2:
+            # libxtables keeps process-wide state.)
             prev: XtTable | None = None
             try:
                 for fam in R.FAMILIES:
@@ -177,7 +179,7 @@ class IptablesEnforcer:
                     want = R.chains(desired, fam)
                     drop = {c for c in have if c.startswith(R.PREFIX)} - set(want)
                     model[fam] = self._edit(ft, have, want, drop, R.hook_rules(desired.policy),
-                                            trusted=False, after=prev, background=True)
+                                            trusted=False, after=prev, background=False)
                     prev = ft
             finally:
                 if prev is not None:
