@@ -7,10 +7,14 @@
  *                  distinct destinations;
  *   smtpg_egress   packets sent to the VM: the answer to each attempt
  *                  (SYN-ACK, RST).
- * Both only count and always return TC_ACT_UNSPEC, so the next tc filter on
- * the hook (another tool's) still runs. Enforcement is nftables; the one
- * thing the classifier changes is skb->mark, on the SYNs of an interface
- * whose trip wire went (struct trip), for the tables' rule that rejects them.
+ * Both count and return TC_ACT_UNSPEC, so the next tc filter on the hook
+ * (another tool's) still runs. Enforcement is nftables; the one thing the
+ * classifier changes is skb->mark, on the SYNs of an interface whose trip
+ * wire went (struct trip), for the tables' rule that rejects them. On a
+ * macvtap the VM's packets leave through the device's transmit path, where
+ * netfilter's egress hook runs before tc's: there the table marks what it
+ * refuses and smtpg_ingress, attached to the egress hook, counts the attempt
+ * and then drops it (vm_tx_verdict), the one packet it ever drops.
  *
  * Load-time settings (-D from the agent): PIN_DIR, MAX_STATS, MAX_IFACES,
  * CONN_TABLE_SIZE, MAX_RECENT. Run-time settings come from maps: smtp_ports,
@@ -535,10 +539,31 @@ static __always_inline void count_syn(struct __sk_buff *skb, struct l4 *l,
 	}
 }
 
+/* smtpg_ingress on a device's egress hook (a macvtap, whose guest sends
+ * through its transmit path; datapath/attachment.py): a packet there was
+ * never received by the device (skb_iif is another's, or none). Netfilter's
+ * egress hook runs before tc's, so the netdev table has judged this SYN
+ * already and marked it rather than dropped it, for the attempt to be
+ * counted here first; and a wire that tripped here has no table after us.
+ * Either way the SYN carries the trip mark, and stops here. */
+static __always_inline int vm_tx_verdict(struct __sk_buff *skb)
+{
+	struct smtp_config *c;
+	__u32 zero = 0;
+
+	if (skb->ingress_ifindex == skb->ifindex || !skb->mark)
+		return TC_ACT_UNSPEC;	/* at ingress the tables come after us */
+	c = smtp_config.lookup(&zero);
+	if (c && c->trip_mark && (skb->mark & c->trip_mark) == c->trip_mark)
+		return TC_ACT_SHOT;
+	return TC_ACT_UNSPEC;
+}
+
 int smtpg_ingress(struct __sk_buff *skb)
 {
 	struct smtp_stats *st;
 	struct l4 l = {};
+	int verdict = TC_ACT_UNSPEC;
 	__u16 dport;
 	__u8 flags;
 
@@ -555,12 +580,14 @@ int smtpg_ingress(struct __sk_buff *skb)
 	}
 	flags = ((__u8 *)l.tcp)[13];
 	/* A SYN alone opens an attempt; SYN with RST/FIN/ACK is not one. */
-	if ((flags & (F_SYN | F_ACK | F_RST | F_FIN)) == F_SYN)
+	if ((flags & (F_SYN | F_ACK | F_RST | F_FIN)) == F_SYN) {
 		count_syn(skb, &l, st, dport);
+		verdict = vm_tx_verdict(skb);
+	}
 	/* After count_syn: its lookups go first (see there). */
 	__sync_fetch_and_add(&st->packets, 1);
 	__sync_fetch_and_add(&st->bytes, skb->len);
-	return TC_ACT_UNSPEC;
+	return verdict;
 }
 
 int smtpg_egress(struct __sk_buff *skb)

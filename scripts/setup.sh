@@ -5,7 +5,8 @@
 #   scripts/setup.sh            system packages, kernel headers, venv at .venv/
 #   scripts/setup.sh --system   system packages and kernel headers only
 #   scripts/setup.sh --test     everything, plus what the tests use (Prometheus,
-#                               promtool), installed without starting its service
+#                               promtool, etcd, Open vSwitch's ovsdb-server and
+#                               ovs-vsctl), installed without starting services
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -93,13 +94,14 @@ venv() {
 		die "the venv cannot import bcc/nftables (Debian python3-bpfcc, python3-nftables)"
 }
 
-# Prometheus, etcd and Vagrant for the tests only. The Prometheus and etcd
-# packages would start servers (:9090, :2379), so service starts are refused
-# while they install; the tests start their own on loopback.
+# Prometheus, etcd, Open vSwitch and Vagrant for the tests only. The
+# Prometheus, etcd and Open vSwitch packages would start servers (:9090, :2379,
+# ovsdb-server and ovs-vswitchd), so service starts are refused while they
+# install; the tests start their own on loopback or a private socket.
 test_packages() {
 	local missing=() p
 	installed vagrant || apt_install vagrant
-	for p in prometheus etcd-server; do installed "$p" || missing+=("$p"); done
+	for p in prometheus etcd-server openvswitch-switch; do installed "$p" || missing+=("$p"); done
 	[ "${#missing[@]}" -gt 0 ] || return 0
 	need_root "installing ${missing[*]}"
 	local guard=/usr/sbin/policy-rc.d created=0

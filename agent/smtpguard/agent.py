@@ -9,14 +9,15 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 from smtpguard import logs, operator_api
 from smtpguard.control import ControlServer
-from smtpguard.datapath import attach, trip
+from smtpguard.datapath import attach, linkdump, trip
+from smtpguard.datapath.attachment import Attachment, attachment, swapped
 from smtpguard.datapath.doorbell import Doorbell
 from smtpguard.datapath.interfaces import LinkEvent, LinkMonitor, VmIface, dump_links
 from smtpguard.datapath.loader import CACHE_DIR, Datapath, Sizes, ensure_bpffs
@@ -27,6 +28,7 @@ from smtpguard.enforce.keeper import Keeper
 from smtpguard.errors import AttachError, SmtpguardError
 from smtpguard.inventory import migrate
 from smtpguard.inventory.hook import HookSource
+from smtpguard.inventory.identity import Uncovered
 from smtpguard.inventory.resolve import Resolver
 from smtpguard.metrics import DatapathCollector, EnforcementCollector, Health, serve
 from smtpguard.policy import LoadedPolicy, Policy, load_path
@@ -94,6 +96,8 @@ class Agent:
         self.hook = HookSource()  # what libvirt's qemu hook announced (inventory/hook.py)
         self.resolver = Resolver([self.hook])
         self.names: dict[str, str] = {}  # vm id -> its name when last seen (status, CLI)
+        self._link_kinds: dict[int, str] = {}  # ifindex -> IFLA_INFO_KIND, every link
+        self._uncovered_said: set[tuple[str, str]] = set()  # (vm, reason) logged
         self._reidentify = threading.Event()  # a source's mappings changed
         self._forget: set[int] = set()
         self._stop = threading.Event()
@@ -279,6 +283,7 @@ class Agent:
         self.notifier.watchdog(self._healthy())
         try:
             self._sweep()
+            self._say_uncovered()
             if self.keeper is not None:
                 self.keeper.flush()  # retries a class update that failed
             if self.keeper is not None and self.keeper.repair() and self.responder:
@@ -441,14 +446,13 @@ class Agent:
     def announce(self, op: str, xml: str) -> dict[str, Any]:
         """libvirt's hook (on the main loop): name the domain's taps now and
         put its state on them before the hook returns and QEMU starts."""
-        from smtpguard.datapath import linkdump
-
         taps = self.hook.announce(op, xml)
         self._drain_links()
-        present = {name: (index, alias) for index, name, alias in linkdump.links()}
+        present = {link.name: link for link in linkdump.dump()}
         for t in taps:
             if t in present:
-                self.on_link(LinkEvent("new", present[t][0], t, present[t][1]))
+                link = present[t]
+                self.on_link(LinkEvent("new", link.index, t, link.alias, link.master, link.kind))
         self._enforce_vms()
         vifs = [v for v in self.ifaces.values() if v.ifname in taps]
         return {"ok": True, "interfaces": sorted(v.ifname for v in vifs),
@@ -472,6 +476,8 @@ class Agent:
         policy says, detach our filters elsewhere, forget what vanished."""
         links = dump_links()
         present = {ev.ifindex for ev in links}
+        # Masters first: a tap's attachment is its master's kind.
+        self._link_kinds = {ev.ifindex: ev.link_kind for ev in links}
         for ev in links:
             self.on_link(ev)
         gone = set(self.ifaces) - present
@@ -488,13 +494,20 @@ class Agent:
 
     def on_link(self, ev: LinkEvent) -> None:
         if ev.kind == "del":
+            self._link_kinds.pop(ev.ifindex, None)
             self.unattached.discard(ev.ifindex)
             if ev.ifindex in self.ifaces:
                 self._drop(ev.ifindex, "vanished")
             return
+        self._link_kinds[ev.ifindex] = ev.link_kind
         pats = self.policy.interfaces
         vif = self.resolver.identify(ev.ifindex, ev.ifname, ev.ifalias, pats.patterns,
                                      pats.vm_from_ifalias)
+        if vif is not None:
+            said = next((p.attachment for p in pats.patterns if p.pattern == vif.pattern),
+                        "auto")
+            vif = replace(vif, attachment=self._attachment(ev) if said == "auto"
+                          else cast(Attachment, said))
         known = self.ifaces.get(ev.ifindex)
         if vif is None:
             if known is not None or attach.ours(self._ipr, ev.ifindex):
@@ -506,8 +519,8 @@ class Agent:
             return
         log = self.log.bind(vm=vif.vm, interface=vif.ifname)
         try:
-            attach.attach(self._ipr, vif.ifindex, vif.ifname,
-                          self.datapath.ingress_fd, self.datapath.egress_fd)
+            attach.attach(self._ipr, vif.ifindex, vif.ifname, self.datapath.ingress_fd,
+                          self.datapath.egress_fd, swapped(vif.attachment))
         except AttachError as exc:
             # One interface's failure never stops the others.
             log.error("iface.attach_failed", error=str(exc))
@@ -518,9 +531,18 @@ class Agent:
         self.names[vif.vm] = vif.display
         placed = place(self.policy, facts_of(vif.vm, [vif]))
         log.info("iface.attached", ifindex=vif.ifindex, pattern=vif.pattern,
+                 attachment=vif.attachment,
                  renamed=known is not None, tenant=vif.tenant, vm_class=placed.cls,
                  name=vif.display, source=vif.source, uuid=vif.uuid,
                  previous_vm=None if known is None or known.vm == vif.vm else known.vm)
+
+    def _attachment(self, ev: LinkEvent) -> Attachment:
+        """How the device is plugged in, from its kind and its master's."""
+        if not ev.master:
+            return attachment(ev.link_kind, None)
+        if ev.master not in self._link_kinds:  # a master we have not heard of yet
+            self._link_kinds.update((link.index, link.kind) for link in linkdump.dump())
+        return attachment(ev.link_kind, self._link_kinds.get(ev.master, ""))
 
     def _detach(self, ifindex: int, ifname: str) -> None:
         try:
@@ -553,14 +575,40 @@ class Agent:
     def health(self) -> Health:
         states: dict[str, str] = {v.vm: "ok" for v in self.ifaces.values()}
         r = self.responder
+        uncovered: dict[str, int] = {}
+        for u in self.uncovered():
+            uncovered[u.reason] = uncovered.get(u.reason, 0) + 1
+        unenforced: dict[str, int] = {}
+        for v in self.ifaces.values():
+            if self.keeper is not None and not self.keeper.reaches(v):
+                unenforced[v.attachment] = unenforced.get(v.attachment, 0) + 1
         if r is None:
             return Health(self.generation, dict(self.reloads), states,
-                          unattached=len(self.unattached))
+                          unattached=len(self.unattached), uncovered=uncovered,
+                          unenforced=unenforced)
         states.update({rec.vm: rec.state for rec in r.detector.records.values()
                        if rec.state != "ok" or rec.vm in states})
         return Health(self.generation, dict(self.reloads), states, dict(r.actions_total),
                       (tuple(r.loop_buckets), r.loop_sum, r.loop_n), r.last_loop,
-                      len(self.unattached))
+                      len(self.unattached), uncovered, unenforced)
+
+    def uncovered(self) -> list[Uncovered]:
+        """VMs the hypervisor runs here whose traffic never crosses the host
+        kernel (nothing to count or enforce: say so, never skip in silence);
+        one with an interface we do see is covered there and not listed."""
+        seen = {v.vm for v in self.ifaces.values()}
+        return [u for u in self.resolver.uncovered() if u.vm not in seen]
+
+    def _say_uncovered(self) -> None:
+        """Log each uncovered VM once (per reason) while it is there."""
+        now = {(u.vm, u.reason): u for u in self.uncovered()}
+        for key in sorted(set(now) - self._uncovered_said):
+            u = now[key]
+            self.log.warning("vm.uncovered", vm=u.vm, name=u.name, reason=u.reason,
+                             source=u.source, detail=u.detail,
+                             hint="its traffic bypasses the host kernel: nothing is "
+                             "counted or enforced for it on this host")
+        self._uncovered_said = set(now)
 
     def snapshot(self) -> Snapshot:
         return take(self.datapath.table("smtp_stats"), self.datapath.table("smtp_dests"))

@@ -101,8 +101,11 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--vms", type=int, default=3, help="VMs on the bridge (vm1..)")
             p.add_argument("--routed", type=int, default=0,
                            help="VMs on routed taps (rvm1..)")
+            p.add_argument("--switched", type=int, default=0,
+                           help="VMs on a device switched in its rx_handler, as an Open "
+                           "vSwitch port is (svm1..; enforced with attachment: ovs)")
         if name == "send":
-            p.add_argument("vm", help="vm1, vm2, ...")
+            p.add_argument("vm", help="vm1, vm2, ... (rvm1, svm1, ...)")
             p.add_argument("--connections", type=int, required=True)
             p.add_argument("--rate", type=float, default=0.0,
                            help="new connections a second (default: as fast as possible)")
@@ -289,12 +292,14 @@ def _operator(args: argparse.Namespace) -> int:
         print(json.dumps(reply["vms"], indent=2))
         return 0
     if args.command in ("status", "flags"):
-        head = (f"{'VM':<16} {'INTERFACE':<14} {'CLASS':<10} {'PORT25':<6} {'1m':>6} "
-                f"{'1h':>7} {'DEST 1m':>7} {'DEST 1h':>7} {'STATE':<9} {'UNTIL':<16} REASON")
+        head = (f"{'VM':<16} {'INTERFACE':<14} {'ATTACH':<10} {'CLASS':<10} {'PORT25':<6} "
+                f"{'1m':>6} {'1h':>7} {'DEST 1m':>7} {'DEST 1h':>7} {'STATE':<9} "
+                f"{'UNTIL':<16} REASON")
         print(head)
         for r in reply["vms"]:
             print(f"{(r.get('name') or r['vm'])[:16]:<16} "
                   f"{','.join(r['interfaces'])[:14] or '-':<14} "
+                  f"{(r.get('attachment') or '-')[:10]:<10} "
                   f"{r['class'][:10]:<10} {r['port25']:<6} {r['attempts_1m']:>6} "
                   f"{r['attempts_1h']:>7} {r['destinations_1m']:>7.0f} "
                   f"{r['destinations_1h']:>7.0f} {r['state']:<9} {_when(r['until']):<16} "
@@ -322,6 +327,7 @@ def _evidence(args: argparse.Namespace, req: dict[str, object]) -> int:
         from smtpguard.policy.explain import render as render_policy
 
         print(render_policy(e))
+        print(f"  plugged in    {e.get('attachment') or '-'}; coverage {e.get('coverage')}")
         state = e["state"] + (f" until {_when(e['until'])}" if e["until"] else "")
         if e["state"] != "ok" and not e["enforced"]:
             state += " (audit mode: not enforced)"
@@ -373,7 +379,7 @@ def _lab(args: argparse.Namespace) -> int:
 
     lab = topology.Lab(args.name)
     if args.lab_command == "up":
-        topology.up(lab, args.vms, args.routed)
+        topology.up(lab, args.vms, args.routed, args.switched)
         print(f"lab {lab.prefix}: hypervisor {lab.hv}, sink {lab.sink}, "
               f"VMs {lab.vms() + lab.vms('rvm')}")
     elif args.lab_command == "down":
@@ -382,7 +388,7 @@ def _lab(args: argparse.Namespace) -> int:
         from smtpguard.lab.traffic import SendPlan, send
         from smtpguard.netns import enter
 
-        have = lab.vms() + lab.vms("rvm")
+        have = lab.vms() + lab.vms("rvm") + lab.vms("svm")
         if args.vm not in have:
             raise SmtpguardError(f"no VM {args.vm} in lab {lab.prefix} (have {have})")
         plan = SendPlan(connections=args.connections, rate=args.rate,

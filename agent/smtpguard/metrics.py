@@ -24,6 +24,7 @@ from smtpguard import __version__, logs
 from smtpguard.datapath.interfaces import VmIface
 from smtpguard.datapath.snapshot import IfaceSnapshot, PortCounts, Snapshot, union
 from smtpguard.enforce.render import REASONS
+from smtpguard.inventory.identity import UNCOVERED_REASONS
 from smtpguard.policy import Policy
 
 OUTCOMES = ("completed", "reset", "no_answer")
@@ -38,9 +39,12 @@ class Health:
     loop_seconds: tuple[tuple[float, ...], float, int] = ((), 0.0, 0)  # buckets, sum, count
     last_loop: float = 0.0  # wall clock of the last detection step
     unattached: int = 0  # VM-facing interfaces the classifier could not be attached to
+    uncovered: Mapping[str, int] = field(default_factory=dict)  # reason -> VMs
+    unenforced: Mapping[str, int] = field(default_factory=dict)  # attachment -> interfaces
 
 
 STATES = ("ok", "flagged", "throttled", "blocked")
+UNCOVERED = UNCOVERED_REASONS  # why a VM's traffic never crosses the host kernel
 LOOP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -124,6 +128,7 @@ class DatapathCollector(Collector):
         smtpguard_host_vms{state="ok"} 998.0
         smtpguard_host_vms_sending 50.0
         smtpguard_interfaces_attached 12.0
+        smtpguard_vms_uncovered{reason="vhost-user"} 1.0
         smtpguard_bpf_program_loaded 1.0
         smtpguard_policy_generation 3.0
         smtpguard_policy_reloads_total{result="rejected"} 1.0
@@ -226,6 +231,20 @@ class DatapathCollector(Collector):
                                   "VM-facing interfaces without the classifier (attach failed)")
         unatt.add_metric([], h.unattached)
         yield unatt
+        unc = GaugeMetricFamily(
+            "smtpguard_vms_uncovered", "VMs whose traffic bypasses the host kernel "
+            "(vhost-user, a passed-through VF, vDPA): nothing is counted "
+            "or enforced for them on this host", labels=["reason"])
+        for reason in sorted({*UNCOVERED, *h.uncovered}):
+            unc.add_metric([reason], h.uncovered.get(reason, 0))
+        yield unc
+        unenf = GaugeMetricFamily(
+            "smtpguard_interfaces_unenforced", "VM interfaces counted but out of the "
+            "enforcement backend's reach (iptables: Open vSwitch ports, macvtaps)",
+            labels=["attachment"])
+        for att, n in sorted(h.unenforced.items()):
+            unenf.add_metric([att], n)
+        yield unenf
         counts, total, n = h.loop_seconds
         if counts:
             loop = HistogramMetricFamily("smtpguard_loop_duration_seconds",

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from smtpguard.datapath.snapshot import union
 from smtpguard.errors import SmtpguardError
+from smtpguard.inventory.identity import Uncovered
 from smtpguard.policy.membership import facts_of, place
 from smtpguard.policy.units import parse_duration
 
@@ -41,7 +42,9 @@ def status(agent: Agent) -> list[dict[str, Any]]:
             "uuid": first.uuid if first else None,
             "tenant": first.tenant if first else None,
             "source": first.source if first else None,
-            "interfaces": sorted(v.ifname for v in vifs), "class": cls,
+            "interfaces": sorted(v.ifname for v in vifs),
+            "attachment": ",".join(sorted({v.attachment for v in vifs})) or None,
+            "coverage": coverage(agent, vifs), "class": cls,
             "mode": agent.policy.mode_of(cls),
             "port25": agent.policy.classes[cls].port25,
             "attempts_1m": det.windows.value(vm, "attempts", 60, now),
@@ -51,7 +54,32 @@ def status(agent: Agent) -> list[dict[str, Any]]:
             "state": rec.state, "until": rec.until, "reason": rec.reason, "actor": rec.actor,
             "since": rec.since or None,
         })
-    return rows
+    for u in agent.uncovered():
+        cls = place(agent.policy, facts_of(u.vm, [])).cls
+        rows.append({
+            "vm": u.vm, "name": u.name, "uuid": u.vm if u.source == "libvirt" else None,
+            "tenant": u.tenant, "source": u.source, "interfaces": [], "attachment": u.reason,
+            "coverage": f"none ({u.reason})", "class": cls,
+            "mode": agent.policy.mode_of(cls), "port25": agent.policy.classes[cls].port25,
+            "attempts_1m": 0.0, "attempts_1h": 0.0, "destinations_1m": 0.0,
+            "destinations_1h": 0.0, "blocked_1h": 0.0, "state": "uncovered", "until": None,
+            "reason": u.detail or None, "actor": None, "since": None,
+        })
+    return sorted(rows, key=lambda r: r["vm"])
+
+
+def coverage(agent: Agent, vifs: list[Any]) -> str:
+    """What this host does about a VM: `full` (counted and enforced),
+    `counted only (...)` where the backend cannot reach how it is plugged in,
+    or without interfaces (a record kept for a VM not here now) `none (away)`."""
+    if not vifs:
+        return "none (away)"
+    if agent.keeper is None:
+        return "counted only (enforcement off)"
+    out = sorted({v.attachment for v in vifs if not agent.keeper.reaches(v)})
+    if out:
+        return f"counted only ({agent.keeper.enforcer.name} cannot reach {', '.join(out)})"
+    return "full"
 
 
 def known_names(agent: Agent) -> dict[str, str]:
@@ -78,6 +106,10 @@ def resolve_vm(agent: Agent, ref: str) -> str:
                              f"({', '.join(sorted(hits))})")
     if hits:
         return hits.pop()
+    for u in agent.uncovered():
+        if ref in (u.vm, u.name):
+            raise SmtpguardError(f"VM {u.name!r} ({u.vm}) is uncovered ({u.reason}): its "
+                                 "traffic bypasses the host kernel, nothing here can stop it")
     raise SmtpguardError(f"no VM {ref!r} on this host (by id, name, UUID or interface)")
 
 
@@ -109,7 +141,8 @@ def handle(agent: Agent, req: dict[str, Any]) -> dict[str, Any]:
     if cmd == "status":
         return {"ok": True, "vms": status(agent), "policy_generation": agent.generation}
     if cmd == "flags":
-        return {"ok": True, "vms": [r for r in status(agent) if r["state"] != "ok"]}
+        return {"ok": True, "vms": [r for r in status(agent)
+                                    if r["state"] not in ("ok", "uncovered")]}
     if cmd in ("block", "throttle", "release"):
         vm, ifnames = _target(agent, req)
         tr = det.operator(vm, ifnames, cmd, who, _duration(req), str(req.get("reason") or ""))
@@ -159,8 +192,26 @@ def _evidence(agent: Agent, cmd: str, req: dict[str, Any]) -> dict[str, Any]:
         if inc is None:
             raise SmtpguardError(f"no incident {ident}")
         return {"ok": True, "incident": inc}
+    ref = req.get("vm")
+    for u in agent.uncovered():
+        if ref in (u.vm, u.name):
+            return {"ok": True, "explain": explain_uncovered(agent, u)}
     vm, _ifnames = _target(agent, req)
     return {"ok": True, "explain": explain_vm(agent, vm)}
+
+
+def explain_uncovered(agent: Agent, u: Uncovered) -> dict[str, Any]:
+    """explain for a VM whose traffic bypasses the host kernel: what its
+    class would be, and that nothing here counts or enforces it."""
+    from smtpguard.policy.explain import explain
+
+    e = explain(agent.loaded, facts_of(u.vm, []))
+    e.update(interfaces=[], attachment=u.reason, coverage=f"none ({u.reason})",
+             state="uncovered", until=None, since=None,
+             reason=f"its traffic bypasses the host kernel ({u.detail or u.reason})",
+             actor="", rule=None, enforced=False, incident=None,
+             activity={"attempts": 0, "destinations": 0, "top_destinations": []})
+    return e
 
 
 def explain_vm(agent: Agent, vm: str) -> dict[str, Any]:
@@ -174,7 +225,9 @@ def explain_vm(agent: Agent, vm: str) -> dict[str, Any]:
     rec = agent.detector.record(vm)
     inc = agent.responder.incidents.latest(vm)
     last = inc["actions"][-1] if inc else None
-    e.update(interfaces=[v.ifname for v in vifs], state=rec.state, until=rec.until,
+    e.update(interfaces=[v.ifname for v in vifs],
+             attachment=",".join(sorted({v.attachment for v in vifs})) or None,
+             coverage=coverage(agent, vifs), state=rec.state, until=rec.until,
              since=rec.since or None, reason=rec.reason or None, actor=rec.actor,
              rule=(last or {}).get("rule") if rec.state != "ok" else None,
              enforced=(last or {}).get("enforced", True),

@@ -191,13 +191,14 @@ def require_root() -> None:
 
 @contextlib.contextmanager
 def lab_with_agent(tmp: Path, vms: int, policy: Path | None = None, routed: int = 0,
+                   switched: int = 0,
                    enforce: bool = False, backend: str | None = None, start: bool = True,
                    launcher: list[str] | None = None
                    ) -> Iterator[tuple[topology.Lab, AgentProc]]:
     lab = topology.Lab(unique())
     agent = AgentProc(lab, tmp, policy, enforce, backend, launcher)
     try:
-        topology.up(lab, vms, routed)
+        topology.up(lab, vms, routed, switched)
         if start:
             agent.start()
         yield lab, agent

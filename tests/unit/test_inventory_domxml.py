@@ -192,3 +192,100 @@ def test_a_doctype_is_refused_not_expanded() -> None:
             f"<domain><name>&b;</name><uuid>{UUID}</uuid></domain>")
     with pytest.raises(domxml.DomainXmlError, match="DOCTYPE"):
         domxml.interfaces(bomb)
+
+
+def with_nics(nics: str, running: bool = True) -> str:
+    """A domain (with our metadata) whose <devices> are these interfaces."""
+    ident = " id='3'" if running else ""
+    return (f"<domain type='kvm'{ident}><name>edge1</name><uuid>{UUID.upper()}</uuid>"
+            f"<metadata>{OURS}</metadata><devices>{nics}</devices></domain>")
+
+
+MACVTAP = """\
+    <interface type='direct'>
+      <mac address='52:54:00:5a:0b:01'/>
+      <source dev='eth0' mode='bridge'/>
+      <target dev='macvtap0'/>
+      <model type='virtio'/>
+      <alias name='net0'/>
+    </interface>
+"""
+VHOSTUSER = """\
+    <interface type='vhostuser'>
+      <mac address='52:54:00:5a:0b:02'/>
+      <source type='unix' path='/var/run/openvswitch/vhu3f0c' mode='server'/>
+      <model type='virtio'/>
+    </interface>
+"""
+HOSTDEV = """\
+    <interface type='hostdev' managed='yes'>
+      <mac address='52:54:00:5A:0B:03'/>
+      <source>
+        <address type='pci' domain='0x0000' bus='0x03' slot='0x10' function='0x2'/>
+      </source>
+    </interface>
+"""
+HOSTDEV_NO_ADDRESS = """\
+    <interface type='hostdev'>
+      <mac address='52:54:00:5A:0B:04'/>
+    </interface>
+"""
+VDPA = """\
+    <interface type='vdpa'>
+      <mac address='52:54:00:5a:0b:05'/>
+      <source dev='/dev/vhost-vdpa-0'/>
+    </interface>
+"""
+PASSTHROUGH = """\
+    <interface type='direct'>
+      <mac address='52:54:00:5a:0b:06'/>
+      <source dev='ens1f0v2' mode='passthrough'/>
+      <target dev='macvtap1'/>
+    </interface>
+"""
+
+
+@pytest.mark.parametrize("mode", ["bridge", "vepa", "private"])
+def test_macvtap_in_a_shared_mode_is_a_covered_interface(mode: str) -> None:
+    """A macvtap (bridge, vepa, private) crosses the host kernel: its target
+    dev names the domain like a tap, and it is not uncovered."""
+    xml = with_nics(MACVTAP.replace("mode='bridge'", f"mode='{mode}'"))
+    got = domxml.interfaces(xml)
+    assert set(got) == {"macvtap0"}
+    assert (got["macvtap0"].id, got["macvtap0"].name, got["macvtap0"].tenant) == (
+        UUID, "edge1", "acme")
+    assert got["macvtap0"].facts["mac"] == "52:54:00:5a:0b:01"
+    assert domxml.uncovered(xml) == []
+
+
+def test_each_bypassing_interface_is_uncovered_once() -> None:
+    """vhost-user, hostdev and vDPA each give one entry, in document order,
+    with what identifies the interface; ordinary NICs none, and a macvtap in
+    passthrough mode none (its frames cross the host kernel: covered)."""
+    xml = with_nics(MACVTAP + VHOSTUSER + HOSTDEV + HOSTDEV_NO_ADDRESS + VDPA + PASSTHROUGH)
+    got = domxml.uncovered(xml)
+    assert [(u.reason, u.detail) for u in got] == [
+        ("vhost-user", "/var/run/openvswitch/vhu3f0c"),
+        ("hostdev", "0000:03:10.2"),
+        ("hostdev", "52:54:00:5a:0b:04"),
+        ("vdpa", "/dev/vhost-vdpa-0"),
+    ]
+    assert set(domxml.interfaces(with_nics(PASSTHROUGH))) == {"macvtap1"}
+    assert {(u.vm, u.name, u.tenant, u.source) for u in got} == {
+        (UUID, "edge1", "acme", "libvirt")}
+    assert domxml.uncovered(live()) == []
+
+
+def test_uncovered_reads_inactive_xml() -> None:
+    """A defined domain that is not running is reported too (no target dev
+    needed), while it names no interface."""
+    xml = with_nics(VHOSTUSER + HOSTDEV + PASSTHROUGH.replace("<target dev='macvtap1'/>", ""),
+                    running=False)
+    assert [u.reason for u in domxml.uncovered(xml)] == ["vhost-user", "hostdev"]
+    assert domxml.interfaces(xml) == {}
+    assert domxml.uncovered(INACTIVE) == []
+
+
+def test_uncovered_refuses_what_interfaces_refuses() -> None:
+    with pytest.raises(domxml.DomainXmlError):
+        domxml.uncovered("<domain><name>x</name></domain>")

@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from smtpguard.inventory.identity import Uncovered
 from smtpguard.inventory.libvirt import LibvirtSource
 
-STARTED, STOPPED = 2, 5
+DEFINED, UNDEFINED, STARTED, STOPPED = 0, 1, 2, 5
 NO_DOMAIN = 42
 
 
@@ -32,8 +33,10 @@ class LibvirtError(Exception):
 
 
 class Domain:
-    def __init__(self, hv: Hypervisor, name: str, uuid: str, nics: dict[str, str]) -> None:
+    def __init__(self, hv: Hypervisor, name: str, uuid: str, nics: dict[str, str],
+                 extra: str = "") -> None:
         self.hv, self._name, self.uuid, self.nics, self.running = hv, name, uuid, nics, False
+        self.extra = extra  # more <devices> children, as they are in any XML
 
     def name(self) -> str:
         return self._name
@@ -50,7 +53,7 @@ class Domain:
             for dev, mac in self.nics.items())
         ident = " id='1'" if self.running else ""
         return (f"<domain type='qemu'{ident}><name>{self._name}</name><uuid>{self.uuid}</uuid>"
-                f"<devices>{nics}</devices></domain>")
+                f"<devices>{nics}{self.extra}</devices></domain>")
 
 
 class Conn:
@@ -77,11 +80,12 @@ class Conn:
     def domainEventDeregisterAny(self, cb_id: int) -> None:
         self.events.pop(cb_id, None)
 
-    def listAllDomains(self, _flags: int) -> list[Domain]:
+    def listAllDomains(self, flags: int) -> list[Domain]:
         if not self.alive:
             raise LibvirtError("client socket is closed")
         self.hv.listings += 1
-        return [d for d in self.hv.domains.values() if d.running]
+        active_only = flags & 1
+        return [d for d in self.hv.domains.values() if d.running or not active_only]
 
     def isAlive(self) -> int:
         return int(self.alive)
@@ -138,18 +142,27 @@ class Hypervisor:
                     if ev == ev_id:
                         cb(conn, dom, *args, None)
 
-    def define(self, name: str, uuid: str, nics: dict[str, str]) -> Domain:
-        dom = Domain(self, name, uuid, nics)
+    def define(self, name: str, uuid: str, nics: dict[str, str], extra: str = "",
+               silent: bool = True) -> Domain:
+        dom = Domain(self, name, uuid, nics, extra)
         self.domains[uuid] = dom
+        if not silent:
+            self.emit(0, dom, DEFINED, 0)
         return dom
+
+    def undefine(self, dom: Domain) -> None:
+        del self.domains[dom.uuid]
+        self.emit(0, dom, UNDEFINED, 0)
 
     def start(self, dom: Domain, silent: bool = False) -> None:
         dom.running = True
         if not silent:
             self.emit(0, dom, STARTED, 0)
 
-    def stop(self, dom: Domain) -> None:
+    def stop(self, dom: Domain, transient: bool = False) -> None:
         dom.running = False
+        if transient:  # libvirt forgets a transient domain as it stops
+            del self.domains[dom.uuid]
         self.emit(0, dom, STOPPED, 0)
 
     def die(self) -> None:
@@ -339,3 +352,63 @@ def test_stop_closes_and_ends_threads(hv: Hypervisor) -> None:
     assert hv.conns[-1].closed and not src.available()
     names = {t.name for t in threading.enumerate()}
     assert not names & {"libvirt-source", "libvirt-events"}
+
+
+VHOSTUSER = ("<interface type='vhostuser'><mac address='52:54:00:00:00:0a'/>"
+             "<source type='unix' path='/run/vhu/sock0' mode='client'/></interface>")
+HOSTDEV = ("<interface type='hostdev' managed='yes'><mac address='52:54:00:00:00:0b'/>"
+           "<source><address type='pci' domain='0x0000' bus='0x03' slot='0x10' "
+           "function='0x2'/></source></interface>")
+
+
+def test_inactive_domains_report_what_bypasses_the_kernel(hv: Hypervisor,
+                                                          source: LibvirtSource) -> None:
+    """A defined, never started domain with a VF or a vhost-user NIC is
+    uncovered from the first refresh; its bridged NIC names no tap."""
+    hv.define("dpdk", U1, {"vnet0": "52:54:00:00:00:01"}, extra=VHOSTUSER + HOSTDEV)
+    hv.start(hv.define("plain", U2, {"vnet1": "52:54:00:00:00:02"}), silent=True)
+    changes = Changes()
+    source.start(changes)
+    until(lambda: changes.count == 1)
+    assert source.uncovered() == [
+        Uncovered(U1, "dpdk", "vhost-user", "libvirt", detail="/run/vhu/sock0"),
+        Uncovered(U1, "dpdk", "hostdev", "libvirt", detail="0000:03:10.2")]
+    assert set(source.snapshot()) == {"vnet1"}
+
+
+def test_uncovered_follows_define_stop_and_undefine(hv: Hypervisor,
+                                                    source: LibvirtSource) -> None:
+    """DEFINED adds a domain's bypassing NICs, a stop keeps them (it is still
+    defined), UNDEFINED and the stop of a transient domain drop them, and
+    each change calls on_change."""
+    changes = Changes()
+    source.start(changes)
+    until(lambda: changes.count == 1)
+    assert source.uncovered() == []
+    a = hv.define("sriov", U1, {}, extra=HOSTDEV, silent=False)
+    until(lambda: len(source.uncovered()) == 1)
+    until(lambda: changes.count == 2)  # on_change follows the cache's update
+    hv.start(a)
+    hv.stop(a)
+    time.sleep(0.1)
+    assert [u.vm for u in source.uncovered()] == [U1]
+    hv.undefine(a)
+    until(lambda: source.uncovered() == [])
+    until(lambda: changes.count == 3)
+    t = hv.define("transient", U2, {"vnet0": "52:54:00:00:00:02"}, extra=VHOSTUSER)
+    hv.start(t)
+    until(lambda: len(source.uncovered()) == 1 and source.lookup("vnet0") is not None)
+    hv.stop(t, transient=True)
+    until(lambda: source.uncovered() == [] and source.lookup("vnet0") is None)
+
+
+def test_uncovered_never_calls_libvirt(hv: Hypervisor, source: LibvirtSource) -> None:
+    """uncovered() answers from the cache, also while libvirtd is gone."""
+    hv.define("dpdk", U1, {}, extra=VHOSTUSER)
+    source.start(lambda: None)
+    until(lambda: len(source.uncovered()) == 1)
+    hv.die()
+    until(lambda: not source.available())
+    listings = hv.listings
+    assert len(source.uncovered()) == 1
+    assert hv.listings == listings

@@ -105,7 +105,7 @@ def test_dispatch_relays_first_known_vms_then_patterns() -> None:
     assert [(r.iface, r.physdev) for r in rules[1:3]] == [("tap7i0", None), (None, "tap7i0")]
     assert all(r.goto for r in rules[1:])  # a VM's chain ends the judgement
     assert [r.iface for r in rules if r.tag == "unknown" and r.iface] == [
-        "fc-+", "tap+", "veth+", "vnet+"]
+        "fc-+", "macvtap+", "tap+", "veth+", "vnet+"]
 
 
 def test_expired_action_renders_nothing() -> None:

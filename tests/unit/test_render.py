@@ -23,7 +23,8 @@ GOLDEN = Path(__file__).parent / "golden" / "ruleset.json"
 def test_rendered_default_ruleset_matches_golden() -> None:
     """The rules for the built-in default change only on purpose
     (SMTPGUARD_REGOLD=1 rewrites the golden file)."""
-    desired = Desired(Policy(), {"vnet3": "default"}, {"vnet4": Action("throttle")})
+    desired = Desired(Policy(), {"vnet3": "default"}, {"vnet4": Action("throttle")},
+                      hooks={"tap5": "ingress", "macvtap0": "egress"})
     cmds = []
     for fam in render.FAMILIES:
         cmds += render.table_commands(fam, desired, Capabilities(False, True), None, now=0)
@@ -34,7 +35,7 @@ def test_rendered_default_ruleset_matches_golden() -> None:
 
 
 def test_interface_patterns_become_prefix_wildcards() -> None:
-    assert render.iface_wildcards(Policy()) == ["fc-*", "tap*", "veth*", "vnet*"]
+    assert render.iface_wildcards(Policy()) == ["fc-*", "macvtap*", "tap*", "veth*", "vnet*"]
     p = load_text("version: 1\n"
                   "interfaces: {patterns: [{pattern: 'veth*'}, {pattern: 'vethab{vm}'}, "
                   "{pattern: exact0}]}")

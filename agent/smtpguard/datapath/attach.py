@@ -3,6 +3,11 @@
 We own one (prio, handle) on each hook and name our filters smtpg_<ifname>:
 attaching replaces in place (a restart never duplicates and never opens a
 gap), and anything named smtpg_* is ours to prune.
+
+The VM-side program (smtpg_ingress: what the VM sends) goes where the VM's
+packets pass: the device's ingress hook for a tap or veth, its egress hook
+for a macvtap, whose guest writes into the device's transmit path
+(datapath/attachment.py); the answer-side program takes the other hook.
 """
 
 from __future__ import annotations
@@ -26,13 +31,18 @@ def filter_name(ifname: str) -> str:
     return f"{NAME_PREFIX}{ifname}"
 
 
-def attach(ipr: Any, ifindex: int, ifname: str, ingress_fd: int, egress_fd: int) -> None:
-    """Install (or replace) both filters on one interface."""
+def attach(ipr: Any, ifindex: int, ifname: str, ingress_fd: int, egress_fd: int,
+           swapped: bool = False) -> None:
+    """Install (or replace) both filters on one interface. ingress_fd is the
+    program for what the VM sends, egress_fd for what it is sent; swapped:
+    the VM sends through the device's transmit path (a macvtap)."""
     try:
         ipr.tc("add", "clsact", ifindex)
     except NetlinkError as exc:
         if exc.code != EEXIST:
             raise AttachError(f"adding clsact to {ifname}: {exc}") from exc
+    if swapped:
+        ingress_fd, egress_fd = egress_fd, ingress_fd
     for parent, fd, hook in ((INGRESS, ingress_fd, "ingress"), (EGRESS, egress_fd, "egress")):
         try:
             ipr.tc(

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from smtpguard.datapath import linkdump
+from smtpguard.datapath.attachment import Attachment
 from smtpguard.policy.model import InterfacePattern
 
 
@@ -30,6 +31,7 @@ class VmIface:
     uuid: str | None = None
     cls: str | None = None  # a class the hypervisor asks for
     facts: tuple[tuple[str, str], ...] = ()
+    attachment: Attachment = "bridge"  # how it is plugged in (datapath/attachment.py)
 
     @property
     def display(self) -> str:
@@ -42,6 +44,8 @@ class LinkEvent:
     ifindex: int
     ifname: str
     ifalias: str | None
+    master: int = 0  # the ifindex it is enslaved to (a bridge, ovs-system)
+    link_kind: str = ""  # IFLA_INFO_KIND: "macvtap", "bridge", "openvswitch", ...
 
 
 def classify(
@@ -61,17 +65,21 @@ def link_event(msg: Any) -> LinkEvent | None:
     # port left the bridge.
     if event not in ("RTM_NEWLINK", "RTM_DELLINK") or msg.get("family", 0) != 0:
         return None
+    info = msg.get_attr("IFLA_LINKINFO")
     return LinkEvent(
         "new" if event == "RTM_NEWLINK" else "del",
         int(msg["index"]),
         str(msg.get_attr("IFLA_IFNAME")),
         msg.get_attr("IFLA_IFALIAS"),
+        int(msg.get_attr("IFLA_MASTER") or 0),
+        str((info.get_attr("IFLA_INFO_KIND") if info is not None else None) or ""),
     )
 
 
 def dump_links() -> list[LinkEvent]:
     """Every link now (in this thread's namespace), as 'new' events."""
-    return [LinkEvent("new", index, name, alias) for index, name, alias in linkdump.links()]
+    return [LinkEvent("new", link.index, link.name, link.alias, link.master, link.kind)
+            for link in linkdump.dump()]
 
 
 class LinkMonitor:

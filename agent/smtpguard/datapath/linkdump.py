@@ -4,8 +4,10 @@ pyroute2 parses every attribute of every link (statistics, per-family data)
 into Python objects: with 1,000 interfaces its dump took 2.2 s and peaked at
 27 MB, which the agent's heap then kept. Discovery needs three fields, so
 this asks the kernel to leave statistics out and reads just those (measured:
-tens of milliseconds, well under a megabyte). Link events still come through
-pyroute2 (interfaces.LinkMonitor), one at a time.
+tens of milliseconds, well under a megabyte), plus what says how a device is
+plugged in: its master (a Linux bridge, Open vSwitch's `ovs-system`) and its
+own kind (`macvtap`). Link events still come through pyroute2
+(interfaces.LinkMonitor), one at a time.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ from __future__ import annotations
 import os
 import socket
 import struct
+from dataclasses import dataclass
 
 NETLINK_ROUTE = 0
 RTM_NEWLINK, RTM_GETLINK = 16, 18
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-IFLA_IFNAME, IFLA_IFALIAS, IFLA_EXT_MASK = 3, 20, 29
+IFLA_IFNAME, IFLA_MASTER, IFLA_LINKINFO, IFLA_IFALIAS, IFLA_EXT_MASK = 3, 10, 18, 20, 29
+IFLA_INFO_KIND = 1
 RTEXT_FILTER_SKIP_STATS = 1 << 3
 NLA_TYPE_MASK = 0x3FFF
 NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
@@ -37,26 +41,64 @@ def _request(seq: int) -> bytes:
                           NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
 
 
-def _link(msg: memoryview) -> tuple[int, str, str | None]:
-    _, _, index, _, _ = IFINFOMSG.unpack_from(msg, 0)
-    name, alias = "", None
-    off = _align(IFINFOMSG.size)
-    while off + RTATTR.size <= len(msg):
-        length, kind = RTATTR.unpack_from(msg, off)
+@dataclass(frozen=True)
+class Link:
+    """One link as the dump reads it: master is the ifindex of the device it
+    is enslaved to (0: none), kind its IFLA_INFO_KIND ("" when it has none)."""
+
+    index: int
+    name: str
+    alias: str | None = None
+    master: int = 0
+    kind: str = ""
+
+
+def _attrs(buf: memoryview, off: int) -> list[tuple[int, memoryview]]:
+    out = []
+    while off + RTATTR.size <= len(buf):
+        length, kind = RTATTR.unpack_from(buf, off)
         if length < RTATTR.size:
             break
-        value = bytes(msg[off + RTATTR.size:off + length]).split(b"\0", 1)[0]
-        if kind & NLA_TYPE_MASK == IFLA_IFNAME:
-            name = value.decode(errors="replace")
-        elif kind & NLA_TYPE_MASK == IFLA_IFALIAS:
-            alias = value.decode(errors="replace") or None
+        out.append((kind & NLA_TYPE_MASK, buf[off + RTATTR.size:off + length]))
         off += _align(length)
-    return index, name, alias
+    return out
+
+
+def _string(value: memoryview) -> str:
+    return bytes(value).split(b"\0", 1)[0].decode(errors="replace")
+
+
+def parse(msg: memoryview) -> Link:
+    """An RTM_NEWLINK message's body (ifinfomsg and attributes)."""
+    _, _, index, _, _ = IFINFOMSG.unpack_from(msg, 0)
+    name, alias, master, kind = "", None, 0, ""
+    for typ, value in _attrs(msg, _align(IFINFOMSG.size)):
+        if typ == IFLA_IFNAME:
+            name = _string(value)
+        elif typ == IFLA_IFALIAS:
+            alias = _string(value) or None
+        elif typ == IFLA_MASTER and len(value) >= 4:
+            master = struct.unpack_from("=I", value, 0)[0]
+        elif typ == IFLA_LINKINFO:
+            for sub, sval in _attrs(value, 0):
+                if sub == IFLA_INFO_KIND:
+                    kind = _string(sval)
+    return Link(index, name, alias, master, kind)
+
+
+def _link(msg: memoryview) -> tuple[int, str, str | None]:
+    link = parse(msg)
+    return link.index, link.name, link.alias
 
 
 def links() -> list[tuple[int, str, str | None]]:
     """(ifindex, name, alias or None) of every link in this thread's namespace."""
-    out: list[tuple[int, str, str | None]] = []
+    return [(link.index, link.name, link.alias) for link in dump()]
+
+
+def dump() -> list[Link]:
+    """Every link in this thread's namespace."""
+    out: list[Link] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         s.bind((0, 0))
@@ -81,4 +123,4 @@ def links() -> list[tuple[int, str, str | None]]:
                         raise OSError(err, f"netlink link dump: {os.strerror(err)}")
                     continue
                 if kind == RTM_NEWLINK:
-                    out.append(_link(body))
+                    out.append(parse(body))

@@ -30,6 +30,9 @@ class Desired:
     actions: Mapping[str, Action] = field(default_factory=dict)  # ifname -> action
     # ifname -> vm, for VMs with several interfaces: they share one ceiling
     groups: Mapping[str, str] = field(default_factory=dict)
+    # ifname -> "ingress" | "egress": devices whose VM only the device's own
+    # hook sees (Open vSwitch ports, macvtaps: datapath/attachment.py)
+    hooks: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -38,3 +41,4 @@ class Capabilities:
 
     reject_bridge: bool = True
     reject_inet: bool = True
+    reject_netdev: bool = True  # at a device's ingress (nft_reject_netdev); egress drops

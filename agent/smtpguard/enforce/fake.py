@@ -11,6 +11,7 @@ from smtpguard.enforce.desired import Action, Capabilities, Desired
 
 class FakeEnforcer:
     name = "fake"
+    reaches = frozenset({"bridge", "routed", "ovs", "macvtap"})
 
     def __init__(self, caps: Capabilities | None = None) -> None:
         self.caps = caps or Capabilities()

@@ -52,6 +52,9 @@ class IptablesEnforcer:
     desired state whatever the table holds, and adopts what is in force."""
 
     name = "iptables"
+    # No netdev family: the bridge and IP hooks never see a VM on Open vSwitch
+    # or behind a macvtap, so those are counted, never stopped (logged).
+    reaches = frozenset({"bridge", "routed"})
 
     def __init__(self, policy: Policy | None = None, proc: Path = PROC) -> None:
         self.iptc = load_iptc()

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from smtpguard import logs
+from smtpguard.datapath.attachment import NETDEV_HOOK
 from smtpguard.datapath.interfaces import VmIface
 from smtpguard.enforce.desired import Action, Capabilities, Desired
 from smtpguard.errors import EnforcerError
@@ -29,6 +30,9 @@ class Enforcer(Protocol):
 
     name: str
     caps: Capabilities
+    # How a VM may be plugged in for this backend to enforce on it
+    # (datapath/attachment.py); a VM plugged in otherwise is counted only.
+    reaches: frozenset[str]
 
     def apply(self, desired: Desired) -> None: ...
     def set_vms(self, desired: Desired) -> None: ...
@@ -67,6 +71,7 @@ class Keeper:
         self.repairs: dict[str, int] = {"missing": 0, "unexpected": 0, "changed": 0}
         self._dirty = False
         self._next_repair = 0.0
+        self._unreached: set[str] = set()  # interfaces logged as out of this backend's reach
         self.log = logs.get(backend=enforcer.name)
 
     def _rendered(self) -> dict[str, Action]:
@@ -77,7 +82,28 @@ class Keeper:
                 and (a.until is None or a.until > now)}
 
     def desired(self) -> Desired:
-        return Desired(self.policy, dict(self.classes), self._rendered(), self._groups())
+        return Desired(self.policy, dict(self.classes), self._rendered(), self._groups(),
+                       self._hooks())
+
+    def _hooks(self) -> dict[str, str]:
+        """ifname -> the device hook (netdev family) its VM's packets need."""
+        return {v.ifname: NETDEV_HOOK[v.attachment] for v in self.ifaces.values()
+                if v.attachment in NETDEV_HOOK}
+
+    def reaches(self, vif: VmIface) -> bool:
+        """Whether this backend enforces on the VM behind vif where it is plugged in."""
+        return vif.attachment in self.enforcer.reaches
+
+    def _say_unreached(self) -> None:
+        """Log once per interface a VM this backend counts but cannot stop."""
+        now = {v.ifname: v for v in self.ifaces.values() if not self.reaches(v)}
+        for ifname in sorted(set(now) - self._unreached):
+            v = now[ifname]
+            self.log.warning("vm.unenforced", vm=v.vm, interface=ifname,
+                             attachment=v.attachment, backend=self.enforcer.name,
+                             hint="only the nftables backend enforces on Open vSwitch "
+                             "ports and macvtaps: counted and detected, never stopped")
+        self._unreached = set(now)
 
     def _groups(self) -> dict[str, str]:
         """ifname -> vm for VMs with several interfaces (one ceiling for all)."""
@@ -93,6 +119,7 @@ class Keeper:
         and then what the kernel holds on a VM's interface is adopted."""
         self.ifaces = dict(ifaces)
         self.classes = self._classes(ifaces)
+        self._say_unreached()
         adopted = 0
         if truth is None:
             by_name = {v.ifname: v.vm for v in ifaces.values()}
@@ -107,8 +134,10 @@ class Keeper:
         self._next_repair = self.clock() + self.repair_every
         self.log.info("enforce.applied", reason="start", vms=len(self.classes),
                       actions=len(desired.actions), adopted_actions=adopted,
+                      devices=len(desired.hooks),
                       reject_bridge=self.enforcer.caps.reject_bridge,
-                      reject_inet=self.enforcer.caps.reject_inet)
+                      reject_inet=self.enforcer.caps.reject_inet,
+                      reject_netdev=self.enforcer.caps.reject_netdev)
 
     def _classes(self, ifaces: Mapping[int, VmIface]) -> dict[str, str]:
         """One class per VM, whatever interface rules say of its other NICs."""
@@ -134,11 +163,14 @@ class Keeper:
         action, the old ones lose theirs, before anything else happens."""
         before = {v.ifname: v.vm for v in self.ifaces.values()}
         after = {v.ifname: v.vm for v in ifaces.values()}
+        hooks_before = self._hooks()
         self.ifaces = dict(ifaces)
+        self._say_unreached()
         classes = self._classes(ifaces)
         nics = Counter(before.values())
         groups_before = {n: vm for n, vm in before.items() if nics[vm] > 1}
-        if classes != self.classes or groups_before != self._groups():
+        if classes != self.classes or groups_before != self._groups() or \
+                hooks_before != self._hooks():
             self.classes = classes
             self._dirty = True
         gone = sorted(n for n in before if n not in after)

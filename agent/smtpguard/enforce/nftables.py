@@ -1,5 +1,6 @@
-"""The nftables backend: our two tables (`bridge smtpguard`, `inet smtpguard`)
-applied through libnftables' JSON API, each change one atomic transaction."""
+"""The nftables backend: our three tables (`bridge smtpguard`, `inet smtpguard`,
+`netdev smtpguard`; render.py says which VM packets each one sees) applied
+through libnftables' JSON API, each change one atomic transaction."""
 
 from __future__ import annotations
 
@@ -77,16 +78,19 @@ def remove_tables(n: Any = None) -> bool:
 
 
 def probe() -> Capabilities:
-    """Which families can reject (TCP reset) from prerouting on this kernel."""
+    """Which families can reject (TCP reset) where we hook on this kernel:
+    bridge and inet prerouting, a device's netdev ingress."""
     def run() -> Capabilities:
         n = _nft()
         ok = {}
         for fam in render.FAMILIES:
+            hook = "ingress device lo" if fam == "netdev" else "prerouting"
             rc, _, _ = n.cmd(f"add table {fam} p; add chain {fam} p c {{ type filter hook "
-                             f"prerouting priority -300; }}; add rule {fam} p c meta l4proto "
+                             f"{hook} priority -300; }}; add rule {fam} p c meta l4proto "
                              "tcp reject with tcp reset")
             ok[fam] = rc == 0
-        return Capabilities(reject_bridge=ok["bridge"], reject_inet=ok["inet"])
+        return Capabilities(reject_bridge=ok["bridge"], reject_inet=ok["inet"],
+                            reject_netdev=ok["netdev"])
 
     return in_scratch_netns(run)
 
@@ -96,6 +100,7 @@ class NftablesEnforcer:
     they hold (nothing, an older ruleset, a half-deleted one)."""
 
     name = "nftables"
+    reaches = frozenset({"bridge", "routed", "ovs", "macvtap"})
 
     def __init__(self, caps: Capabilities | None = None) -> None:
         self.n = _nft()
@@ -145,23 +150,31 @@ class NftablesEnforcer:
         return {fam: self._list(fam) for fam in render.FAMILIES}
 
     def drift(self, desired: Desired) -> list[str]:
-        """Families whose table is missing or lost rules (flushed, deleted).
-        Counted over netlink (pyroute2): libnftables would fetch every set
-        element first, seconds when the dedup memory is full."""
+        """Families whose table is missing or lost rules (flushed, deleted;
+        a device chain the kernel dropped with its device). Counted over
+        netlink (pyroute2): libnftables would fetch every set element first,
+        seconds when the dedup memory is full."""
+        desired = present(desired)
         have = rule_counts()
         return [fam for fam in render.FAMILIES if fam not in have or have[fam]
                 != sum(len(r) for r in render.chains(desired, fam, self.caps).values())]
 
     # -- the backend interface ---------------------------------------------
     def apply(self, desired: Desired) -> None:
-        """Both tables to the desired state, in one transaction. Without a
+        """Our tables to the desired state, in one transaction. Without a
         probe, a rejected reject falls back to drop for that family."""
         try:
             self._apply(desired)
         except EnforcerError:
+            if desired.hooks:  # a device went between the check and the apply
+                try:
+                    return self._apply(desired)
+                except EnforcerError:
+                    pass
             if self._probed:
                 raise
-            for fallback in (Capabilities(False, True), Capabilities(False, False)):
+            for fallback in (Capabilities(False, True, True), Capabilities(False, True, False),
+                             Capabilities(False, False, False)):
                 self.caps = fallback
                 try:
                     self._apply(desired)
@@ -172,6 +185,7 @@ class NftablesEnforcer:
             raise
 
     def _apply(self, desired: Desired) -> None:
+        desired = present(desired)
         observed = self.observe()
         self._typeof_sets(observed)
         observed = self.observe()
@@ -191,29 +205,44 @@ class NftablesEnforcer:
                        for fam in render.FAMILIES}
 
     def set_vms(self, desired: Desired) -> None:
-        """VM classes changed (a VM came, went or moved): vm_class elements only."""
+        """VM classes changed (a VM came, went or moved): their elements, and
+        the netdev table's device chains (a device came, went or changed
+        its attachment), in one transaction."""
+        desired = present(desired)
         cmds: list[dict[str, Any]] = []
         for fam in render.FAMILIES:
-            cmds += render.element_commands(fam, desired, ("vm_class", "vm_redirect",
-                                                           "vm_shared", "vm_lim", "vm_thr"))
-        self._json(cmds, "updating VM classes")
+            cmds += render.element_commands(fam, desired, render.CLASS_SETS)
+        cmds += render.device_commands(desired, device_chains())
+        try:
+            self._json(cmds, "updating VM classes and devices")
+        except EnforcerError:
+            if not desired.hooks:
+                raise
+            # A device vanished since the check (a kernel that refuses to
+            # hook a missing device): once more with what is there now.
+            desired = present(desired)
+            cmds = [c for fam in render.FAMILIES
+                    for c in render.element_commands(fam, desired, render.CLASS_SETS)]
+            self._json(cmds + render.device_commands(desired, device_chains()),
+                       "updating VM classes and devices")
 
     def set_action(self, ifnames: list[str], action: Action | None,
                    classes: dict[str, str] | None = None, default_class: str = "default"
                    ) -> None:
         """Block or throttle these interfaces (or release them, action None),
         in one transaction touching only their vm_state elements."""
-        present = self._actions_by_family()  # deleting what a family lacks would fail
+        there = self._actions_by_map()  # deleting what a map lacks would fail
         cmds: list[dict[str, Any]] = []
         now = time.time()
-        for fam in render.FAMILIES:
-            obj = {"family": fam, "table": render.TABLE, "name": "vm_state"}
-            gone = [n for n in ifnames if n in present.get(fam, {})]
+        for fam, name in there:
+            obj = {"family": fam, "table": render.TABLE, "name": name}
+            gone = [n for n in ifnames if n in there[(fam, name)]]
             if gone:
                 cmds.append({"delete": {"element": {**obj, "elem": gone}}})
             if action is not None:
+                pre = render.EGRESS if name.startswith(render.EGRESS) else ""
                 elems = render.state_elements({n: action for n in ifnames}, classes or {},
-                                              default_class, now)
+                                              default_class, now, pre)
                 if elems:
                     cmds.append({"add": {"element": {**obj, "elem": elems}}})
         if cmds:
@@ -223,36 +252,42 @@ class NftablesEnforcer:
     def actions(self) -> dict[str, Action]:
         """Blocks and throttles in the kernel now (the bridge table is the reference)."""
         out: dict[str, Action] = {}
-        for fam_actions in self._actions_by_family().values():
+        for fam_actions in self._actions_by_map().values():
             for ifname, action in fam_actions.items():
                 out.setdefault(ifname, action)
         return out
 
     def disagreeing(self) -> set[str]:
-        """Interfaces whose block/throttle differs between our two tables (an
-        element deleted by hand in one family): verify() puts both right."""
-        fams = list(self._actions_by_family().values())
+        """Interfaces whose block/throttle differs between our tables' state
+        maps (an element deleted by hand in one): verify() puts all right."""
+        fams = list(self._actions_by_map().values())
         names = set().union(*fams)
         return {n for n in names
                 if len({(f[n].kind if n in f else None) for f in fams}) > 1}
 
-    def _actions_by_family(self) -> dict[str, dict[str, Action]]:
+    def _actions_by_map(self) -> dict[tuple[str, str], dict[str, Action]]:
+        """(family, state map) -> the actions it holds, by interface."""
         now = time.time()
-        by: dict[str, dict[str, Action]] = {}
+        by: dict[tuple[str, str], dict[str, Action]] = {}
         for fam in render.FAMILIES:
-            out = by.setdefault(fam, {})
-            for elem in self._list_set(fam, "vm_state", "map").get("elem", []):
-                key, verdict = elem
-                if isinstance(key, dict):
-                    ifname = key["elem"]["val"]
-                    until = now + float(key["elem"].get("expires", 0))
-                else:
-                    ifname, until = key, None
-                # elements written by earlier versions carry "jump"
-                target = (verdict.get("goto") or verdict.get("jump") or {}).get("target", "")
-                kind = "block" if target == "block" else "throttle"
-                out.setdefault(ifname, Action(kind, until))  # type: ignore[arg-type]
+            for name in render.STATE_MAPS[fam]:
+                by[(fam, name)] = self._state_map(fam, name, now)
         return by
+
+    def _state_map(self, fam: str, name: str, now: float) -> dict[str, Action]:
+        out: dict[str, Action] = {}
+        for elem in self._list_set(fam, name, "map").get("elem", []):
+            key, verdict = elem
+            if isinstance(key, dict):
+                ifname = key["elem"]["val"]
+                until = now + float(key["elem"].get("expires", 0))
+            else:
+                ifname, until = key, None
+            # elements written by earlier versions carry "jump"
+            target = (verdict.get("goto") or verdict.get("jump") or {}).get("target", "")
+            kind = "block" if target.removeprefix(render.EGRESS) == "block" else "throttle"
+            out.setdefault(ifname, Action(kind, until))  # type: ignore[arg-type]
+        return out
 
     def _list_set(self, family: str, name: str, kind: str = "set",
                   scrape: bool = False) -> dict[str, Any]:
@@ -352,7 +387,7 @@ def _parse_table(out: str) -> dict[str, Any]:
     return result
 
 
-NFPROTO = {1: "inet", 7: "bridge"}
+NFPROTO = {1: "inet", 5: "netdev", 7: "bridge"}
 
 
 def rule_counts() -> dict[str, int]:
@@ -373,6 +408,35 @@ def rule_counts() -> dict[str, int]:
     finally:
         nft.close()
     return out
+
+
+def device_chains() -> set[str]:
+    """The netdev table's device chains in the kernel now (a chain dump over
+    netlink: listing the table would fetch every set element)."""
+    from pyroute2.nftables.main import NFTables
+
+    nft = NFTables(nfgen_family=5)
+    try:
+        return {c.get_attr("NFTA_CHAIN_NAME") for c in nft.get_chains()
+                if c.get_attr("NFTA_CHAIN_TABLE") == render.TABLE
+                and render.is_device_chain(c.get_attr("NFTA_CHAIN_NAME") or "")}
+    finally:
+        nft.close()
+
+
+def present(desired: Desired) -> Desired:
+    """desired with netdev hooks only on devices that exist now: a 6.1
+    kernel refuses to hook a missing device (the whole transaction fails),
+    and drops a device's base chain when the device goes."""
+    if not desired.hooks:
+        return desired
+    from dataclasses import replace
+
+    from smtpguard.datapath import linkdump
+
+    names = {link.name for link in linkdump.dump()}
+    hooks = {n: h for n, h in desired.hooks.items() if n in names}
+    return desired if len(hooks) == len(desired.hooks) else replace(desired, hooks=hooks)
 
 
 def dry_run(desired: Desired, caps: Capabilities | None = None) -> str:

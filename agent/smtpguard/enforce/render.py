@@ -12,9 +12,27 @@ VM interface is matched by name (`iifname`), with wildcards from the policy's
 interface patterns, so an interface the agent has not seen yet gets the
 default class from its first packet.
 
+Neither hook sees a VM on Open vSwitch (OVS's rx_handler switches its
+frames: no bridge or inet hook runs on them) nor one on a macvtap (its guest's
+packets leave through the device's transmit path). Those devices get the same
+chains a third time, in `netdev smtpguard`, entered from one base chain per
+device (`in_<ifname>` on its ingress, `out_<ifname>` on a macvtap's egress;
+datapath/attachment.py): a netdev chain cannot name devices by wildcard, so
+the agent adds a device's chain in the same step that attaches the classifier.
+Bridged and routed taps stay in the bridge and inet tables, which also cover
+a matching device the agent has not seen yet (by wildcard) and cost less per
+packet than a hook on every tap (bench placement). At egress the device is
+`oifname`, not `iifname`: the egress tree is the same chains keyed by it,
+prefixed `o_`, with its own verdict maps (their verdicts name its chains).
+Netdev egress cannot reject, and runs before tc's egress hook: it marks the
+SYNs it refuses, and the classifier there counts each attempt and drops it
+(bpf/smtp_count.c). Netdev ingress rejects where the kernel has
+nft_reject_netdev (6.18 here; not Debian 12's 6.1), else drops.
+
 Only SYNs (no ACK/RST/FIN) to SMTP ports are judged; established connections
 never meet a verdict, so a block or a ceiling never cuts a running session.
-Per-VM data lives in sets and maps, never in one rule per VM.
+Per-VM data lives in sets and maps, never in one rule per VM (a netdev
+device's base chain is one rule, the jump).
 """
 
 from __future__ import annotations
@@ -28,7 +46,8 @@ from smtpguard.enforce.desired import Action, Capabilities, Desired
 from smtpguard.policy.model import Ceiling, Policy, VmClass
 
 TABLE = "smtpguard"
-FAMILIES = ("bridge", "inet")
+FAMILIES = ("bridge", "inet", "netdev")
+EGRESS = "o_"  # the netdev egress tree's chains and verdict maps
 PRIORITY = -300
 REASONS = ("port25", "limit", "throttle", "block")
 # Explicit sizes: an unsized dynamic set stops matching at 65,535. The kernel
@@ -47,6 +66,7 @@ LIMITER_IDLE = 3600  # a limiter idle this long is forgotten (it is full again a
 SEEN_FOR = 130  # Linux gives up on a SYN after ~127 s (tcp_syn_retries = 6)
 
 IIF: dict[str, Any] = {"meta": {"key": "iifname"}}
+OIF: dict[str, Any] = {"meta": {"key": "oifname"}}
 RETURN: dict[str, Any] = {"return": None}
 
 
@@ -69,11 +89,12 @@ def _goto(target: str) -> dict[str, Any]:
     return {"goto": {"target": target}}
 
 
-def _seen_key(ip: str) -> dict[str, Any]:
-    return {"concat": [IIF, _p(ip, "saddr"), _p("tcp", "sport"), _p("tcp", "sequence")]}
+def _seen_key(ip: str, dev: dict[str, Any]) -> dict[str, Any]:
+    return {"concat": [dev, _p(ip, "saddr"), _p("tcp", "sport"), _p("tcp", "sequence")]}
 
 
-COUNT_KEY: dict[str, Any] = {"concat": [IIF, _p("tcp", "dport")]}
+def _count_key(dev: dict[str, Any]) -> dict[str, Any]:
+    return {"concat": [dev, _p("tcp", "dport")]}
 
 
 def class_chain(name: str) -> str:
@@ -111,30 +132,30 @@ def iface_wildcards(policy: Policy) -> list[str]:
 
 
 def port25_blocked(c: VmClass, family: str) -> bool:
-    """Redirect needs the IP layer's NAT: the bridge table cannot send a
-    connection elsewhere, so there it fails closed and blocks port 25."""
-    return c.port25 == "block" or (c.port25 == "redirect" and family == "bridge")
+    """Redirect needs the IP layer's NAT: the bridge and netdev tables cannot
+    send a connection elsewhere, so there it fails closed and blocks port 25."""
+    return c.port25 == "block" or (c.port25 == "redirect" and family != "inet")
 
 
 def _limited(c: VmClass, family: str) -> list[int]:
-    on25 = c.port25 == "limit" or (c.port25 == "redirect" and family != "bridge")
+    on25 = c.port25 == "limit" or (c.port25 == "redirect" and family == "inet")
     return sorted({*c.limited_ports, *([25] if on25 else [])})
 
 
 def _class_rules(name: str, c: VmClass, policy: Policy, throttled: bool,
-                 family: str) -> list[list[Any]]:
+                 family: str, dev: dict[str, Any] = IIF, pre: str = "") -> list[list[Any]]:
     rules: list[list[Any]] = []
     if policy.mode_of(name) == "audit":
         return rules  # counted and detected, never judged
     blocked25 = port25_blocked(c, family)
     if blocked25:
-        rules.append([_match(_p("tcp", "dport"), 25), _jump("reject_port25")])
+        rules.append([_match(_p("tcp", "dport"), 25), _jump(f"{pre}reject_port25")])
     elif c.port25 == "redirect":  # a family without a relay to send to fails closed
         have = {a.version for a in c.redirect_to}
         for version, proto in ((4, "ipv4"), (6, "ipv6")):
             if version not in have:
                 rules.append([_match({"meta": {"key": "nfproto"}}, proto),
-                              _match(_p("tcp", "dport"), 25), _jump("reject_port25")])
+                              _match(_p("tcp", "dport"), 25), _jump(f"{pre}reject_port25")])
     ceiling: Ceiling | None
     if throttled:
         ports = sorted(p for p in policy.smtp_ports if not (p == 25 and blocked25))
@@ -148,15 +169,15 @@ def _class_rules(name: str, c: VmClass, policy: Policy, throttled: bool,
         # element per interface, which is one per VM.
         rules.append([
             _match(_p("tcp", "dport"), {"set": ports}),
-            {"limit": {"map": {"key": IIF, "data": "@vm_thr" if throttled else "@vm_lim"}}},
-            _jump(reason),
+            {"limit": {"map": {"key": dev, "data": "@vm_thr" if throttled else "@vm_lim"}}},
+            _jump(pre + reason),
         ])
-        rules.append([_match(IIF, "@vm_shared"), RETURN])
+        rules.append([_match(dev, "@vm_shared"), RETURN])
         rules.append([
             _match(_p("tcp", "dport"), {"set": ports}),
-            {"set": {"op": "update", "elem": IIF, "set": f"@{limiter}",
+            {"set": {"op": "update", "elem": dev, "set": f"@{limiter}",
                      "stmt": [nft_limit(ceiling)]}},
-            _jump(reason),
+            _jump(pre + reason),
         ])
     return rules
 
@@ -193,60 +214,100 @@ def _limit_name(vm: str, kind: str, ceiling: Ceiling) -> str:
     return f"vm{kind}_{h.hexdigest()[:16]}"
 
 
-def _verdict(family: str, caps: Capabilities) -> dict[str, Any]:
-    ok = caps.reject_bridge if family == "bridge" else caps.reject_inet
-    return {"reject": {"type": "tcp reset"}} if ok else {"drop": None}
+def _verdict(family: str, caps: Capabilities) -> list[dict[str, Any]]:
+    ok = {"bridge": caps.reject_bridge, "inet": caps.reject_inet,
+          "netdev": caps.reject_netdev}[family]
+    return [{"reject": {"type": "tcp reset"}} if ok else {"drop": None}]
 
 
-def _reason_rules(reason: str, verdict: dict[str, Any]) -> list[list[Any]]:
+def _egress_verdict(mark: int) -> list[dict[str, Any]]:
+    """At a macvtap's egress netfilter runs before tc: a refused SYN is
+    marked and passed on for the classifier to count and drop (bpf/
+    smtp_count.c, vm_tx_verdict); without a mark configured, dropped here
+    (then counted only as a blocked attempt)."""
+    if not mark:
+        return [{"drop": None}]
+    meta: dict[str, Any] = {"meta": {"key": "mark"}}
+    return [{"mangle": {"key": meta, "value": {"|": [meta, mark]}}}, {"accept": None}]
+
+
+def _reason_rules(reason: str, verdict: list[dict[str, Any]],
+                  dev: dict[str, Any] = IIF) -> list[list[Any]]:
     """Reject (or drop), counting each distinct attempt once per (interface, port)."""
     rules = []
     for ip, seen in (("ip", "@seen4"), ("ip6", "@seen6")):
-        rules.append([_match(_seen_key(ip), seen), verdict])  # a retransmission
+        rules.append([_match(_seen_key(ip, dev), seen), *verdict])  # a retransmission
     for ip, seen in (("ip", "@seen4"), ("ip6", "@seen6")):
         rules.append([
-            {"set": {"op": "add", "elem": _seen_key(ip), "set": seen}},
-            {"set": {"op": "add", "elem": COUNT_KEY, "set": f"@cnt_{reason}"}},
-            verdict,
+            {"set": {"op": "add", "elem": _seen_key(ip, dev), "set": seen}},
+            {"set": {"op": "add", "elem": _count_key(dev), "set": f"@cnt_{reason}"}},
+            *verdict,
         ])
     # Reached only when a set above was full: still enforced, counted per port
     # (an element of a set listed on its own: reading a named counter makes
     # libnftables fetch every set's elements), and enforced whatever happens.
     rules.append([{"set": {"op": "add", "elem": _p("tcp", "dport"), "set": "@overflow"}},
-                  verdict])
-    rules.append([verdict])
+                  *verdict])
+    rules.append(list(verdict))
     return rules
 
 
-def chains(desired: Desired, family: str, caps: Capabilities) -> dict[str, list[list[Any]]]:
-    """chain name -> its rules, in order; the first is the base chain."""
-    pol = desired.policy
-    verdict = _verdict(family, caps)
+def _entry(target: str) -> list[list[Any]]:
+    """A base chain's one rule. Only a bare SYN (a new attempt) goes further:
+    every other packet, an SMTP session's included, leaves at this first
+    rule, on its cheapest test (the TCP flags byte; not TCP at all fails
+    before that)."""
+    return [[_match({"&": [_p("tcp", "flags"), ["fin", "syn", "rst", "ack"]]}, "syn"),
+             _match(_p("tcp", "dport"), "@smtp_ports"), _jump(target)]]
+
+
+def device_chains(desired: Desired) -> dict[str, tuple[str, str]]:
+    """The netdev table's base chains: name -> (hook, device), one per
+    device whose VM's packets only the device's own hooks see."""
+    out = {}
+    for ifname, hook in sorted(desired.hooks.items()):
+        out[("in_" if hook == "ingress" else "out_") + ifname] = (hook, ifname)
+    return out
+
+
+def _tree(pol: Policy, family: str, verdict: list[dict[str, Any]], dev: dict[str, Any],
+          pre: str) -> dict[str, list[list[Any]]]:
+    """The chains a SYN to an SMTP port goes through, from `smtp` on."""
     out: dict[str, list[list[Any]]] = {
-        # Only a bare SYN (a new attempt) goes further: every other packet, an
-        # SMTP session's included, leaves at this first rule, on its cheapest
-        # test (the TCP flags byte; not TCP at all fails before that).
-        "prerouting": [[_match({"&": [_p("tcp", "flags"), ["fin", "syn", "rst", "ack"]]}, "syn"),
-                        _match(_p("tcp", "dport"), "@smtp_ports"), _jump("smtp")]],
-        "smtp": [
-            *_relay_rules(pol.datapath.trip_mark),
-            [{"vmap": {"key": IIF, "data": "@vm_state"}}],
-            [{"vmap": {"key": IIF, "data": "@vm_class"}}],
-            [_match(IIF, "@vm_ifaces"), _jump(class_chain(pol.default_class))],
+        f"{pre}smtp": [
+            *_relay_rules(pol.datapath.trip_mark, pre),
+            [{"vmap": {"key": dev, "data": f"@{pre}vm_state"}}],
+            [{"vmap": {"key": dev, "data": f"@{pre}vm_class"}}],
+            [_match(dev, "@vm_ifaces"), _jump(pre + class_chain(pol.default_class))],
         ],
-        "block": [[_jump("reject_block")]],
+        f"{pre}block": [[_jump(f"{pre}reject_block")]],
     }
     for name, c in sorted(pol.classes.items()):
-        out[class_chain(name)] = _class_rules(name, c, pol, False, family)
-        out[throttle_chain(name)] = _class_rules(name, c, pol, True, family)
+        out[pre + class_chain(name)] = _class_rules(name, c, pol, False, family, dev, pre)
+        out[pre + throttle_chain(name)] = _class_rules(name, c, pol, True, family, dev, pre)
     for reason in REASONS:
-        out[f"reject_{reason}"] = _reason_rules(reason, verdict)
+        out[f"{pre}reject_{reason}"] = _reason_rules(reason, verdict, dev)
+    return out
+
+
+def chains(desired: Desired, family: str, caps: Capabilities) -> dict[str, list[list[Any]]]:
+    """chain name -> its rules, in order; base chains first."""
+    pol = desired.policy
+    verdict = _verdict(family, caps)
+    if family == "netdev":
+        out = {name: _entry("smtp" if hook == "ingress" else f"{EGRESS}smtp")
+               for name, (hook, _dev) in device_chains(desired).items()}
+        out.update(_tree(pol, family, verdict, IIF, ""))
+        out.update(_tree(pol, family, _egress_verdict(pol.datapath.trip_mark), OIF,
+                         EGRESS))  # egress cannot reject
+        return out
+    out = {"prerouting": _entry("smtp"), **_tree(pol, family, verdict, IIF, "")}
     if family == "inet" and redirecting(pol):
         out.update(_redirect_chains(pol))
     return out
 
 
-def _relay_rules(mark: int) -> list[list[Any]]:
+def _relay_rules(mark: int, pre: str = "") -> list[list[Any]]:
     """The relays are always open; then a SYN the classifier marked (its VM
     is past a block threshold: datapath/trip.py) is blocked, before its VM's
     state or class is looked at. A marked SYN to a relay leaves unmarked."""
@@ -256,7 +317,7 @@ def _relay_rules(mark: int) -> list[list[Any]]:
     rules = [[_match(_p("ip", "daddr"), "@relays4"), *clear, RETURN],
              [_match(_p("ip6", "daddr"), "@relays6"), *clear, RETURN]]
     if mark:
-        rules.append([_match({"&": [meta, mark]}, mark), _goto("block")])
+        rules.append([_match({"&": [meta, mark]}, mark), _goto(f"{pre}block")])
     return rules
 
 
@@ -304,6 +365,9 @@ def sets(desired: Desired, family: str = "inet") -> dict[str, dict[str, Any]]:
     }
     if family == "inet" and redirecting(desired.policy):
         out["vm_redirect"] = {"type": "ifname", "map": "verdict"}
+    if family == "netdev":
+        out[f"{EGRESS}vm_class"] = {"type": "ifname", "map": "verdict"}
+        out[f"{EGRESS}vm_state"] = {"type": "ifname", "map": "verdict", "flags": ["timeout"]}
     for name in sorted(desired.policy.classes):
         for prefix in ("lim", "thr"):
             out[f"{prefix}_{name}"] = {"type": "ifname", "flags": ["timeout"],
@@ -327,7 +391,11 @@ TYPEOF_SETS = {
              f"flags timeout; timeout {SEEN_FOR}s;",
 }
 DATA_SETS = ("smtp_ports", "relays4", "relays6", "vm_ifaces", "vm_class", "vm_state",
-             "vm_redirect", "vm_shared", "vm_lim", "vm_thr")
+             "vm_redirect", "vm_shared", "vm_lim", "vm_thr", f"{EGRESS}vm_class",
+             f"{EGRESS}vm_state")
+CLASS_SETS = ("vm_class", "vm_redirect", "vm_shared", "vm_lim", "vm_thr", f"{EGRESS}vm_class")
+STATE_MAPS = {"bridge": ("vm_state",), "inet": ("vm_state",),
+              "netdev": ("vm_state", f"{EGRESS}vm_state")}
 BASE_CHAINS = {"prerouting": ("filter", PRIORITY), "nat_prerouting": ("nat", -100)}
 
 
@@ -338,15 +406,16 @@ def _prefix(net: Any) -> Any:
 
 
 def state_elements(actions: Mapping[str, Action], classes: Mapping[str, str],
-                   default_class: str, now: float | None = None) -> list[Any]:
+                   default_class: str, now: float | None = None, pre: str = "") -> list[Any]:
     """vm_state elements: a block goes to `block`, a throttle to its class's
     throttle chain (which holds the class's port-25 rule too); timed ones
-    carry their remaining time (rounded up)."""
+    carry their remaining time (rounded up). pre: the egress tree's prefix
+    for `o_vm_state`."""
     now = time.time() if now is None else now
     elems = []
     for ifname, action in sorted(actions.items()):
         cls = classes.get(ifname, default_class)
-        target = "block" if action.kind == "block" else throttle_chain(cls)
+        target = pre + ("block" if action.kind == "block" else throttle_chain(cls))
         left = action.remaining(now)
         if left is not None and left <= 0:
             continue
@@ -359,15 +428,19 @@ def state_elements(actions: Mapping[str, Action], classes: Mapping[str, str],
 def elements(desired: Desired, now: float | None = None) -> dict[str, list[Any]]:
     pol = desired.policy
     redirects = set(redirecting(pol))
+    vm_class = [[ifname, cls] for ifname, cls in sorted(desired.classes.items())
+                if cls != pol.default_class]
     return {
         "smtp_ports": sorted(pol.smtp_ports),
         "relays4": [_prefix(r) for r in pol.relays if r.version == 4],
         "relays6": [_prefix(r) for r in pol.relays if r.version == 6],
         "vm_ifaces": iface_wildcards(pol),
-        "vm_class": [[ifname, _goto(class_chain(cls))]
-                     for ifname, cls in sorted(desired.classes.items())
-                     if cls != pol.default_class],
+        "vm_class": [[ifname, _goto(class_chain(cls))] for ifname, cls in vm_class],
         "vm_state": state_elements(desired.actions, desired.classes, pol.default_class, now),
+        f"{EGRESS}vm_class": [[ifname, _goto(EGRESS + class_chain(cls))]
+                              for ifname, cls in vm_class],
+        f"{EGRESS}vm_state": state_elements(desired.actions, desired.classes,
+                                            pol.default_class, now, EGRESS),
         "vm_redirect": [[ifname, _goto(f"redir_{cls}") if cls in redirects else RETURN]
                         for ifname, cls in sorted(desired.classes.items())],
         "vm_shared": sorted(desired.groups),
@@ -422,12 +495,9 @@ def table_commands(family: str, desired: Desired, caps: Capabilities,
         if have is not None:
             cmds.append({"delete": {kind: _obj(family, name=name)}})
         cmds.append({"add": {kind: _obj(family, name=name, **body)}})
+    devices = device_chains(desired) if family == "netdev" else {}
     for name in wanted_chains:
-        chain: dict[str, Any] = _obj(family, name=name)
-        if name in BASE_CHAINS:
-            kind, prio = BASE_CHAINS[name]
-            chain.update(type=kind, hook="prerouting", prio=prio, policy="accept")
-        cmds.append({"add": {"chain": chain}})
+        cmds.append({"add": {"chain": chain_spec(family, name, devices)}})
     for name in sorted(observed["chains"] - set(wanted_chains)):
         cmds.append({"delete": {"chain": _obj(family, name=name)}})
     for name, have in sorted(observed["sets"].items()):
@@ -442,6 +512,38 @@ def table_commands(family: str, desired: Desired, caps: Capabilities,
         for expr in rules:
             cmds.append({"add": {"rule": _obj(family, chain=name, expr=expr)}})
     return cmds
+
+
+def chain_spec(family: str, name: str, devices: Mapping[str, tuple[str, str]]
+               ) -> dict[str, Any]:
+    """A chain's JSON body: a base chain's hook, device and priority too."""
+    chain: dict[str, Any] = _obj(family, name=name)
+    if family != "netdev" and name in BASE_CHAINS:
+        kind, prio = BASE_CHAINS[name]
+        chain.update(type=kind, hook="prerouting", prio=prio, policy="accept")
+    elif name in devices:
+        hook, dev = devices[name]
+        chain.update(type="filter", hook=hook, dev=dev, prio=PRIORITY, policy="accept")
+    return chain
+
+
+def device_commands(desired: Desired, have: Iterable[str]) -> list[dict[str, Any]]:
+    """Bring the netdev table's device chains to desired.hooks: those gone
+    deleted (have: the device chains there now), each wanted one made (or
+    kept) with its one rule."""
+    wanted = device_chains(desired)
+    cmds: list[dict[str, Any]] = [
+        {"delete": {"chain": _obj("netdev", name=n)}} for n in sorted(set(have) - set(wanted))]
+    for name, (hook, _dev) in wanted.items():
+        cmds.append({"add": {"chain": chain_spec("netdev", name, wanted)}})
+        cmds.append({"flush": {"chain": _obj("netdev", name=name)}})
+        for expr in _entry("smtp" if hook == "ingress" else f"{EGRESS}smtp"):
+            cmds.append({"add": {"rule": _obj("netdev", chain=name, expr=expr)}})
+    return cmds
+
+
+def is_device_chain(name: str) -> bool:
+    return name.startswith(("in_", "out_"))
 
 
 def same_set(have: dict[str, Any], want: dict[str, Any]) -> bool:

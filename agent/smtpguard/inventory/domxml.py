@@ -2,8 +2,17 @@
 
 A running domain's XML (`virsh dumpxml`, `XMLDesc(0)`, or the document
 libvirt's qemu hook reads on stdin) names, for every `<devices><interface>`,
-the host tap it got (`<target dev='vnet3'/>`) and the guest's MAC. Inactive XML
-has no target devs; those interfaces are skipped.
+the host device it got (`<target dev='vnet3'/>`, a macvtap's `macvtap0`) and
+the guest's MAC. Inactive XML has no target devs; those interfaces are skipped.
+
+Some interfaces never cross the host kernel: `vhostuser` (a DPDK switch reads
+the guest's rings), `hostdev` (an SR-IOV VF given to the guest) and `vdpa`.
+uncovered() lists them, from live or inactive XML alike. A `direct` interface
+is a macvtap in every mode, `passthrough` included (the macvtap takes the
+whole lower device, but the guest's frames still go through it in the host
+kernel): it is covered like any macvtap. An interface on a libvirt `<network>` shows its
+real type only in live XML, so a stopped domain's network interface whose pool
+hands out VFs is known only once it runs.
 
 The operator may give a VM a tenant and a class in the domain's `<metadata>`,
 in smtpguard's own XML namespace:
@@ -34,7 +43,7 @@ import xml.etree.ElementTree as ET
 from xml.sax.saxutils import escape
 
 from ..errors import SmtpguardError
-from .identity import Identity
+from .identity import Identity, Uncovered
 
 NAMESPACE = "https://smtpguard.dev/xmlns/libvirt/1"
 PREFIX = "smtpguard"
@@ -83,19 +92,24 @@ def metadata(root: ET.Element) -> tuple[str | None, str | None]:
     return valid_name(vm.findtext(f"{_NS}tenant")), valid_name(vm.findtext(f"{_NS}class"))
 
 
-def interfaces(xml: str) -> dict[str, Identity]:
-    """Each interface's host device name -> the domain's Identity.
-
-    facts hold the domain name, its UUID and that interface's guest MAC."""
-    root = _parse(xml)
+def _name_uuid(root: ET.Element) -> tuple[str, str]:
+    """(name, canonical lowercase UUID) of a parsed domain."""
     name = (root.findtext("name") or "").strip()
     raw_uuid = (root.findtext("uuid") or "").strip()
     if not name or not raw_uuid:
         raise DomainXmlError("domain XML without <name> or <uuid>")
     try:
-        uuid = str(uuidlib.UUID(raw_uuid))
+        return name, str(uuidlib.UUID(raw_uuid))
     except ValueError as exc:
         raise DomainXmlError(f"domain {name}: bad <uuid> {raw_uuid!r}") from exc
+
+
+def interfaces(xml: str) -> dict[str, Identity]:
+    """Each interface's host device name -> the domain's Identity.
+
+    facts hold the domain name, its UUID and that interface's guest MAC."""
+    root = _parse(xml)
+    name, uuid = _name_uuid(root)
     tenant, cls = metadata(root)
     found: dict[str, Identity] = {}
     for nic in root.iterfind("devices/interface"):
@@ -111,6 +125,51 @@ def interfaces(xml: str) -> dict[str, Identity]:
         found[dev] = Identity(id=uuid, name=name, source=SOURCE, tenant=tenant, cls=cls,
                               uuid=uuid, facts=facts)
     return found
+
+
+def uncovered(xml: str) -> list[Uncovered]:
+    """The domain's interfaces whose traffic bypasses the host kernel, one
+    entry each, in document order (live or inactive XML)."""
+    root = _parse(xml)
+    name, uuid = _name_uuid(root)
+    tenant, _cls = metadata(root)
+    found: list[Uncovered] = []
+    for nic in root.iterfind("devices/interface"):
+        why = _bypass(nic)
+        if why is not None:
+            found.append(Uncovered(vm=uuid, name=name, reason=why[0], source=SOURCE,
+                                   tenant=tenant, detail=why[1]))
+    return found
+
+
+def _bypass(nic: ET.Element) -> tuple[str, str] | None:
+    """(reason, detail) when this <interface> never crosses the host kernel."""
+    kind = nic.get("type")
+    src = nic.find("source")
+    if kind == "vhostuser":
+        return "vhost-user", _attr(src, "path")
+    if kind == "hostdev":
+        addr = src.find("address") if src is not None else None
+        return "hostdev", _pci(addr) or _attr(nic.find("mac"), "address").lower()
+    if kind == "vdpa":
+        return "vdpa", _attr(src, "dev")
+    return None
+
+
+def _attr(el: ET.Element | None, key: str) -> str:
+    return (el.get(key) or "").strip() if el is not None else ""
+
+
+def _pci(addr: ET.Element | None) -> str:
+    """A libvirt PCI <address> as 0000:03:10.2 ("" if it is not one)."""
+    if addr is None or addr.get("type", "pci") != "pci" or addr.get("bus") is None:
+        return ""
+    try:
+        dom, bus, slot, fn = (int(addr.get(k) or "0", 0)
+                              for k in ("domain", "bus", "slot", "function"))
+    except ValueError:
+        return ""
+    return f"{dom:04x}:{bus:02x}:{slot:02x}.{fn:x}"
 
 
 def is_running(xml: str) -> bool:

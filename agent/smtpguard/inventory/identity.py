@@ -3,9 +3,14 @@
 An interface is where a VM is now, not who it is: hypervisors hand interface
 names out again (libvirt's `vnetN`), so everything smtpguard remembers about a
 VM (state, windows, offences, incidents, operator actions, metrics) is keyed by
-`Identity.id`. The sources that know VMs (libvirt, Proxmox, the interface's
-ifalias, the policy's name patterns) live beside this module; resolve.py says
-which one wins.
+`Identity.id`. The sources that know VMs (libvirt, Proxmox, Open vSwitch's
+database, the interface's ifalias, the policy's name patterns) live beside
+this module; resolve.py says which one wins.
+
+A VM whose traffic never crosses the host kernel (vhost-user, an SR-IOV VF
+passed through, vDPA) has no interface smtpguard can
+count or enforce on: the sources that can tell report it as `Uncovered`, so
+it is shown, never silently skipped.
 """
 
 from __future__ import annotations
@@ -15,7 +20,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 # Which kind of fact named a VM, strongest first.
-SOURCES = ("ifalias", "libvirt", "proxmox", "pattern", "ifname")
+SOURCES = ("ifalias", "libvirt", "proxmox", "ovs", "pattern", "ifname")
+
+# Why an Uncovered VM's traffic bypasses the host kernel.
+UNCOVERED_REASONS = ("vhost-user", "hostdev", "vdpa")
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,23 @@ class Identity:
     facts: Mapping[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Uncovered:
+    """A VM with an interface whose traffic bypasses the host kernel, so
+    nothing can be counted or enforced for it on this host.
+
+    vm: the VM's stable id (as Identity.id); name: its display name; reason:
+    one of UNCOVERED_REASONS; source: the IdentitySource that saw it; detail:
+    which interface (a vhost-user socket, a PCI address, a device...)."""
+
+    vm: str
+    name: str
+    reason: str
+    source: str
+    tenant: str | None = None
+    detail: str = ""
+
+
 class IdentitySource(Protocol):
     """A hypervisor's view of which VM an interface belongs to.
 
@@ -44,7 +69,12 @@ class IdentitySource(Protocol):
     long (the agent calls it on every new interface); start() begins watching
     the hypervisor and calls on_change (from any thread) whenever a mapping may
     have changed, so the agent looks its interfaces up again; stop() lets go.
-    available() says whether the source reaches its hypervisor right now."""
+    available() says whether the source reaches its hypervisor right now.
+
+    A source MAY also have `uncovered() -> list[Uncovered]`: the VMs it knows
+    whose traffic never crosses the host kernel. Like lookup() it answers from
+    its cache and never blocks; the Resolver asks with getattr, so a source
+    without it reports none."""
 
     name: str
 

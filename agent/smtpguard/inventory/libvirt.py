@@ -2,9 +2,12 @@
 
 LibvirtSource keeps a cache ifname -> Identity built from every running
 domain's live XML, and keeps it current from libvirt's domain events
-(lifecycle, device added/removed, metadata changed). lookup() only reads the
-cache: libvirt's API blocks while a domain is starting (its object is locked,
-also while the qemu hook runs), so nothing the agent calls may wait on it.
+(lifecycle, device added/removed, metadata changed). It also keeps, for every
+defined domain (running or not), its interfaces that bypass the host kernel
+(vhost-user, hostdev, vDPA: domxml.uncovered), for
+uncovered(). lookup() and uncovered() only read the cache: libvirt's API
+blocks while a domain is starting (its object is locked, also while the qemu
+hook runs), so nothing the agent calls may wait on it.
 One worker thread does every libvirt call in order; libvirt's default event
 loop runs in a thread of its own.
 
@@ -30,7 +33,7 @@ from typing import Any
 
 from .. import logs
 from . import domxml
-from .identity import Identity
+from .identity import Identity, Uncovered
 
 HINT = "install Debian's python3-libvirt (the venv sees system site-packages)"
 
@@ -102,6 +105,7 @@ class LibvirtSource:
         self._lock = threading.Lock()
         self._by_dom: dict[str, dict[str, Identity]] = {}
         self._by_if: dict[str, Identity] = {}
+        self._uncovered: dict[str, list[Uncovered]] = {}  # domain UUID -> its bypassing NICs
         self._missed: dict[str, float] = {}
         self._full_pending = False
         self._tasks: queue.Queue[_Task] = queue.Queue()
@@ -160,6 +164,11 @@ class LibvirtSource:
                     self._full_pending = True
                     self._tasks.put(("full", self._conn))
             return None
+
+    def uncovered(self) -> list[Uncovered]:
+        """Every defined domain's interfaces that bypass the host kernel."""
+        with self._lock:
+            return [u for uuid in sorted(self._uncovered) for u in self._uncovered[uuid]]
 
     def snapshot(self) -> dict[str, Identity]:
         """Every interface the source knows now (for status and tests)."""
@@ -277,7 +286,10 @@ class LibvirtSource:
         elif kind == "drop":
             if self._replace(task[2], {}):
                 self._changed()
-        elif kind == "domain":
+        elif kind in ("domain", "config"):
+            # config (after a stop, whose "drop" let the taps go without a
+            # call): only what bypasses the kernel is read again, never taps;
+            # a domain gone (transient, undefined) keeps neither.
             dom = task[2]
             try:
                 xml = dom.XMLDesc(0)
@@ -285,8 +297,12 @@ class LibvirtSource:
                 if exc.get_error_code() != self._lv.VIR_ERR_NO_DOMAIN:
                     raise
                 xml = None
-            found = self._identities(dom.name(), xml) if xml is not None else {}
-            if self._replace(dom.UUIDString().lower(), found):
+            uuid = dom.UUIDString().lower()
+            found, bypass = self._parse(dom.name(), xml) if xml is not None else ({}, [])
+            changed = self._set_uncovered(uuid, bypass)
+            if kind == "domain":
+                changed = self._replace(uuid, found) or changed
+            if changed:
                 self._changed()
 
     def _failed(self, task: _Task, exc: Any) -> None:
@@ -305,28 +321,47 @@ class LibvirtSource:
             now = self._clock()
             self._missed = {i: t for i, t in self._missed.items() if now - t < self._miss_after}
         fresh: dict[str, dict[str, Identity]] = {}
-        for dom in conn.listAllDomains(lv.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+        bypass: dict[str, list[Uncovered]] = {}
+        # Every defined domain (flags 0): inactive ones only for what
+        # bypasses the kernel, from their persistent XML.
+        for dom in conn.listAllDomains(0):
             try:
                 xml = dom.XMLDesc(0)
             except lv.libvirtError as exc:
                 if exc.get_error_code() == lv.VIR_ERR_NO_DOMAIN:
-                    continue  # stopped since the listing
+                    continue  # gone since the listing
                 raise
-            found = self._identities(dom.name(), xml)
+            uuid = dom.UUIDString().lower()
+            found, nics = self._parse(dom.name(), xml)
             if found:
-                fresh[dom.UUIDString().lower()] = found
+                fresh[uuid] = found
+            if nics:
+                bypass[uuid] = nics
         with self._lock:
-            before = self._by_if
+            before = (self._by_if, self._uncovered)
             self._by_dom = fresh
             self._by_if = {i: ident for ifs in fresh.values() for i, ident in ifs.items()}
-            return before != self._by_if
+            self._uncovered = bypass
+            return before != (self._by_if, self._uncovered)
 
-    def _identities(self, domain: str, xml: str) -> dict[str, Identity]:
+    def _parse(self, domain: str, xml: str) -> tuple[dict[str, Identity], list[Uncovered]]:
+        """(taps of a running domain, interfaces that bypass the kernel)."""
         try:
-            return domxml.interfaces(xml) if domxml.is_running(xml) else {}
+            taps = domxml.interfaces(xml) if domxml.is_running(xml) else {}
+            return taps, domxml.uncovered(xml)
         except domxml.DomainXmlError as exc:
             self._log.warning("inventory.libvirt_bad_xml", domain=domain, reason=str(exc))
-            return {}
+            return {}, []
+
+    def _set_uncovered(self, uuid: str, found: list[Uncovered]) -> bool:
+        with self._lock:
+            if self._uncovered.get(uuid, []) == found:
+                return False
+            if found:
+                self._uncovered[uuid] = found
+            else:
+                self._uncovered.pop(uuid, None)
+            return True
 
     def _replace(self, uuid: str, found: dict[str, Identity]) -> bool:
         """Set one domain's interfaces; a name it now holds leaves any other."""
@@ -366,6 +401,7 @@ class LibvirtSource:
                       _opaque: Any) -> None:
         if event == self._lv.VIR_DOMAIN_EVENT_STOPPED:
             self._tasks.put(("drop", conn, dom.UUIDString().lower()))
+            self._tasks.put(("config", conn, dom))
         else:
             self._tasks.put(("domain", conn, dom))
 

@@ -2,10 +2,13 @@
 
 1. the interface's ifalias, when it names the VM (the operator's tooling
    said so explicitly; it overrides everything);
-2. a hypervisor source that knows the interface (libvirt, Proxmox);
+2. a hypervisor source that knows the interface (libvirt, Proxmox, OVSDB);
 3. the policy's pattern capture (`tap{vm}i*`), else the interface name,
    the last resort, as a hypervisor may hand that name to another VM.
 A tenant from the ifalias is kept whichever source names the VM.
+
+uncovered() gathers the VMs the sources know whose traffic never crosses the
+host kernel (nothing to count or enforce on this host), to be reported.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import replace
 from smtpguard import logs
 from smtpguard.datapath.interfaces import VmIface
 from smtpguard.inventory import patterns
-from smtpguard.inventory.identity import Identity, IdentitySource
+from smtpguard.inventory.identity import Identity, IdentitySource, Uncovered
 from smtpguard.policy.model import InterfacePattern
 
 
@@ -55,6 +58,26 @@ class Resolver:
     def status(self) -> dict[str, bool]:
         """source -> whether it reaches its hypervisor now."""
         return {s.name: s.available() for s in self.sources}
+
+    def uncovered(self) -> list[Uncovered]:
+        """The VMs whose traffic bypasses the host kernel, by vm. Several
+        sources may see the same interface (libvirt's vhostuser NIC is also
+        an OVS vhost-user port): for a VM and reason the strongest source's
+        entries stand. A source that fails is logged and skipped."""
+        out: list[Uncovered] = []
+        seen: set[tuple[str, str]] = set()
+        for s in self.sources:
+            ask = getattr(s, "uncovered", None)
+            if ask is None:
+                continue
+            try:
+                found: list[Uncovered] = list(ask())
+            except Exception as exc:
+                self.log.error("inventory.uncovered_failed", source=s.name, error=str(exc))
+                continue
+            out += [u for u in found if (u.vm, u.reason) not in seen]
+            seen |= {(u.vm, u.reason) for u in found}
+        return sorted(out, key=lambda u: (u.vm, u.reason, u.detail))
 
     def identify(self, ifindex: int, ifname: str, ifalias: str | None,
                  pats: Sequence[InterfacePattern], vm_from_ifalias: bool = True,

@@ -3,6 +3,12 @@
     <prefix>-hv     the "hypervisor": bridge br0, one veth-vmN per VM
                     (ifalias vmN), sink0 to the sink; the agent runs here
     <prefix>-vmN    a VM: eth0 with 198.18.0.(10+N) and fdac:25::(10+N)
+    <prefix>-rvmN   a VM on a routed tap (veth-rvmN, 198.18.1.N)
+    <prefix>-svmN   a VM on a switch that takes its frames in the host
+                    device's rx_handler, as Open vSwitch does: veth-svmN is the
+                    lower of a macvlan that lives in the sink, so no bridge or
+                    IP hook of the hypervisor sees them (198.18.2.2N+1/31,
+                    fdac:28::2N+1/127; the sink is .2N)
     <prefix>-sink   speaks SMTP on 25/465/587 for every address in
                     198.19.0.0/16 and fdac:26::/64 (local routes), so a VM
                     can fan out to many destinations
@@ -33,6 +39,8 @@ LAN6 = ipaddress.ip_network("fdac:25::/64")
 ROUTED4 = ipaddress.ip_network("198.18.1.0/24")
 ROUTED6 = ipaddress.ip_network("fdac:27::/64")
 GW4, GW6 = "169.254.0.1", "fe80::1"  # what a routed VM's tap answers as
+SWITCHED4 = ipaddress.ip_network("198.18.2.0/24")
+SWITCHED6 = ipaddress.ip_network("fdac:28::/64")
 HV_HOST = 1
 DEST4 = ipaddress.ip_network("198.19.0.0/16")
 DEST6 = ipaddress.ip_network("fdac:26::/64")
@@ -83,6 +91,9 @@ class Lab:
     def routed_addr(self, n: int, family: int = 4) -> str:
         return _host(ROUTED4 if family == 4 else ROUTED6, n)
 
+    def switched_addr(self, n: int, family: int = 4, sink: bool = False) -> str:
+        return _host(SWITCHED4 if family == 4 else SWITCHED6, 2 * n + (0 if sink else 1))
+
     def sink_addr(self, family: int = 4) -> str:
         return _host(LAN4 if family == 4 else LAN6, SINK_HOST)
 
@@ -92,7 +103,8 @@ class Lab:
         return sorted(n for n in netns.listnetns() if n.startswith(f"{self.prefix}-"))
 
     def vms(self, kind: str = "vm") -> list[str]:
-        """Bridged VMs (vm1, vm2, ...) or, with kind="rvm", routed ones."""
+        """Bridged VMs (vm1, vm2, ...) or, with kind="rvm", routed ones,
+        kind="svm" switched ones."""
         head = f"{self.prefix}-{kind}"
         names = [n[len(self.prefix) + 1:] for n in self.namespaces() if n.startswith(head)]
         return sorted((v for v in names if v[len(kind):].isdigit()),
@@ -110,7 +122,7 @@ def _sysctl(ns: str, settings: dict[str, str]) -> None:
     run_in(ns, write)
 
 
-def up(lab: Lab, vms: int = 3, routed: int = 0) -> None:
+def up(lab: Lab, vms: int = 3, routed: int = 0, switched: int = 0) -> None:
     """Build the lab (adding VMs to an existing one up to `vms`)."""
     if not 0 <= vms <= MAX_VMS:
         raise LabError(f"--vms must be between 0 and {MAX_VMS}")
@@ -119,6 +131,8 @@ def up(lab: Lab, vms: int = 3, routed: int = 0) -> None:
     created = not lab.exists()
     try:
         _up(lab, vms, routed)
+        for n in range(len(lab.vms("svm")) + 1, switched + 1):
+            add_switched_vm(lab, n)
     except Exception as exc:
         if created:
             down(lab)
@@ -259,6 +273,39 @@ def add_routed_vm(lab: Lab, n: int) -> str:
         ipr.route("add", dst="::/0", gateway=GW6, oif=eth)
     warm(lab, vm)
     logs.get(lab=lab.prefix).info("lab.vm_added", vm=vm, interface=host, routed=True)
+    return vm
+
+
+def add_switched_vm(lab: Lab, n: int) -> str:
+    """A VM whose host device (veth-svmN) is switched in its rx_handler, the
+    way an Open vSwitch port is (these machines' kernel has no openvswitch
+    module): the device is the lower of a macvlan in the sink's namespace, so
+    its frames pass the device's own ingress hooks (tc, netdev) and then go
+    straight to the sink; the answers leave through the device's egress."""
+    from pyroute2 import IPRoute, netns
+
+    vm, host = f"svm{n}", f"veth-svm{n}"
+    ns = lab.vm_ns(vm)
+    netns.create(ns)
+    with IPRoute(netns=lab.hv) as ipr:
+        ipr.link("add", ifname=host, kind="veth", peer={"ifname": "eth0", "net_ns_fd": ns})
+        idx = ipr.link_lookup(ifname=host)[0]
+        ipr.link("set", index=idx, ifalias=vm, state="up")
+        ipr.link("add", ifname=f"m{vm}", kind="macvlan", link=idx, macvlan_mode="bridge")
+        ipr.link("set", index=ipr.link_lookup(ifname=f"m{vm}")[0], net_ns_fd=lab.sink)
+    for side, peer, dev in ((lab.sink, False, f"m{vm}"), (ns, True, "eth0")):
+        with IPRoute(netns=side) as ipr:
+            idx = ipr.link_lookup(ifname=dev)[0]
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+            ipr.addr("add", index=idx, address=lab.switched_addr(n, 4, not peer), prefixlen=31)
+            ipr.addr("add", index=idx, address=lab.switched_addr(n, 6, not peer),
+                     prefixlen=127, flags=IFA_F_NODAD)
+            ipr.link("set", index=idx, state="up")
+            if peer:
+                ipr.route("add", dst=str(DEST4), gateway=lab.switched_addr(n, 4, True))
+                ipr.route("add", dst=str(DEST6), gateway=lab.switched_addr(n, 6, True))
+    warm(lab, vm)
+    logs.get(lab=lab.prefix).info("lab.vm_added", vm=vm, interface=host, switched=True)
     return vm
 
 

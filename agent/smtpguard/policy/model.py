@@ -86,9 +86,13 @@ class Strict(BaseModel):
 
 
 class InterfacePattern(Strict):
-    """A VM-facing interface name pattern: a glob whose {vm} part names the VM."""
+    """A VM-facing interface name pattern: a glob whose {vm} part names the VM.
+    attachment: how its devices are plugged in, where the agent's detection
+    (a Linux bridge port, Open vSwitch, a macvtap, else routed) does not
+    know the switch: `ovs` hooks the device's own ingress, as for OVS."""
 
     pattern: str = Field(min_length=1, max_length=64)
+    attachment: Literal["auto", "bridge", "routed", "ovs", "macvtap"] = "auto"
 
     @field_validator("pattern")
     @classmethod
@@ -114,6 +118,7 @@ class InterfacePattern(Strict):
 DEFAULT_PATTERNS = (
     InterfacePattern(pattern="tap{vm}i*"),  # Proxmox: tap<vmid>i<n>
     InterfacePattern(pattern="vnet*"),  # libvirt
+    InterfacePattern(pattern="macvtap*"),  # libvirt <interface type='direct'>
     InterfacePattern(pattern="tap{vm}"),  # OpenStack: tap<port-id prefix>
     InterfacePattern(pattern="fc-{vm}"),  # Firecracker
     InterfacePattern(pattern="veth*"),  # containers, the lab
@@ -165,11 +170,26 @@ class Proxmox(Strict):
     class_prefix: str = Field(default="smtpguard-", min_length=1)
 
 
+class Ovs(Strict):
+    """Name VMs by their Open vSwitch port (external_ids set by Nova, libvirt)."""
+
+    enabled: bool | Literal["auto"] = "auto"  # auto: when OVS is installed or its socket is there
+    db: str = Field(default="unix:/run/openvswitch/db.sock", min_length=1)
+
+    @field_validator("db")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        if not re.fullmatch(r"unix:/.+|tcp:(\[[0-9A-Fa-f:.]+\]|[^:\[\]]+):\d{1,5}", v):
+            raise ValueError(f"{v!r}: an OVSDB address is unix:/PATH or tcp:HOST:PORT")
+        return v
+
+
 class Inventory(Strict):
     """Where VM identities come from besides the interface patterns."""
 
     libvirt: Libvirt = Libvirt()
     proxmox: Proxmox = Proxmox()
+    ovs: Ovs = Ovs()
 
 
 class Ceiling(Strict):
