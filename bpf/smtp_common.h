@@ -1,4 +1,4 @@
-/* SPDX-License-Identifier: Apache-2.0 */
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * The contract between the tc classifier (smtp_count.c) and the agent.
  * Every struct here has a ctypes mirror in agent/smtpguard/datapath/maps.py;

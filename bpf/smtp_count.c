@@ -1,4 +1,4 @@
-// SPDX-License-Identifier: Apache-2.0
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
  * smtpguard datapath: count each VM's outbound SMTP connection attempts.
  *
@@ -29,6 +29,11 @@
 #include <uapi/linux/tcp.h>
 
 #include "smtp_common.h"
+
+/* What the kernel is told, as the SPDX line above says (bcc's footer turns it
+ * into the program's license section; GPL-compatible, as the helpers used
+ * here require). */
+#define BPF_LICENSE Dual BSD/GPL
 
 #ifndef PIN_DIR
 #error "PIN_DIR must name the bpffs directory for this agent's maps"

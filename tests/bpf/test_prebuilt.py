@@ -137,6 +137,13 @@ def _other_kernel(doc: dict[str, Any]) -> None:
     doc["key"]["kernel"] = "6.1.0-99-amd64 #1 SMP x86_64"
 
 
+def _swap(path: Path, old: str, new: str) -> None:
+    """Edit the stored text behind the checksum's back (old must be there)."""
+    text = path.read_text()
+    assert old in text, f"{old} not in the stored build"
+    path.write_text(text.replace(old, new))
+
+
 def _bad_insns(doc: dict[str, Any]) -> None:
     prog = doc["programs"]["smtpg_ingress"]
     insns = bytearray(base64.b64decode(prog["insns"]))
@@ -155,8 +162,7 @@ def _missing_map(doc: dict[str, Any]) -> None:
 CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str]] = {
     "garbage": (lambda p: p.write_bytes(b"\x00\xffnot json"), "unreadable"),
     "truncated": (lambda p: p.write_bytes(p.read_bytes()[:1000]), "unreadable"),
-    "tampered": (lambda p: p.write_text(p.read_text().replace('"GPL"', '"MIT"')),
-                 "checksum mismatch"),
+    "tampered": (lambda p: _swap(p, '"Dual BSD/GPL"', '"MIT"'), "checksum mismatch"),
     "other kernel": (lambda p: _rewrite(p, _other_kernel), "built for another key"),
     "refused by the kernel": (lambda p: _rewrite(p, _bad_insns), "the kernel refused it"),
     "relocation": (lambda p: _rewrite(p, _missing_map), "does not fit"),
@@ -190,3 +196,24 @@ def test_unusable_stored_build_falls_back_to_compiling(
     dp = start(pin, cache)  # the compile stored a good build again
     assert dp.source == "cache"
     dp.close()
+
+
+def test_the_kernel_is_told_the_license_the_source_declares(pin: Path, tmp_path: Path) -> None:
+    """bpf/smtp_count.c is dual GPL-2.0/BSD-2-Clause and says so to the
+    kernel (BPF_LICENSE "Dual BSD/GPL", GPL-compatible as its helpers need),
+    compiled and when loaded from the stored build alike."""
+    source = (Path(__file__).resolve().parents[2] / "bpf" / "smtp_count.c").read_text()
+    assert source.startswith("// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)")
+    assert "#define BPF_LICENSE Dual BSD/GPL" in source
+    cache = tmp_path / "state" / "bpf-cache"
+    dp = start(pin, cache)
+    assert all(s["gpl_compatible"] for n, s in shapes(pin).items() if n.startswith("smtpg_"))
+    reboot(dp)
+    assert json.loads(stored(cache).read_text())["license"] == "Dual BSD/GPL"
+    dp = start(pin, cache)
+    try:
+        assert dp.source == "cache"
+        assert all(s["gpl_compatible"] for n, s in shapes(pin).items()
+                   if n.startswith("smtpg_"))
+    finally:
+        dp.close()
