@@ -78,9 +78,18 @@ kernel_headers() {
 
 venv() {
 	local stamp want
-	if [ ! -x "$VENV/bin/python" ]; then
-		say "creating venv at $VENV"
-		/usr/bin/python3 -m venv --system-site-packages "$VENV"
+	# A venv counts once it was made whole (the marker, written last): one
+	# interrupted while it was made (a python but no pip) is made again.
+	if [ ! -f "$VENV/.smtpguard-venv" ]; then
+		if [ -x "$VENV/bin/python" ] && [ -x "$VENV/bin/pip" ]; then
+			: # made whole before the marker existed
+		else
+			[ ! -e "$VENV" ] || say "removing the unfinished venv at $VENV"
+			rm -rf "$VENV"
+			say "creating venv at $VENV"
+			/usr/bin/python3 -m venv --system-site-packages "$VENV"
+		fi
+		touch "$VENV/.smtpguard-venv"
 	fi
 	# Reinstall only when the dependency list changed.
 	want=$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)
