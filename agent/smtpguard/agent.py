@@ -39,6 +39,7 @@ from smtpguard.sdnotify import Notifier
 from smtpguard.trip_metrics import TripCollector
 
 POLL = 0.25  # the longest the loop sleeps (it also wakes on events, commands, the bell)
+FILTER_CHECK = 10.0  # how often the filters enforcement depends on are checked
 
 
 @dataclass
@@ -104,6 +105,7 @@ class Agent:
         self._reload = threading.Event()
         self._last_logged: dict[int, tuple[int, ...]] = {}
         self._next_log = 0.0
+        self._next_filter_check = 0.0
         self.metrics_server: Any = None
 
     # -- lifecycle ---------------------------------------------------------
@@ -284,6 +286,7 @@ class Agent:
         try:
             self._sweep()
             self._say_uncovered()
+            self._check_filters()
             if self.keeper is not None:
                 self.keeper.flush()  # retries a class update that failed
             if self.keeper is not None and self.keeper.repair() and self.responder:
@@ -558,6 +561,30 @@ class Agent:
         self._last_logged.pop(ifindex, None)
         if vif is not None:
             self.log.info("iface.detached", vm=vif.vm, interface=vif.ifname, reason=reason)
+
+    def _check_filters(self) -> None:
+        """Every 10 s, put back the classifier where enforcement needs it: on
+        a macvtap the netdev table only marks what it refuses and the
+        classifier drops it (enforce/render.py), so a filter deleted behind
+        our back would let the VM through while status says blocked."""
+        if self.clock() < self._next_filter_check or self._ipr is None:
+            return
+        self._next_filter_check = self.clock() + FILTER_CHECK
+        for vif in list(self.ifaces.values()):
+            if not swapped(vif.attachment):
+                continue
+            if attach.ours(self._ipr, vif.ifindex) == {"ingress", "egress"}:
+                continue
+            try:
+                attach.attach(self._ipr, vif.ifindex, vif.ifname, self.datapath.ingress_fd,
+                              self.datapath.egress_fd, True)
+            except AttachError as exc:
+                self.log.error("iface.attach_failed", vm=vif.vm, interface=vif.ifname,
+                               error=str(exc))
+                continue
+            self.log.warning("iface.repaired", vm=vif.vm, interface=vif.ifname,
+                             attachment=vif.attachment,
+                             hint="our tc filter was removed behind our back; put back")
 
     def _sweep(self) -> None:
         if not self._forget:

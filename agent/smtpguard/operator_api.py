@@ -71,9 +71,9 @@ def status(agent: Agent) -> list[dict[str, Any]]:
 def coverage(agent: Agent, vifs: list[Any]) -> str:
     """What this host does about a VM: `full` (counted and enforced),
     `counted only (...)` where the backend cannot reach how it is plugged in,
-    or without interfaces (a record kept for a VM not here now) `none (away)`."""
+    or `away` for a VM with a record here but no interface now."""
     if not vifs:
-        return "none (away)"
+        return "away"
     if agent.keeper is None:
         return "counted only (enforcement off)"
     out = sorted({v.attachment for v in vifs if not agent.keeper.reaches(v)})

@@ -62,6 +62,16 @@ classes:
 {classes}"""
 
 
+def default_policy_text(hv: Libvirtd) -> str:
+    """The built-in default policy (its classes, ceilings, thresholds and
+    interface patterns), only naming VMs from the kit's libvirtd."""
+    return f"""version: 1
+inventory:
+  libvirt: {{enabled: true, uri: "{hv.uri}"}}
+  proxmox: {{enabled: false}}
+"""
+
+
 def start_agent(hv: Libvirtd, tmp: Path, policy: str) -> AgentProc:
     """`smtpguard run` (enforcing, the policy's backend) in the kit's
     hypervisor namespace, connected to its libvirtd."""

@@ -212,6 +212,43 @@ class Network:
                          prefixlen=iface.network.prefixlen, flags=topology.IFA_F_NODAD)
         return name
 
+    def add_uplink(self, name: str, peer: str, addr4: str, addr6: str | None = None) -> str:
+        """A veth pair from the hypervisor namespace straight into the sink's:
+        `name` stays in the hypervisor, up and free, like a host's uplink NIC
+        (e.g. the lower device of a guest's macvtap); `peer` is the sink's, with
+        host addresses such as "198.18.4.2/24" and "fdac:29::2/64" (benchmark
+        and ULA space only), its subnets the guests' on that uplink. What leaves
+        `name` reaches the sink with no bridge and no host firewall between
+        (on a bridge port the agent's bridge table would act on it too).
+        Returns name. It goes with the namespaces, or with del_link()."""
+        from pyroute2 import IPRoute
+
+        for addr, space in ((addr4, BENCH4), (addr6, ULA)):
+            net = ipaddress.ip_interface(addr).network if addr else None
+            if net is not None and (net.version != space.version or not net.subnet_of(space)):
+                raise ValueError(f"{addr} is outside {space}")
+        with IPRoute(netns=self.netns) as ipr:
+            ipr.link("add", ifname=name, kind="veth",
+                     peer={"ifname": peer, "net_ns_fd": self.lab.sink})
+            ipr.link("set", index=ipr.link_lookup(ifname=name)[0], state="up")
+        with IPRoute(netns=self.lab.sink) as ipr:
+            [p] = ipr.link_lookup(ifname=peer)
+            for addr in filter(None, (addr4, addr6)):
+                iface = ipaddress.ip_interface(addr)
+                ipr.addr("add", index=p, address=str(iface.ip),
+                         prefixlen=iface.network.prefixlen, flags=topology.IFA_F_NODAD)
+            ipr.link("set", index=p, state="up")
+        return name
+
+    def del_link(self, name: str) -> None:
+        """Delete a link of the hypervisor namespace (a veth takes its peer
+        along); gone already is fine."""
+        from pyroute2 import IPRoute
+
+        with IPRoute(netns=self.netns) as ipr:
+            for index in ipr.link_lookup(ifname=name):
+                ipr.link("del", index=index)
+
     def close(self) -> None:
         self.sink.down()
         topology.down(self.lab)

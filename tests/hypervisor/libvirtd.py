@@ -251,17 +251,28 @@ class Libvirtd:
     # -- domains ------------------------------------------------------------
 
     def define(self, vm: str, g: guest.Guest, cmdline: str, *,
-               bridges: Sequence[str] = ("br0",), macs: Sequence[str] | None = None,
+               bridges: Sequence[str] = ("br0",), direct: Sequence[str] = (),
+               macs: Sequence[str] | None = None, devices: str = "",
                metadata: str = "", memory_mib: int = 128, kvm: bool = False) -> Domain:
         """Define (persistently, not start) domain <prefix>-<vm>: direct kernel
-        boot of g with cmdline, one virtio NIC per bridge, console on ttyS0 in
+        boot of g with cmdline, one virtio NIC per bridge, then one macvtap
+        NIC per lower device in `direct` (`<interface type='direct'>`, mode
+        bridge: libvirt makes a macvtapN on that device), console on ttyS0 in
         a file, the guest's control channel on ttyS1, `metadata` inside
-        <metadata> verbatim. TCG unless kvm=True."""
+        <metadata> and `devices` inside <devices> verbatim. TCG unless kvm=True."""
         name = f"{self.prefix}-{vm}"
-        macs = list(macs or [_mac(name, i) for i in range(len(bridges))])
+        count = len(bridges) + len(direct)
+        macs = list(macs or [_mac(name, i) for i in range(count)])
+        if len(macs) != count:
+            raise ValueError(f"{len(macs)} MACs for {count} NICs")
         nics = "".join(
             f"<interface type='bridge'><source bridge='{b}'/><mac address='{m}'/>"
-            "<model type='virtio'/></interface>" for b, m in zip(bridges, macs, strict=True))
+            "<model type='virtio'/></interface>"
+            for b, m in zip(bridges, macs[:len(bridges)], strict=True))
+        nics += "".join(
+            f"<interface type='direct'><source dev='{d}' mode='bridge'/><mac address='{m}'/>"
+            "<model type='virtio'/></interface>"
+            for d, m in zip(direct, macs[len(bridges):], strict=True))
         dom = Domain(self, name, macs)
         kind = "kvm" if kvm else "qemu"
         xml = f"""<domain type='{kind}'>
@@ -281,6 +292,7 @@ class Libvirtd:
   <on_crash>destroy</on_crash>
   <devices>
     {nics}
+    {devices}
     <serial type='file'><source path='{dom.console_path}'/><target port='0'/></serial>
     <serial type='unix'><source mode='bind' path='{dom.ctl_path}'/><target port='1'/></serial>
     <memballoon model='none'/>
