@@ -16,6 +16,9 @@ the benchmarks issue, a verdict) and writes bench/results/bench.json.
 6. footprint.py   start-up to ready (100 interfaces), RSS (1,000)
 7. apply.py       policy apply with 1,000 VMs, nftables and iptables-legacy
 8. footprint.py, scrape.py  agent CPU at idle and per /metrics scrape
+10. placement.py  where the enforcement hooks: bridge and inet tables, a
+                  netdev table on each VM device's ingress, smtp-gate's
+                  chain, and the empty hooks of each kind, per packet
 """
 
 from __future__ import annotations
@@ -38,13 +41,15 @@ def sections() -> dict[str, Callable[[], list[Row]]]:
     import counting
     import fleet
     import footprint
+    import placement
     import reaction
     import scrape
     import throughput
 
     return {"throughput": throughput.run, "bpf": bpfcost.run, "counting": counting.run,
             "ceiling": ceiling.run, "reaction": reaction.run, "footprint": footprint.run,
-            "apply": apply.run, "scrape": scrape.run, "fleet": fleet.run}
+            "apply": apply.run, "scrape": scrape.run, "fleet": fleet.run,
+            "placement": placement.run}
 
 
 def main(argv: list[str]) -> int:

@@ -96,7 +96,7 @@ def test_retransmitted_syn_counts_once(shared_lab: Pair) -> None:
     c0 = agent.counter(HANDSHAKES, vm="vm2", port="25", outcome="completed")
     table = f"{lab.prefix}drop"
     rule = (f"table inet {table} {{\n chain out {{\n  type filter hook output priority 0;\n"
-            f"  tcp sport 25 tcp flags & (syn | ack) == syn | ack drop\n }}\n}}\n")
+            f"  tcp sport 25 tcp flags & (syn | ack) == syn | ack counter drop\n }}\n}}\n")
     nft = ["ip", "netns", "exec", lab.sink, "nft"]
     subprocess.run([*nft, "-f", "-"], input=rule.encode(), check=True)
     try:
@@ -104,7 +104,14 @@ def test_retransmitted_syn_counts_once(shared_lab: Pair) -> None:
         t = threading.Thread(target=lambda: result.update(
             r=send(lab, "vm2", 1, port=25, timeout=15)))
         t.start()
-        time.sleep(0.6)  # the first SYN-ACK is dropped; the client retries at ~1 s
+        # Until the first SYN-ACK is dropped (the client retries it about 1 s
+        # later): waited for, not guessed, as starting the client takes a
+        # while on a busy machine.
+        deadline = time.monotonic() + 10
+        while "packets 0 " in subprocess.run([*nft, "list", "table", "inet", table],
+                                             capture_output=True, text=True).stdout:
+            assert time.monotonic() < deadline, "no SYN-ACK dropped in 10 s"
+            time.sleep(0.02)
     finally:
         subprocess.run([*nft, "delete", "table", "inet", table], check=True)
     t.join()

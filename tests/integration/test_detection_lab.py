@@ -159,8 +159,8 @@ def test_status_agrees_with_the_kernel_and_operators_win(detecting: Pair) -> Non
     assert next(r for r in agent.ctl("status", "--json")  # type: ignore[union-attr]
                 if r["vm"] == "vm2")["state"] == "ok"
     table = agent.ctl("status")["text"]  # type: ignore[index]
-    assert table.splitlines()[0].split()[:3] == ["VM", "INTERFACE", "CLASS"]
-    assert any(line.split()[:2] == ["vm2", "veth-vm2"] for line in table.splitlines())
+    assert table.splitlines()[0].split()[:4] == ["VM", "INTERFACE", "ATTACH", "CLASS"]
+    assert any(line.split()[:3] == ["vm2", "veth-vm2", "bridge"] for line in table.splitlines())
     assert "generation" in agent.ctl("reload")["text"]  # type: ignore[index]
     assert agent.policy is not None
     agent.policy.write_text("version: 1\nsmtp_ports: [25, 25]\n")

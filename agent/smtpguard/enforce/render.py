@@ -20,8 +20,8 @@ device (`in_<ifname>` on its ingress, `out_<ifname>` on a macvtap's egress;
 datapath/attachment.py): a netdev chain cannot name devices by wildcard, so
 the agent adds a device's chain in the same step that attaches the classifier.
 Bridged and routed taps stay in the bridge and inet tables, which also cover
-a matching device the agent has not seen yet (by wildcard) and cost less per
-packet than a hook on every tap (bench placement). At egress the device is
+a matching device the agent has not seen yet (by wildcard); per packet the
+two placements measured alike (bench placement: within the rounds' noise). At egress the device is
 `oifname`, not `iifname`: the egress tree is the same chains keyed by it,
 prefixed `o_`, with its own verdict maps (their verdicts name its chains).
 Netdev egress cannot reject, and runs before tc's egress hook: it marks the
