@@ -88,9 +88,10 @@ def bcc_in_process_mb() -> float:
     """RSS of a process that compiled the classifier with bcc and keeps it."""
     pin = f"/sys/fs/bpf/smtpguard-bench/inproc-{uuid.uuid4().hex[:8]}"
     code = ("from smtpguard.datapath import compile as c; "
+            "from smtpguard.datapath.build import cflags; "
             "from smtpguard.datapath.loader import default_bpf_dir as d; from pathlib import "
             f"Path; import shutil; p=Path({pin!r}); p.mkdir(parents=True); "
-            "b=c.load(d(), c.cflags(d(), p, 32768, 4096, 262144, 65536)); "
+            "b=c.load(d(), cflags(d(), p, 32768, 4096, 262144, 65536)); "
             "print(open('/proc/self/status').read()); shutil.rmtree(p)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout

@@ -33,12 +33,12 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 
 from smtpguard.datapath import maps
-from smtpguard.datapath.interfaces import VmIface
 from smtpguard.datapath.loader import Datapath, Sizes, ensure_bpffs
 from smtpguard.datapath.snapshot import Snapshot, take
 from smtpguard.enforce import render
 from smtpguard.enforce.desired import Capabilities, Desired
 from smtpguard.enforce.nftables import NftablesEnforcer, in_scratch_netns
+from smtpguard.inventory.vmiface import VmIface
 from smtpguard.metrics import DatapathCollector, EnforcementCollector, Health
 from smtpguard.policy import Policy
 from table import Row

@@ -19,7 +19,7 @@ from smtpguard.control import ControlServer
 from smtpguard.datapath import attach, linkdump, trip
 from smtpguard.datapath.attachment import Attachment, attachment, swapped
 from smtpguard.datapath.doorbell import Doorbell
-from smtpguard.datapath.interfaces import LinkEvent, LinkMonitor, VmIface, dump_links
+from smtpguard.datapath.interfaces import LinkEvent, LinkMonitor, dump_links
 from smtpguard.datapath.loader import CACHE_DIR, Datapath, Sizes, ensure_bpffs
 from smtpguard.datapath.snapshot import Snapshot, take
 from smtpguard.defaults import DEFAULT_METRICS, DEFAULT_PIN_DIR, DEFAULT_SOCKET, DEFAULT_STATE_DIR
@@ -30,6 +30,7 @@ from smtpguard.inventory import migrate
 from smtpguard.inventory.hook import HookSource
 from smtpguard.inventory.identity import Uncovered
 from smtpguard.inventory.resolve import Resolver
+from smtpguard.inventory.vmiface import VmIface
 from smtpguard.metrics import DatapathCollector, EnforcementCollector, Health, serve
 from smtpguard.policy import LoadedPolicy, Policy, load_path
 from smtpguard.policy.membership import facts_of, place

@@ -21,10 +21,10 @@ from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
 from smtpguard import __version__, logs
-from smtpguard.datapath.interfaces import VmIface
 from smtpguard.datapath.snapshot import IfaceSnapshot, PortCounts, Snapshot, union
 from smtpguard.enforce.render import REASONS
 from smtpguard.inventory.identity import UNCOVERED_REASONS
+from smtpguard.inventory.vmiface import VmIface
 from smtpguard.policy import Policy
 
 OUTCOMES = ("completed", "reset", "no_answer")

@@ -1,9 +1,14 @@
-"""What the control socket's commands do, run on the agent's main loop."""
+"""What the control socket's commands do, run on the agent's main loop.
+
+The commands ask the running agent only for what `RunningAgent` lists; the
+agent (agent.py) satisfies it and imports this module, never the reverse.
+"""
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from smtpguard.datapath.snapshot import union
 from smtpguard.errors import SmtpguardError
@@ -12,17 +17,49 @@ from smtpguard.policy.membership import facts_of, place
 from smtpguard.policy.units import parse_duration
 
 if TYPE_CHECKING:
-    from smtpguard.agent import Agent
+    from smtpguard.datapath.snapshot import Snapshot
+    from smtpguard.detect.engine import Detector
+    from smtpguard.enforce.keeper import Keeper
+    from smtpguard.inventory.vmiface import VmIface
+    from smtpguard.policy import LoadedPolicy, Policy
+    from smtpguard.respond import Responder
 
 
-def _vms(agent: Agent) -> dict[str, list[Any]]:
-    out: dict[str, list[Any]] = {}
+class RunningAgent(Protocol):
+    """What the operator's commands may ask of the running agent: its VMs'
+    interfaces, state, policy and evidence to read, and reload and announce
+    to act (operator actions go through the detector, as its own do)."""
+
+    @property
+    def ifaces(self) -> Mapping[int, VmIface]: ...
+    @property
+    def names(self) -> Mapping[str, str]: ...  # vm id -> its name when last seen
+    @property
+    def detector(self) -> Detector | None: ...
+    @property
+    def keeper(self) -> Keeper | None: ...
+    @property
+    def responder(self) -> Responder | None: ...
+    @property
+    def policy(self) -> Policy: ...
+    @property
+    def loaded(self) -> LoadedPolicy: ...
+    @property
+    def generation(self) -> int: ...
+    def snapshot(self) -> Snapshot: ...
+    def uncovered(self) -> list[Uncovered]: ...
+    def reload(self) -> None: ...
+    def announce(self, op: str, xml: str) -> dict[str, Any]: ...
+
+
+def _vms(agent: RunningAgent) -> dict[str, list[VmIface]]:
+    out: dict[str, list[VmIface]] = {}
     for v in agent.ifaces.values():
         out.setdefault(v.vm, []).append(v)
     return out
 
 
-def status(agent: Agent) -> list[dict[str, Any]]:
+def status(agent: RunningAgent) -> list[dict[str, Any]]:
     """One row per VM (with interfaces, or with a record in force)."""
     assert agent.detector is not None
     det = agent.detector
@@ -68,7 +105,7 @@ def status(agent: Agent) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["vm"])
 
 
-def coverage(agent: Agent, vifs: list[Any]) -> str:
+def coverage(agent: RunningAgent, vifs: list[VmIface]) -> str:
     """What this host does about a VM: `full` (counted and enforced),
     `counted only (...)` where the backend cannot reach how it is plugged in,
     or `away` for a VM with a record here but no interface now."""
@@ -82,12 +119,12 @@ def coverage(agent: Agent, vifs: list[Any]) -> str:
     return "full"
 
 
-def known_names(agent: Agent) -> dict[str, str]:
+def known_names(agent: RunningAgent) -> dict[str, str]:
     """vm id -> the name it was last seen under (for VMs with no interface now)."""
     return dict(agent.names)
 
 
-def resolve_vm(agent: Agent, ref: str) -> str:
+def resolve_vm(agent: RunningAgent, ref: str) -> str:
     """A VM's id from what an operator types: its id, its name (a libvirt
     domain's), its UUID, or one of its interfaces. Several VMs of that name:
     an error naming their ids."""
@@ -113,7 +150,7 @@ def resolve_vm(agent: Agent, ref: str) -> str:
     raise SmtpguardError(f"no VM {ref!r} on this host (by id, name, UUID or interface)")
 
 
-def _target(agent: Agent, req: dict[str, Any]) -> tuple[str, list[str]]:
+def _target(agent: RunningAgent, req: dict[str, Any]) -> tuple[str, list[str]]:
     ref = req.get("vm")
     if not isinstance(ref, str) or not ref:
         raise SmtpguardError("which VM? (vm is missing)")
@@ -132,7 +169,7 @@ def _duration(req: dict[str, Any]) -> float | None:
         raise SmtpguardError(f"--for: {exc}") from exc
 
 
-def handle(agent: Agent, req: dict[str, Any]) -> dict[str, Any]:
+def handle(agent: RunningAgent, req: dict[str, Any]) -> dict[str, Any]:
     cmd = req["cmd"]
     det = agent.detector
     if det is None:
@@ -169,7 +206,7 @@ def handle(agent: Agent, req: dict[str, Any]) -> dict[str, Any]:
     raise SmtpguardError(f"unknown command {cmd!r}")
 
 
-def _evidence(agent: Agent, cmd: str, req: dict[str, Any]) -> dict[str, Any]:
+def _evidence(agent: RunningAgent, cmd: str, req: dict[str, Any]) -> dict[str, Any]:
     r = agent.responder
     assert r is not None
     if cmd == "incidents":
@@ -200,7 +237,7 @@ def _evidence(agent: Agent, cmd: str, req: dict[str, Any]) -> dict[str, Any]:
     return {"ok": True, "explain": explain_vm(agent, vm)}
 
 
-def explain_uncovered(agent: Agent, u: Uncovered) -> dict[str, Any]:
+def explain_uncovered(agent: RunningAgent, u: Uncovered) -> dict[str, Any]:
     """explain for a VM whose traffic bypasses the host kernel: what its
     class would be, and that nothing here counts or enforces it."""
     from smtpguard.policy.explain import explain
@@ -214,7 +251,7 @@ def explain_uncovered(agent: Agent, u: Uncovered) -> dict[str, Any]:
     return e
 
 
-def explain_vm(agent: Agent, vm: str) -> dict[str, Any]:
+def explain_vm(agent: RunningAgent, vm: str) -> dict[str, Any]:
     """What the VM may do, its state, why, and until when (`smtpguard explain`)."""
     from smtpguard.policy.explain import explain
 

@@ -12,7 +12,6 @@ from typing import Any
 
 from smtpguard import logs
 from smtpguard.datapath import recent, trip
-from smtpguard.datapath.interfaces import VmIface
 from smtpguard.datapath.maps import SmtpKey
 from smtpguard.datapath.snapshot import read_ports
 from smtpguard.detect.engine import Detector
@@ -22,6 +21,7 @@ from smtpguard.enforce.keeper import Keeper
 from smtpguard.errors import SmtpguardError
 from smtpguard.fleet.record import FleetRecord
 from smtpguard.incidents import IncidentBook
+from smtpguard.inventory.vmiface import VmIface
 from smtpguard.metrics import LOOP_BUCKETS
 from smtpguard.policy.explain import threshold_text
 from smtpguard.policy.load import LoadedPolicy

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from smtpguard.datapath import compile as bpfcompile
+from smtpguard.datapath.build import BPF_SOURCE, cflags
 from smtpguard.datapath.loader import PINNED_MAPS, WAKE_RING, default_bpf_dir, ensure_bpffs
 
 
@@ -22,8 +23,7 @@ def bcc_module() -> Iterator[Any]:
     ensure_bpffs(Path("/sys/fs/bpf"))
     pin = Path(f"/sys/fs/bpf/smtpguard-test/layout-{uuid.uuid4().hex[:8]}")
     pin.mkdir(parents=True)
-    b = bpfcompile.load(default_bpf_dir(),
-                        bpfcompile.cflags(default_bpf_dir(), pin, 64, 8, 64, 64))
+    b = bpfcompile.load(default_bpf_dir(), cflags(default_bpf_dir(), pin, 64, 8, 64, 64))
     try:
         yield b
     finally:
@@ -55,6 +55,6 @@ def test_mirror_field_offsets_match_bcc(bcc_module: Any) -> None:
 def test_every_pinned_map_has_a_mirror() -> None:
     """A map the classifier pins is one the loader knows: an unmirrored map
     would never be checked for a stale shape, opened or forgotten."""
-    source = (default_bpf_dir() / bpfcompile.BPF_SOURCE).read_text()
+    source = (default_bpf_dir() / BPF_SOURCE).read_text()
     pinned = set(re.findall(r'PIN_DIR "/(\w+)"', source))
     assert pinned == {*PINNED_MAPS, WAKE_RING}

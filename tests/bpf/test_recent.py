@@ -17,7 +17,7 @@ from conftest import PORTS, coarse_ns, past_a_tick
 from frames import ACK, ETH_P_IP, SYN, eth, ipv4, syn4, syn6, tcp
 from smtpguard.datapath import recent
 from smtpguard.datapath.bpfsys import PROG_TEST_RUN, bpf, obj_get, obj_pin
-from smtpguard.datapath.compile import PROGRAMS
+from smtpguard.datapath.build import PROGRAMS
 from smtpguard.datapath.loader import Datapath, Sizes
 from smtpguard.datapath.testrun import _TestAttr
 from smtpguard.datapath.testrun import test_run as run_prog

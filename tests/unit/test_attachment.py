@@ -10,11 +10,11 @@ import pytest
 
 from smtpguard.datapath import linkdump
 from smtpguard.datapath.attachment import attachment, swapped
-from smtpguard.datapath.interfaces import VmIface
 from smtpguard.enforce import render
 from smtpguard.enforce.desired import Action, Capabilities, Desired
 from smtpguard.enforce.fake import FakeEnforcer
 from smtpguard.enforce.keeper import Keeper
+from smtpguard.inventory.vmiface import VmIface
 from smtpguard.policy import Policy
 
 

@@ -13,9 +13,9 @@ from prometheus_client.registry import Collector
 
 from smtpguard import __version__
 from smtpguard.datapath import distinct, maps
-from smtpguard.datapath.interfaces import VmIface
 from smtpguard.datapath.snapshot import IfaceSnapshot, PortCounts, Snapshot, estimates
 from smtpguard.enforce.nftables import BlockedCount
+from smtpguard.inventory.vmiface import VmIface
 from smtpguard.metrics import DatapathCollector, EnforcementCollector, Health, parse_addr
 from smtpguard.policy import Policy
 from smtpguard.policy.model import Metrics

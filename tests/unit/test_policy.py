@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from smtpguard.datapath.interfaces import classify
+from smtpguard.inventory.resolve import Resolver
 from smtpguard.policy import Policy, PolicyErrors, load_path, load_policy, load_text
 from smtpguard.policy.load import load_documents
 from smtpguard.policy.membership import VmFacts, place
@@ -317,17 +317,17 @@ def test_rate_model_default_is_per_minute() -> None:
 ])
 def test_default_patterns_name_vms(ifname: str, alias: str | None, vm: str, pattern: str) -> None:
     """The first matching pattern wins; a plain ifalias overrides the captured name."""
-    got = classify(7, ifname, alias, Policy().interfaces.patterns)
+    got = Resolver().identify(7, ifname, alias, Policy().interfaces.patterns)
     assert got is not None and (got.vm, got.pattern) == (vm, pattern)
 
 
 def test_ifalias_gives_tenant() -> None:
-    got = classify(7, "vnet8", "vm=db1 tenant=acme", Policy().interfaces.patterns)
+    got = Resolver().identify(7, "vnet8", "vm=db1 tenant=acme", Policy().interfaces.patterns)
     assert got is not None and (got.vm, got.tenant) == ("db1", "acme")
-    got = classify(7, "vnet8", "vm=db1 tenant=acme", Policy().interfaces.patterns, False)
+    got = Resolver().identify(7, "vnet8", "vm=db1 tenant=acme", Policy().interfaces.patterns, False)
     assert got is not None and (got.vm, got.tenant) == ("vnet8", None)
 
 
 @pytest.mark.parametrize("ifname", ["eth0", "br0", "lo", "sink0", "bond0", "tap"])
 def test_host_interfaces_are_not_vms(ifname: str) -> None:
-    assert classify(1, ifname, None, Policy().interfaces.patterns) is None
+    assert Resolver().identify(1, ifname, None, Policy().interfaces.patterns) is None

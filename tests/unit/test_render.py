@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from smtpguard.datapath.interfaces import VmIface
 from smtpguard.enforce import render
 from smtpguard.enforce.desired import Action, Capabilities, Desired
 from smtpguard.enforce.fake import FakeEnforcer
 from smtpguard.enforce.keeper import Keeper
+from smtpguard.inventory.vmiface import VmIface
 from smtpguard.policy import Policy, load_text
 from smtpguard.policy.model import Ceiling
 from smtpguard.policy.units import parse_rate

@@ -186,8 +186,8 @@ def test_state_under_interface_names_moves_to_ids_once(tmp_path: Path) -> None:
     """The first start that knows ids moves an interface-named VM's record to
     the id of the VM on that interface now; later starts never move a name
     again (it could be another VM's by then)."""
-    from smtpguard.datapath.interfaces import VmIface
     from smtpguard.inventory import migrate
+    from smtpguard.inventory.vmiface import VmIface
     from smtpguard.policy import Policy
 
     s = Store(tmp_path / "state.db")

@@ -1,41 +1,14 @@
-"""Which interfaces face VMs, which VM each belongs to, and netlink events."""
+"""The host's links, now and as they change (netlink), as events for the agent;
+which VM a link belongs to is inventory/resolve.py's to say."""
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from smtpguard.datapath import linkdump
-from smtpguard.datapath.attachment import Attachment
-from smtpguard.policy.model import InterfacePattern
-
-
-@dataclass(frozen=True)
-class VmIface:
-    """A VM-facing interface and the VM it belongs to now.
-
-    vm is the VM's stable id (inventory/identity.py): what state, windows,
-    incidents, operator actions and metrics key on. name is what people read
-    (a libvirt domain name; the id itself when nothing better is known)."""
-
-    ifindex: int
-    ifname: str
-    vm: str
-    pattern: str
-    tenant: str | None = None
-    name: str = ""
-    source: str = "pattern"
-    uuid: str | None = None
-    cls: str | None = None  # a class the hypervisor asks for
-    facts: tuple[tuple[str, str], ...] = ()
-    attachment: Attachment = "bridge"  # how it is plugged in (datapath/attachment.py)
-
-    @property
-    def display(self) -> str:
-        return self.name or self.vm
 
 
 @dataclass(frozen=True)
@@ -46,16 +19,6 @@ class LinkEvent:
     ifalias: str | None
     master: int = 0  # the ifindex it is enslaved to (a bridge, ovs-system)
     link_kind: str = ""  # IFLA_INFO_KIND: "macvtap", "bridge", "openvswitch", ...
-
-
-def classify(
-    ifindex: int, ifname: str, ifalias: str | None,
-    patterns: Sequence[InterfacePattern], vm_from_ifalias: bool = True,
-) -> VmIface | None:
-    """The policy's naming alone (no hypervisor source): inventory.resolve."""
-    from smtpguard.inventory.resolve import Resolver
-
-    return Resolver().identify(ifindex, ifname, ifalias, patterns, vm_from_ifalias)
 
 
 def link_event(msg: Any) -> LinkEvent | None:

@@ -27,7 +27,7 @@ from typing import Any
 from smtpguard import logs
 from smtpguard.datapath import maps, prebuilt, recent
 from smtpguard.datapath.bpfsys import PinnedMap, map_info, obj_get
-from smtpguard.datapath.compile import (
+from smtpguard.datapath.build import (
     BPF_SOURCE,
     PROGRAMS,
     build_tag,

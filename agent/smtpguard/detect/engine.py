@@ -11,7 +11,6 @@ from typing import Any
 
 from smtpguard import logs
 from smtpguard.datapath import distinct
-from smtpguard.datapath.interfaces import VmIface
 from smtpguard.datapath.snapshot import read_sketch, sketch_over
 from smtpguard.detect.machine import (
     Transition,
@@ -22,6 +21,7 @@ from smtpguard.detect.machine import (
 )
 from smtpguard.detect.windows import VmWindows, Windows
 from smtpguard.errors import StoreError
+from smtpguard.inventory.vmiface import VmIface
 from smtpguard.policy.membership import facts_of, place
 from smtpguard.policy.model import Policy, Threshold
 from smtpguard.store import Store

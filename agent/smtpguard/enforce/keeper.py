@@ -12,9 +12,9 @@ from typing import Any, Protocol
 
 from smtpguard import logs
 from smtpguard.datapath.attachment import NETDEV_HOOK
-from smtpguard.datapath.interfaces import VmIface
 from smtpguard.enforce.desired import Action, Capabilities, Desired
 from smtpguard.errors import EnforcerError
+from smtpguard.inventory.vmiface import VmIface
 from smtpguard.policy.membership import facts_of, place
 from smtpguard.policy.model import Policy
 

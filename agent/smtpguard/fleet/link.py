@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from smtpguard import logs
-from smtpguard.datapath.interfaces import VmIface
 from smtpguard.fleet.collector import FleetCollector
 from smtpguard.fleet.record import FleetRecord
 from smtpguard.fleet.sync import FleetSync
 from smtpguard.fleet.tenants import TenantBudgets
+from smtpguard.inventory.vmiface import VmIface
 from smtpguard.policy.model import Fleet as FleetPolicy
 from smtpguard.respond import Responder
 

@@ -17,9 +17,9 @@ import time
 from collections.abc import Mapping
 
 from smtpguard import logs
-from smtpguard.datapath.interfaces import VmIface
 from smtpguard.detect.engine import Detector
 from smtpguard.fleet.sync import FleetSync
+from smtpguard.inventory.vmiface import VmIface
 from smtpguard.policy.model import TenantBudget
 from smtpguard.policy.units import format_duration
 

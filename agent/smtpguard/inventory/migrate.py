@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from smtpguard import logs
-from smtpguard.datapath.interfaces import VmIface
 from smtpguard.errors import SmtpguardError
 from smtpguard.inventory import patterns
+from smtpguard.inventory.vmiface import VmIface
 from smtpguard.policy.model import Interfaces
 from smtpguard.store import Store
 

@@ -18,9 +18,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from smtpguard import logs
-from smtpguard.datapath.interfaces import VmIface
 from smtpguard.inventory import patterns
 from smtpguard.inventory.identity import Identity, IdentitySource, Uncovered
+from smtpguard.inventory.vmiface import VmIface
 from smtpguard.policy.model import InterfacePattern
 
 
