@@ -12,7 +12,7 @@ smtpguard-fleet.json: many hosts, from the recorded series of
 alerts/smtpguard.recording.yml only (host:, host_vm:, tenant:), so it works
 on a site's Prometheus and on a global one that federates (or receives by
 remote write) just those; it needs the `host` label the scrape config adds
-(see README, Dashboards and alerts).
+(see docs/metrics-and-dashboards.md).
 
 Every query here is evaluated against a real Prometheus in the test suite
 (tests/integration/test_observability.py, test_fleet_view.py).

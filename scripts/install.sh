@@ -2,7 +2,7 @@
 # Install smtpguard on this host (what `make install` runs), idempotently:
 #   /opt/smtpguard/venv        the agent (a venv seeing Debian's bcc and nftables)
 #   /opt/smtpguard/bpf         the classifier's C source (compiled at start)
-#   /opt/smtpguard/{policies,dashboards,alerts,README.md}
+#   /opt/smtpguard/{policies,dashboards,alerts,docs,README.md}
 #   /etc/systemd/system/smtpguard.service, /etc/default/smtpguard (kept if present)
 #   /etc/smtpguard/policy.yaml  from policies/default.yaml, unless one exists
 # DESTDIR=/some/root installs into that tree instead (packaging, tests): the
@@ -41,9 +41,9 @@ fi
 install -d -m 0755 "$DESTDIR$PREFIX" "$DESTDIR$UNIT_DIR" "$DESTDIR/etc/default"
 install -d -m 0700 "$DESTDIR/etc/smtpguard" "$DESTDIR/var/lib/smtpguard"
 rm -rf "$DESTDIR$PREFIX/bpf" "$DESTDIR$PREFIX/policies" "$DESTDIR$PREFIX/dashboards" \
-	"$DESTDIR$PREFIX/alerts"
-cp -r "$ROOT/bpf" "$ROOT/policies" "$ROOT/dashboards" "$ROOT/alerts" "$ROOT/README.md" \
-	"$DESTDIR$PREFIX/"
+	"$DESTDIR$PREFIX/alerts" "$DESTDIR$PREFIX/docs"
+cp -r "$ROOT/bpf" "$ROOT/policies" "$ROOT/dashboards" "$ROOT/alerts" "$ROOT/docs" \
+	"$ROOT/README.md" "$DESTDIR$PREFIX/"
 if [ ! -x "$DESTDIR$PREFIX/venv/bin/python" ]; then
 	/usr/bin/python3 -m venv --system-site-packages "$DESTDIR$PREFIX/venv"
 fi

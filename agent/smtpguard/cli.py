@@ -14,7 +14,7 @@ from pathlib import Path
 from smtpguard import __version__, logs
 from smtpguard.errors import SmtpguardError
 
-EPILOG = "Docs: README.md. Every command exits non-zero with a one-line error on failure."
+EPILOG = "Docs: README.md and docs/. Every command exits non-zero with a one-line error on failure."
 
 
 def _parser() -> argparse.ArgumentParser:
