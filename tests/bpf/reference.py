@@ -1,7 +1,8 @@
 """A Python reading of what the classifier must count, for differential
 fuzzing: a frame is an SMTP connection attempt iff this says so.
 
-Written from the rules in docs/enforcement.md (What is counted, exactly): Ethernet, at most two VLAN tags in the
+Written from the rules in docs/enforcement.md (What is counted, exactly):
+Ethernet, at most two VLAN tags in the
 frame, IPv4 (any options, no later fragment, the TCP header inside the
 packet's total length) or IPv6 (at most six extension headers among
 hop-by-hop, routing, destination options, AH and a first fragment, no
