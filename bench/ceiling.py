@@ -39,8 +39,8 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from labagent import lab_agent
+from smtpguard.daemon.netns import run_in
 from smtpguard.lab import synflood, topology
-from smtpguard.netns import run_in
 from smtpguard.policy.units import parse_rate
 from table import Row
 

@@ -28,8 +28,8 @@ from pathlib import Path
 
 from labagent import cpu_seconds
 from many import add_ifaces
+from smtpguard.daemon.netns import run_in
 from smtpguard.lab.proc import stop
-from smtpguard.netns import run_in
 from table import Row
 
 SECTION_START = "6 start-up and memory"

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from smtpguard.daemon.netns import run_in
 from smtpguard.lab import topology
 from smtpguard.lab.proc import stop
-from smtpguard.netns import run_in
 
 METRICS = "127.0.0.1:9725"  # inside the lab's hypervisor namespace
 

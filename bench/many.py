@@ -19,7 +19,7 @@ import os
 import struct
 from typing import Literal
 
-from smtpguard.netns import run_in
+from smtpguard.daemon.netns import run_in
 
 IFNAMSIZ = 15  # usable characters of a Linux interface name
 TUNSETIFF = 0x400454CA

@@ -7,14 +7,14 @@ The lab is throughput.py's (vm1 -> vm2 across the hypervisor's bridge,
 measured with its iperf and CPU accounting); the variants, interleaved over
 ROUNDS (each round starting at the next one):
 
-  none           no rules at all (throughput.check_off: no table, no filter)
+  none           no rules at all (onpath.check_off: no table, no filter)
   bridge floor   an empty bridge-family prerouting base chain, priority -300:
                  today's floor
   ingress floor  an empty netdev ingress base chain on each VM's host-side
                  veth (vm1's and vm2's: every VM device gets one)
   smtpguard      smtpguard's bridge and inet tables, applied by the agent's
                  NftablesEnforcer from a Desired of 1,000 VM interfaces
-                 (throughput.POLICY: port 25 blocked, ceilings on 465/587/2525;
+                 (onpath.POLICY: port 25 blocked, ceilings on 465/587/2525;
                  the 998 others are names only: nftables matches by name);
                  no tc classifier, so the tables alone
   netdev         the same rule tree in a netdev table on the two VM devices'
@@ -49,18 +49,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import throughput
+import flows
+import onpath
+from smtpguard.daemon.netns import run_in
 from smtpguard.enforce import render
 from smtpguard.enforce.desired import Desired
 from smtpguard.lab import topology
-from smtpguard.netns import run_in
 from smtpguard.policy import load_text
 from table import Row, fmt
 
 SECTION = "10 placement"
 ROUNDS = 6
 SECONDS = 1  # per iperf3 run (whole seconds: iperf3 -t); more rounds beat longer runs
-N = throughput.N
+N = onpath.N
 HOOKED = ("veth-vm1", "veth-vm2")  # the VM devices a netdev chain hooks
 VARIANTS = ("none", "bridge floor", "ingress floor", "smtpguard", "netdev", "smtp-gate",
             "egress floor")
@@ -116,7 +117,7 @@ def gate_script(avoid: set[str]) -> str:
 def desired() -> Desired:
     """throughput.py's policy with 1,000 VM interfaces (the lab's two among them)."""
     ifnames = [f"vnet{i}" for i in range(N - len(HOOKED))] + list(HOOKED)
-    return Desired(load_text(throughput.POLICY), {n: "tenant" for n in ifnames})
+    return Desired(load_text(onpath.POLICY), {n: "tenant" for n in ifnames})
 
 
 class Placements:
@@ -132,7 +133,7 @@ class Placements:
 
     def on(self, variant: str) -> None:
         if variant == "none":
-            throughput.check_off(self.lab)
+            onpath.check_off(self.lab)
         elif variant == "smtpguard":
             run_in(self.lab.hv, lambda: self._enforce(self.want))
         elif variant == "netdev":
@@ -184,7 +185,7 @@ def _counted(lab: topology.Lab, family: str, table: str, reason: str) -> int:
 
 def _stopped(lab: topology.Lab) -> bool:
     """A connection from vm1 to port 25 (the sink serves it) did not complete."""
-    return run_in(lab.vm_ns("vm1"), lambda: throughput._refused(topology.dest_addr(0), 25))
+    return run_in(lab.vm_ns("vm1"), lambda: onpath.refused(topology.dest_addr(0), 25))
 
 
 def check(lab: topology.Lab, sw: Placements) -> str:
@@ -217,14 +218,14 @@ def check(lab: topology.Lab, sw: Placements) -> str:
             f"{others['smtpguard']}, with smtp-gate's chain {others['smtp-gate']}")
 
 
-Figures = dict[str, dict[str, list[throughput.Flow]]]
+Figures = dict[str, dict[str, list[flows.Flow]]]
 
 
 def measure(rounds: int, seconds: int) -> tuple[Figures, str]:
     lab = topology.Lab(f"sgpl{uuid.uuid4().hex[:5]}")
     server: subprocess.Popen[bytes] | None = None
     got: Figures = {v: {"tcp": [], "udp": []} for v in VARIANTS}
-    kept, throughput.SECONDS = throughput.SECONDS, seconds  # iperf() reads it per run
+    kept, flows.SECONDS = flows.SECONDS, seconds  # iperf() reads it per run
     try:
         topology.up(lab, 2)
         sw = Placements(lab)
@@ -232,10 +233,10 @@ def measure(rounds: int, seconds: int) -> tuple[Figures, str]:
         server = subprocess.Popen(
             ["ip", "netns", "exec", lab.vm_ns("vm2"), "iperf3", "-s", "-B", lab.vm_addr(2)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        ksoftirqd = throughput._ksoftirqd()
+        ksoftirqd = flows.ksoftirqd_pids()
         time.sleep(0.3)
         for kind in ("tcp", "udp"):  # not counted: vm1 -> vm2's first packets resolve
-            throughput.iperf(lab, kind == "udp", server.pid, ksoftirqd)
+            flows.iperf(lab, kind == "udp", server.pid, ksoftirqd)
         for r in range(rounds):
             k = r % len(VARIANTS)
             for variant in VARIANTS[k:] + VARIANTS[:k]:
@@ -243,11 +244,11 @@ def measure(rounds: int, seconds: int) -> tuple[Figures, str]:
                 try:
                     for kind in ("tcp", "udp"):
                         got[variant][kind].append(
-                            throughput.iperf(lab, kind == "udp", server.pid, ksoftirqd))
+                            flows.iperf(lab, kind == "udp", server.pid, ksoftirqd))
                 finally:
                     sw.off()
     finally:
-        throughput.SECONDS = kept
+        flows.SECONDS = kept
         if server is not None:
             server.terminate()
             server.wait(10)
@@ -265,9 +266,9 @@ def run(rounds: int = ROUNDS, seconds: int = SECONDS) -> list[Row]:
     def med(v: str, kind: str, per_cpu: bool = False) -> float:
         return statistics.median(f.per_cpu if per_cpu else f.rate for f in got[v][kind])
 
-    def paired(a: str, b: str, kind: str, fn: Callable[[throughput.Flow, throughput.Flow],
+    def paired(a: str, b: str, kind: str, fn: Callable[[flows.Flow, flows.Flow],
                                                        float]) -> list[float]:
-        return throughput._paired(got[a][kind], got[b][kind], fn)
+        return flows.paired(got[a][kind], got[b][kind], fn)
 
     def ratio(v: str, kind: str, per_cpu: bool = True, base: str = "none") -> list[float]:
         return paired(v, base, kind, lambda x, b: x.per_cpu / b.per_cpu if per_cpu
@@ -275,7 +276,7 @@ def run(rounds: int = ROUNDS, seconds: int = SECONDS) -> list[Row]:
 
     def ns(v: str, base: str = "none") -> list[float]:
         return paired(v, base, "udp",
-                      lambda x, b: 1e3 * throughput._us_per_packet(x.per_cpu, b.per_cpu))
+                      lambda x, b: 1e3 * flows.us_per_packet(x.per_cpu, b.per_cpu))
 
     def row(v: str, kind: str) -> Row:
         unit = "Gbit/s" if kind == "tcp" else "packets/s"
@@ -285,7 +286,7 @@ def run(rounds: int = ROUNDS, seconds: int = SECONDS) -> list[Row]:
                    f"{unit} ({statistics.median(each):.3f} of none per CPU-s, raw "
                    f"{statistics.median(ratio(v, kind, False)):.3f})",
                    f"no rules {fmt(med('none', kind))} {unit}",
-                   note=f"per-round ratios per CPU-second {throughput._spread(each)}")
+                   note=f"per-round ratios per CPU-second {flows.span(each)}")
 
     rows = [
         Row(SECTION, "TCP bulk vm1 -> vm2, no rules", med("none", "tcp"), "Gbit/s",
@@ -311,7 +312,7 @@ def run(rounds: int = ROUNDS, seconds: int = SECONDS) -> list[Row]:
                         f"{LABEL[b]}",
                         note=f"paired per round: {_range(diff)} ns; 64-byte pps per "
                              f"CPU-s ratio {statistics.median(each):.3f} "
-                             f"({throughput._spread(each)}); TCP bulk ratio "
+                             f"({flows.span(each)}); TCP bulk ratio "
                              f"{statistics.median(ratio(a, 'tcp', base=b)):.3f}"))
     return rows
 

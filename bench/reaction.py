@@ -34,9 +34,9 @@ import sys
 import time
 
 from labagent import Agent, lab_agent
+from smtpguard.daemon.netns import run_in
 from smtpguard.lab import topology
 from smtpguard.lab.traffic import fan_out
-from smtpguard.netns import run_in
 from table import Row, pct
 
 TRIALS = 100

@@ -38,7 +38,7 @@ class Receiver:
 
         def serve() -> None:
             if self.netns:
-                from smtpguard.netns import enter
+                from smtpguard.daemon.netns import enter
 
                 enter(self.netns)
             self.server = HTTPServer(("127.0.0.1", self.port), Handler)

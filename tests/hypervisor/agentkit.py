@@ -29,9 +29,9 @@ from typing import Any
 from libvirtd import Libvirtd
 
 from integration.conftest import AgentProc
+from smtpguard.daemon.netns import enter
 from smtpguard.datapath import linkdump
 from smtpguard.lab import topology
-from smtpguard.netns import enter
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_SMTPGUARD = ROOT / ".venv" / "bin" / "smtpguard"

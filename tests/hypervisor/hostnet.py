@@ -25,9 +25,9 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP
 
+from smtpguard.daemon.netns import enter, run_in
 from smtpguard.lab import topology
 from smtpguard.lab.sink import BACKLOG, Discard, _listener
-from smtpguard.netns import enter, run_in
 
 PORTS = (25, 465, 587, 2525)
 BENCH4 = ipaddress.ip_network("198.18.0.0/15")

@@ -14,7 +14,7 @@ import pytest
 from libvirtd import RUN_ROOT, Libvirtd, sweep
 from pyroute2 import IPRoute, netns
 
-from smtpguard.netns import run_in
+from smtpguard.daemon.netns import run_in
 
 HERE = Path(__file__).resolve().parent
 

@@ -7,6 +7,7 @@ fails: the agent is stopped and cleaned up (--cleanup), then the lab goes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -23,10 +24,10 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from smtpguard.daemon.netns import run_in
 from smtpguard.datapath import attach
 from smtpguard.datapath.interfaces import dump_links
 from smtpguard.lab import proc, topology
-from smtpguard.netns import run_in
 
 ROOT = Path(__file__).resolve().parents[2]
 SG = [sys.executable, "-m", "smtpguard.cli"]
@@ -107,15 +108,22 @@ class AgentProc:
 
     def metrics(self) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
         """name -> {sorted label pairs: value}, scraped inside the lab."""
+        return self.scrape()[0]
+
+    def scrape(self) -> tuple[dict[str, dict[tuple[tuple[str, str], ...], float]], set[str]]:
+        """metrics(), and the names of the families declared with no series."""
         def fetch() -> str:
             with urllib.request.urlopen(f"http://{METRICS}/metrics", timeout=5) as r:
                 return str(r.read().decode())
 
         out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+        empty: set[str] = set()
         for fam in text_string_to_metric_families(run_in(self.lab.hv, fetch)):
+            if not fam.samples:
+                empty.add(fam.name)
             for s in fam.samples:
                 out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
-        return out
+        return out, empty
 
     def ctl(self, *args: str) -> dict[str, Any] | list[Any]:
         """The operator CLI against this agent (--json where it applies)."""
@@ -130,14 +138,25 @@ class AgentProc:
         return parsed
 
     def ctl_history(self, vm: str) -> list[dict[str, Any]]:
-        from smtpguard.control import request
+        from smtpguard.api.control import request
 
         reply = request(self.socket, {"cmd": "history", "vm": vm})
         return list(reply["transitions"])
 
     def counter(self, name: str, **labels: str) -> float:
-        """Sum of a metric's samples whose labels include these."""
-        fam = self.metrics().get(name, {})
+        """Sum of a metric's samples whose labels include these. A metric the
+        scrape does not have (a collector yields nothing when its read fails),
+        or whose series lack one of these labels, raises: a failed read never
+        reads as 0. 0 only for a declared metric with no matching series."""
+        samples, empty = self.scrape()
+        fam = samples.get(name)
+        if fam is None:
+            if name.removesuffix("_total") not in empty:
+                raise AssertionError(f"{name} is not in the scrape (read failed or renamed)")
+            return 0.0
+        keys = {k for series in fam for k, _ in series}
+        if not set(labels) <= keys:
+            raise AssertionError(f"{name} has no label {sorted(set(labels) - keys)}")
         return sum(v for k, v in fam.items() if all(p in k for p in labels.items()))
 
 
@@ -161,6 +180,7 @@ def our_filters(lab: topology.Lab) -> dict[str, int]:
     """ifname -> number of smtpg_* tc filters on it, in the lab's hypervisor."""
     def count() -> dict[str, int]:
         from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
 
         out = {}
         with IPRoute() as ipr:
@@ -169,7 +189,9 @@ def our_filters(lab: topology.Lab) -> dict[str, int]:
                 for parent in (attach.INGRESS, attach.EGRESS):
                     try:
                         msgs = ipr.get_filters(ev.ifindex, parent=parent)
-                    except Exception:
+                    except NetlinkError as exc:  # gone since the dump: no filter left on it
+                        if exc.code != errno.ENODEV:
+                            raise  # a failed read is not "no filters"
                         continue
                     n += sum(1 for m in msgs if str(
                         m.get_nested("TCA_OPTIONS", "TCA_BPF_NAME") or "").startswith("smtpg_"))

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from smtpguard.daemon.netns import run_in
 from smtpguard.lab import topology
-from smtpguard.netns import run_in
 
 ADDR = "198.18.254.1"
 URL = f"http://{ADDR}:2379"

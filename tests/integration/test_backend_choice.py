@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 from conftest import lab_with_agent, require_root, send
+from smtpguard.daemon.netns import run_in
 from smtpguard.lab import topology
-from smtpguard.netns import run_in
 
 # nftables made unavailable the way a host without python3-nftables is.
 WITHOUT_NFTABLES = [sys.executable, "-c", "import sys; sys.modules['nftables'] = None; "
-                    "from smtpguard.cli import main; sys.exit(main())"]
+                    "from smtpguard.cli.main import main; sys.exit(main())"]
 
 
 def legacy_tables(lab: topology.Lab) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -63,10 +62,6 @@ def detecting_any(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Pa
         yield pair
 
 
-def ts(ev: dict[str, Any]) -> float:
-    return datetime.fromisoformat(ev["timestamp"].replace("Z", "+00:00")).timestamp()
-
-
 def test_fanout_is_blocked_while_an_honest_vm_stays_ok(detecting_any: Pair) -> None:
     """vm1 walks 120 destinations at 20/s and is blocked by the fanout
     threshold; vm2 mails a relay meanwhile and stays ok. (How fast the block
@@ -101,19 +96,38 @@ def test_block_expires_on_time_and_the_second_offence_escalates(detecting: Pair)
     lab, agent = detecting
     fail = stopped(agent)
     assert send(lab, "vm3", 35, port=587, timeout=2) == {"completed": 30, fail: 5}
-    first = agent.wait_event("vm.blocked", vm="vm3")
-    assert first["until"] - ts(first) == pytest.approx(10, abs=0.1)
-    released = agent.wait_event("vm.released", vm="vm3", timeout=15)
-    assert ts(released) - ts(first) == pytest.approx(10, abs=0.6)
+    agent.wait_event("vm.blocked", vm="vm3")
+    agent.wait_event("vm.released", vm="vm3", timeout=60)
+    first, released = transitions(agent, "vm3")
+    assert first["until"] - first["at"] == pytest.approx(10)  # the threshold's duration
+    lifted_on_time(first, released)
     assert send(lab, "vm3", 2, port=587) == {"completed": 2}  # open again
     assert send(lab, "vm3", 35, port=587, timeout=2) == {"completed": 28, fail: 7}
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60  # a wait, not a measure: how fast is bench/reaction.py's
     while len(agent.events("vm.blocked")) < 2:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     second = [e for e in agent.events("vm.blocked") if e["vm"] == "vm3"][1]
     assert second["offence"] == 2
-    assert second["until"] - ts(second) == pytest.approx(20, abs=0.1)
+    second_t = transitions(agent, "vm3")[2]
+    assert second_t["new"] == "blocked" and second_t["until"] - second_t["at"] == \
+        pytest.approx(20)  # escalated: twice the duration
+
+
+DETECT_INTERVAL = 1.0  # the agent's default (AgentConfig.detect_interval)
+
+
+def transitions(agent: AgentProc, vm: str) -> list[dict[str, Any]]:
+    """The VM's recorded transitions (with the detector's own clock), in order."""
+    return sorted(agent.ctl_history(vm), key=lambda t: t["at"])
+
+
+def lifted_on_time(block: dict[str, Any], released: dict[str, Any]) -> None:
+    """A block ends at its until, never before, and not a detect interval late
+    (the expiry is scheduled, not found by the next periodic pass)."""
+    assert (block["new"], released["new"]) == ("blocked", "ok")
+    assert block["until"] <= released["at"] <= block["until"] + DETECT_INTERVAL, \
+        (block, released)
 
 
 def test_kill9_mid_block_keeps_the_expiry_and_one_offence(detecting: Pair) -> None:
@@ -125,10 +139,10 @@ def test_kill9_mid_block_keeps_the_expiry_and_one_offence(detecting: Pair) -> No
     row = next(r for r in agent.ctl("status", "--json") if r["vm"] == "vm3")  # type: ignore[union-attr]
     assert row["state"] == "blocked" and row["until"] == pytest.approx(blocked["until"])
     assert send(lab, "vm3", 2, port=587, timeout=2) == {"no_answer": 2}
-    released = agent.wait_event("vm.released", vm="vm3", timeout=15)
-    assert ts(released) == pytest.approx(blocked["until"], abs=0.6)
-    history = [t for t in agent.ctl_history("vm3") if t["new"] == "blocked"]
-    assert len(history) == 1
+    agent.wait_event("vm.released", vm="vm3", timeout=60)
+    block, released = transitions(agent, "vm3")  # one offence: blocked once, then released
+    assert block["until"] == pytest.approx(blocked["until"])
+    lifted_on_time(block, released)
 
 
 def test_status_agrees_with_the_kernel_and_operators_win(detecting: Pair) -> None:
@@ -185,6 +199,7 @@ def test_webhook_down_for_30s_gets_every_event_in_order(detecting: Pair) -> None
     agent.wait_event("vm.blocked", vm="vm3")
     time.sleep(30)
     s1, n1 = loop_mean(agent)
+    up_at = time.time()
     receiver.up()
     try:
         expected = [(e["event"], e["vm"]) for e in agent.events()[agent._mark:]
@@ -200,4 +215,9 @@ def test_webhook_down_for_30s_gets_every_event_in_order(detecting: Pair) -> None
     mean_during = (s1 - s0) / max(n1 - n0, 1)
     print(f"loop mean {mean_before * 1000:.1f} ms before, {mean_during * 1000:.1f} ms "
           "during the outage")
-    assert mean_during < max(0.05, 3 * mean_before)
+    # The outage held nothing up: the loop went on, and vm3's 10 s block was
+    # lifted on time while the endpoint was still down.
+    assert n1 > n0
+    block, released = transitions(agent, "vm3")[:2]
+    lifted_on_time(block, released)
+    assert released["at"] < up_at

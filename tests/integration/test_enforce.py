@@ -6,6 +6,7 @@ through the agent's control socket, as an operator's would."""
 
 from __future__ import annotations
 
+import math
 import socket
 import subprocess
 import threading
@@ -17,8 +18,8 @@ from typing import Any
 import pytest
 
 from conftest import SG, AgentProc, lab_with_agent, require_root, send
+from smtpguard.daemon.netns import run_in
 from smtpguard.lab import topology
-from smtpguard.netns import run_in
 
 BLOCKED = "smtpguard_smtp_blocked_attempts_total"
 RELAY4, RELAY6 = "198.19.255.25", "fdac:26::25"
@@ -94,8 +95,9 @@ def test_port25_blocked_submission_limited_relay_always_open(enforced: Pair, ipv
 
 def test_ceiling_holds_under_10x_overload_and_spares_other_vms(enforced: Pair) -> None:
     """A VM limited to 60/minute, burst 10, offering 600 connections in 20 s
-    gets burst + 20 s x 1/s accepted (tolerance +-2, measured); another VM's
-    mail flows meanwhile."""
+    gets its burst and never more than burst + 1/s for as long as it sends
+    (its accuracy is bench/ceiling.py's); every other attempt is refused and
+    counted; another VM's mail flows meanwhile."""
     lab, agent = enforced
     result: dict[str, dict[str, int]] = {}
 
@@ -114,7 +116,9 @@ def test_ceiling_holds_under_10x_overload_and_spares_other_vms(enforced: Pair) -
     expected = 10 + elapsed * 60 / 60
     assert other == {"completed": 5}
     print(f"ceiling: accepted {accepted} expected {expected:.1f} in {elapsed:.1f}s")
-    assert abs(accepted - expected) <= 2, (accepted, expected, result)
+    # elapsed spans the whole flood and more: an upper bound that holds on a busy host
+    assert 10 <= accepted <= math.floor(expected) + 1, (accepted, expected, result)
+    assert sum(result["flood"].values()) == 600, result
     assert agent.counter(BLOCKED, vm="rvm1", port="587", reason="limit") == 600 - accepted
 
 
@@ -350,7 +354,11 @@ members:
         agent.wait_event("enforce.applied", backend=backend)
         assert send(lab, "rvm1", 25, port=587) == {"completed": 25}
         other = send(lab, "rvm2", 15, port=587)  # the default class: burst 10
-        assert other["completed"] <= 11 and other["completed"] + other["refused"] == 15
+        # the whole burst and at most one refilled token; the rest refused, and counted
+        assert 10 <= other["completed"] <= 11, other
+        assert other["completed"] + other.get("refused", 0) == 15, other
+        assert agent.counter(BLOCKED, vm="rvm2", port="587", reason="limit") == \
+            other["refused"]
 
 
 @pytest.fixture

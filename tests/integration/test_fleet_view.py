@@ -19,9 +19,9 @@ import pytest
 import yaml
 
 from conftest import METRICS, AgentProc, require_root, send, unique
+from smtpguard.daemon.netns import run_in
 from smtpguard.lab import topology
 from smtpguard.lab.traffic import fan_out
-from smtpguard.netns import run_in
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "alerts"

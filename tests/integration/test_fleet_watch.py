@@ -15,10 +15,10 @@ import pytest
 from fleetkit import URL, EtcdKit
 
 from conftest import require_root, unique
+from smtpguard.daemon.netns import run_in
 from smtpguard.fleet.etcd import Etcd, EtcdCompacted
 from smtpguard.fleet.record import FleetRecord
 from smtpguard.fleet.sync import FleetSync
-from smtpguard.netns import run_in
 from smtpguard.policy.model import Fleet as FleetPolicy
 
 

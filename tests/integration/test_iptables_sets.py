@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from conftest import AgentProc, lab_with_agent, require_root, send
+from smtpguard.daemon.netns import run_in
 from smtpguard.enforce.ipset_state import IpsetState
 from smtpguard.lab import topology
-from smtpguard.netns import run_in
 
 POLICY = """
 version: 1

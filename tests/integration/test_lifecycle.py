@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from conftest import AgentProc, our_filters, send
+from smtpguard.daemon.netns import run_in
 from smtpguard.lab import topology
-from smtpguard.netns import run_in
 
 ATTEMPTS = "smtpguard_smtp_connection_attempts_total"
 Pair = tuple[topology.Lab, AgentProc]

@@ -7,8 +7,8 @@ import uuid
 
 from pyroute2 import IPRoute, netns
 
+from smtpguard.daemon.netns import run_in
 from smtpguard.datapath import linkdump
-from smtpguard.netns import run_in
 
 
 def test_link_dump_matches_pyroute2() -> None:

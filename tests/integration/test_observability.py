@@ -18,9 +18,9 @@ import pytest
 import yaml
 
 from conftest import AgentProc, lab_with_agent, require_root, send
+from smtpguard.daemon.netns import run_in
 from smtpguard.lab import topology
 from smtpguard.lab.traffic import fan_out
-from smtpguard.netns import run_in
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "dashboards" / "smtpguard.json"

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from conftest import AgentProc, lab_with_agent, require_root, send
+from smtpguard.daemon.netns import run_in
 from smtpguard.lab import topology
-from smtpguard.netns import run_in
 
 RELAY = "198.19.255.25"
 ELSEWHERE = "203.0.113.7"  # no route to it in the lab: only a redirect reaches anything

@@ -45,7 +45,7 @@ def armed(tmp_path: Path) -> Iterator[Pair]:
 
 def left(lab: topology.Lab, agent: AgentProc, vm: str) -> int | None:
     """What the kernel's trip wire lets the VM's interface attempt still."""
-    from smtpguard.netns import run_in
+    from smtpguard.daemon.netns import run_in
 
     table = PinnedMap(str(agent.pin_dir / "smtp_trip"), ctypes.c_uint32, Trip)
     try:

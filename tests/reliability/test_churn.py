@@ -16,8 +16,8 @@ import pytest
 
 import frames as f
 from kit import AgentProc, lab_with_agent, our_filters, require_root, scale
+from smtpguard.daemon.netns import run_in
 from smtpguard.lab import topology
-from smtpguard.netns import run_in
 
 TOTAL = scale(500, 40)
 BURST = scale(50, 20)

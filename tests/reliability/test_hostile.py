@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from kit import lab_with_agent, require_root, scale
-from smtpguard.agent import DEFAULT_METRICS
-from smtpguard.control import MAX_REQUEST
-from smtpguard.defaults import DEFAULT_SOCKET
+from smtpguard.api.control import MAX_REQUEST
+from smtpguard.defaults import DEFAULT_METRICS, DEFAULT_SOCKET
 
 CASES = scale(2000, 200)
 CMDS = ["status", "flags", "block", "throttle", "release", "reload", "history", "incidents",

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from kit import lab_with_agent, our_filters, require_root, scale
+from smtpguard.daemon.netns import run_in
 from smtpguard.lab import topology
-from smtpguard.netns import run_in
 
 KILLS = scale(100, 6)
 POLICY = """

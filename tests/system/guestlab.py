@@ -26,8 +26,8 @@ from pathlib import Path
 
 from pyroute2 import IPRoute, netns
 
+from smtpguard.daemon.netns import enter
 from smtpguard.lab.traffic import SendPlan, send
-from smtpguard.netns import enter
 
 P = "sgsys"
 BR = f"{P}-br"

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from smtpguard.datapath.snapshot import PortCounts
 from smtpguard.detect.machine import figure_text, reason_text
-from smtpguard.incidents import render
 from smtpguard.policy.load import load_text
-from smtpguard.respond import outcomes
+from smtpguard.respond.evidence import outcomes
+from smtpguard.respond.incidents import render
 
 POLICY = load_text("""version: 1
 classes:

@@ -17,7 +17,7 @@ goes (shlex), optional parts in brackets are kept with the brackets removed
 a lone `...` stands for one more argument (`x`), `FILE_OR_DIR...` for one,
 and UPPERCASE placeholders take an example value from PLACEHOLDERS (an
 unknown one fails, so a new placeholder gets a value on purpose). The argv
-goes to the parser the CLI itself builds (`smtpguard.cli._parser`);
+goes to the parser the CLI itself builds (`smtpguard.cli.main._parser`);
 `parse_args` exiting (argparse's error) is a failure, except `--help`.
 """
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from smtpguard.cli import _parser
+from smtpguard.cli.main import _parser
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"

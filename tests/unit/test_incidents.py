@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from smtpguard.detect.machine import Transition
-from smtpguard.incidents import IncidentBook, render
-from smtpguard.store import Store
+from smtpguard.respond.incidents import IncidentBook, render
+from smtpguard.respond.store import Store
 
 
 class Activity:

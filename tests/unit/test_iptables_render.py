@@ -11,7 +11,7 @@ from smtpguard.enforce.desired import Action, Desired
 from smtpguard.enforce.select import choose
 from smtpguard.errors import BackendUnavailable, EnforcerError
 from smtpguard.policy import load_text
-from smtpguard.policy.model import Ceiling
+from smtpguard.policy.classes import Ceiling
 from smtpguard.policy.units import Rate
 
 GOLDEN = Path(__file__).parent / "golden" / "iptables.rules"
@@ -84,19 +84,38 @@ def test_vm_chain_semantics() -> None:
     assert all(r.limit.per_source for r in chains[R.DEFAULT_CHAIN] if r.limit)
 
 
+def made_afresh(ifname: str, cls: str, fam: R.Family) -> dict[str, list[R.Rule]]:
+    """A VM's two chains made rule by rule for this VM: its own buckets and
+    throttle chain from the start, no class chain, no copies, no memos."""
+    own = R._class_rules(cls, POLICY, ifname, False, fam)
+    if POLICY.mode_of(cls) == "audit":
+        return {R.throttle_chain(ifname): [], R.vm_chain(ifname): own}
+    block, jumps, throttle = R._action_rules(ifname, POLICY.classes[cls], POLICY, fam)
+    return {R.throttle_chain(ifname): throttle,
+            R.vm_chain(ifname): block + [r for r in own if not r.limit] + jumps +
+            [r for r in own if r.limit]}
+
+
 def test_vm_chains_copied_from_their_class_are_the_rules_made_afresh() -> None:
-    """Each VM's chain is its class's with the VM's buckets written in (rule
-    copies with a digest text substituted): the same rules, digests and
-    buckets as making every rule on its own."""
+    """Each VM's chain is its class's with the VM's buckets and throttle chain
+    written in (rule copies with their digest text substituted): the same
+    rules, bucket names and comments (digests) as making every rule for the
+    VM on its own."""
     for fam in R.FAMILIES:
-        for name, rules in R.chains(DESIRED, fam, NOW).items():
-            fresh = [R.replace(r) for r in rules]  # no memos: args and digest made anew
-            assert rules == fresh, name
-            assert [r.comment(fam) for r in rules] == [r.comment(fam) for r in fresh], name
-        alone = R.vm_rules("tap7i0", "default", POLICY, fam)  # no class chain to copy
-        assert alone == R.chains(DESIRED, fam, NOW)[R.vm_chain("tap7i0")]
-        assert [r.comment(fam) for r in alone] == [
-            r.comment(fam) for r in R.chains(DESIRED, fam, NOW)[R.vm_chain("tap7i0")]]
+        rendered = R.chains(DESIRED, fam, NOW)
+        for ifname, cls in R.vm_ifaces(DESIRED).items():
+            for name, fresh in made_afresh(ifname, cls, fam).items():
+                copied = rendered[name]
+                assert copied == fresh, name
+                assert [r.comment(fam) for r in copied] == [r.comment(fam) for r in fresh], name
+            alone = R.vm_chains(ifname, cls, POLICY, fam)  # the class chain made for it alone
+            for name, rules in alone.items():
+                assert rules == rendered[name], name
+                assert [r.comment(fam) for r in rules] == [
+                    r.comment(fam) for r in rendered[name]], name
+        # the two VMs of one class share no bucket: the copies were renamed
+        assert {r.limit.name for r in rendered[R.vm_chain("vnet1")] if r.limit}.isdisjoint(
+            r.limit.name for r in rendered[R.vm_chain("tap7i0")] if r.limit)
 
 
 def test_dispatch_relays_first_known_vms_then_patterns() -> None:

@@ -44,15 +44,18 @@ def test_journal_only_when_stdout_is_the_journal_stream(monkeypatch: pytest.Monk
 def test_renderer_sends_and_writes_nothing_or_falls_back_to_the_line() -> None:
     sent: list[tuple[str, ...]] = []
     out = io.StringIO()
-    for sendv in (lambda *f: sent.append(f), _refuse):
-        structlog.configure(processors=[structlog.processors.add_log_level,
-                                        logs.JournalRenderer(sendv)],
-                            logger_factory=structlog.WriteLoggerFactory(file=out))
-        structlog.get_logger().info("vm.blocked", vm="web1")
+    saved = structlog.get_config()  # global: put back whether or not the test passes
+    try:
+        for sendv in (lambda *f: sent.append(f), _refuse):
+            structlog.configure(processors=[structlog.processors.add_log_level,
+                                            logs.JournalRenderer(sendv)],
+                                logger_factory=structlog.WriteLoggerFactory(file=out))
+            structlog.get_logger().info("vm.blocked", vm="web1")
+    finally:
+        structlog.configure(**saved)
     assert len(sent) == 1 and "SMTPGUARD_VM=web1" in sent[0]
     assert [json.loads(line) for line in out.getvalue().splitlines()] == [
         {"vm": "web1", "event": "vm.blocked", "level": "info"}]  # only the refused one
-    logs.configure()
 
 
 def _refuse(*fields: str) -> None:

@@ -16,7 +16,9 @@ from smtpguard.datapath import distinct, maps
 from smtpguard.datapath.snapshot import IfaceSnapshot, PortCounts, Snapshot, estimates
 from smtpguard.enforce.nftables import BlockedCount
 from smtpguard.inventory.vmiface import VmIface
-from smtpguard.metrics import DatapathCollector, EnforcementCollector, Health, parse_addr
+from smtpguard.observe.datapath_metrics import DatapathCollector
+from smtpguard.observe.enforcement_metrics import EnforcementCollector
+from smtpguard.observe.metrics import Health, parse_addr
 from smtpguard.policy import Policy
 from smtpguard.policy.model import Metrics
 

@@ -14,7 +14,7 @@ from smtpguard.enforce.fake import FakeEnforcer
 from smtpguard.enforce.keeper import Keeper
 from smtpguard.inventory.vmiface import VmIface
 from smtpguard.policy import Policy, load_text
-from smtpguard.policy.model import Ceiling
+from smtpguard.policy.classes import Ceiling
 from smtpguard.policy.units import parse_rate
 
 GOLDEN = Path(__file__).parent / "golden" / "ruleset.json"

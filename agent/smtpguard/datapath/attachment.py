@@ -10,7 +10,7 @@
   macvtap device's *transmit* path (tc and netdev egress of macvtapN); the
   answers come in through its receive path (ingress). So the classifier sits
   the other way round there (datapath/attach.py) and enforcement hooks the
-  device's egress (enforce/render.py).
+  device's egress (enforce/nft_chains.py).
 
 Only the device's own kind and its master's kind decide it.
 """

@@ -3,9 +3,9 @@
 A build is named by a tag (sources, flags, kernel). When programs of that tag
 are pinned beside the maps, the agent just opens them: no compile, no LLVM.
 Otherwise (a first start after boot) the build stored in the cache directory
-is loaded with bpf(2) (prebuilt.py), and only when there is none or it does
-not load does a child process compile with bcc and pin them (compile.py),
-storing the build for the next time.
+is loaded with bpf(2) (prebuilt.py, progload.py), and only when there is
+none or it does not load does a child process compile with bcc and pin them
+(compile.py), storing the build for the next time.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from smtpguard import logs
-from smtpguard.datapath import maps, prebuilt, recent
+from smtpguard.datapath import maps, prebuilt, progload, recent
 from smtpguard.datapath.bpfsys import PinnedMap, map_info, obj_get
 from smtpguard.datapath.build import (
     BPF_SOURCE,
@@ -191,7 +191,7 @@ class Datapath:
         it is missing or unusable, and the caller compiles."""
         log = logs.get(pin_dir=str(self.pin_dir), cache=str(path))
         try:
-            fds = prebuilt.load(prebuilt.read(path, key), PROGRAMS, self.pin_dir)
+            fds = progload.load(prebuilt.read(path, key), PROGRAMS, self.pin_dir)
         except prebuilt.CacheMiss as exc:
             log.info("bpf.cache_miss", reason=str(exc))
             return False

@@ -4,8 +4,8 @@ After a compile, the child stores each program's instructions (bcc's
 dump_func) and, for every map load in them (ld_imm64 with
 BPF_PSEUDO_MAP_FD), which map it means. A later start whose build key
 matches (a first start after boot: bpffs is empty, the state dir is not)
-creates or adopts the maps and loads the programs with bpf(2): no child, no
-LLVM, no headers. The kernel's verifier still checks every load.
+creates or adopts the maps and loads the programs with bpf(2) (progload.py):
+no child, no LLVM, no headers. The kernel's verifier still checks every load.
 
 Never trusted blindly: a file not owned by us or writable by others, a
 checksum or key mismatch (sources, flags, kernel release and build, the
@@ -34,19 +34,15 @@ from smtpguard.datapath.bpfsys import (
     RawMapInfo,
     bpf,
     obj_get,
-    obj_pin,
     raw_map_info,
 )
 
 FORMAT = 1
-MAP_CREATE, PROG_LOAD, BTF_LOAD, BTF_GET_FD_BY_ID = 0, 5, 18, 19
-SCHED_CLS = 3
+BTF_GET_FD_BY_ID = 19
 LD_IMM64 = 0x18  # BPF_LD | BPF_IMM | BPF_DW: two instruction slots
 CALL = 0x85
 PSEUDO_MAP_FD = 1
-_INSN = struct.Struct("<BBhi")  # code, dst:4/src:4, off, imm
-# A failed load is retried once with the verifier's log, for its last lines.
-LOG_SIZE = 1 << 20
+INSN = struct.Struct("<BBhi")  # code, dst:4/src:4, off, imm
 
 
 class CacheMiss(Exception):
@@ -72,23 +68,6 @@ class MapSpec:
         return (self.type, self.key_size, self.value_size, self.max_entries, self.flags)
 
 
-class _MapCreateAttr(ctypes.Structure):
-    _fields_ = [("map_type", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
-                ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32),
-                ("map_flags", ctypes.c_uint32), ("inner_map_fd", ctypes.c_uint32),
-                ("numa_node", ctypes.c_uint32), ("map_name", ctypes.c_char * 16),
-                ("map_ifindex", ctypes.c_uint32), ("btf_fd", ctypes.c_uint32),
-                ("btf_key_type_id", ctypes.c_uint32), ("btf_value_type_id", ctypes.c_uint32)]
-
-
-class _ProgLoadAttr(ctypes.Structure):
-    _fields_ = [("prog_type", ctypes.c_uint32), ("insn_cnt", ctypes.c_uint32),
-                ("insns", ctypes.c_uint64), ("license", ctypes.c_uint64),
-                ("log_level", ctypes.c_uint32), ("log_size", ctypes.c_uint32),
-                ("log_buf", ctypes.c_uint64), ("kern_version", ctypes.c_uint32),
-                ("prog_flags", ctypes.c_uint32), ("prog_name", ctypes.c_char * 16)]
-
-
 class _BtfInfo(ctypes.Structure):
     _fields_ = [("btf", ctypes.c_uint64), ("btf_size", ctypes.c_uint32),
                 ("id", ctypes.c_uint32), ("name", ctypes.c_uint64),
@@ -100,13 +79,8 @@ class _GetIdAttr(ctypes.Structure):
                 ("open_flags", ctypes.c_uint32)]
 
 
-class _BtfLoadAttr(ctypes.Structure):
-    _fields_ = [("btf", ctypes.c_uint64), ("btf_log_buf", ctypes.c_uint64),
-                ("btf_size", ctypes.c_uint32), ("btf_log_size", ctypes.c_uint32),
-                ("btf_log_level", ctypes.c_uint32)]
-
-
-def _spec(name: str, info: RawMapInfo, pinned: bool, btf: bool = False) -> MapSpec:
+def map_spec(name: str, info: RawMapInfo, pinned: bool, btf: bool = False) -> MapSpec:
+    """A map's spec from the kernel's info on it (btf: its type ids too)."""
     return MapSpec(name, info.type, info.key_size, info.value_size, info.max_entries,
                    info.map_flags, pinned, info.btf_key_type_id if btf else 0,
                    info.btf_value_type_id if btf else 0)
@@ -182,10 +156,10 @@ def _map_refs(raw: bytes) -> list[tuple[int, int]]:
     """(instruction index, map fd) of every map load; CacheMiss for anything
     else a plain byte copy could not reproduce (map values, BTF ids, kfuncs)."""
     refs = []
-    n = len(raw) // _INSN.size
+    n = len(raw) // INSN.size
     i = 0
     while i < n:
-        code, regs, _off, imm = _INSN.unpack_from(raw, i * _INSN.size)
+        code, regs, _off, imm = INSN.unpack_from(raw, i * INSN.size)
         src = regs >> 4
         if code == LD_IMM64:
             if src == PSEUDO_MAP_FD:
@@ -230,7 +204,7 @@ def dump(b: Any, programs: tuple[str, ...], pin_dir: Path) -> dict[str, Any]:
                 if name in maps:
                     raise CacheMiss(f"two maps named {name}")
                 pinned = _pinned_id(pin_dir / name) == info.id
-                maps[name] = _spec(name, info, pinned, btf=True)
+                maps[name] = map_spec(name, info, pinned, btf=True)
                 if info.btf_id:  # a ring buffer has none
                     btf_ids.add(info.btf_id)
                 by_fd[fd] = name
@@ -241,7 +215,7 @@ def dump(b: Any, programs: tuple[str, ...], pin_dir: Path) -> dict[str, Any]:
     if len(btf_ids) == 1:  # one module, one BTF
         btf = base64.b64encode(_btf_blob(btf_ids.pop())).decode()
     else:  # no types to refer to: plain maps
-        maps = {n: _spec(n, raw_map_info(fd), maps[n].pinned) for fd, n in by_fd.items()}
+        maps = {n: map_spec(n, raw_map_info(fd), maps[n].pinned) for fd, n in by_fd.items()}
     return {"license": license.decode() if license else "GPL", "btf": btf,
             "maps": [asdict(m) for m in maps.values()], "programs": progs}
 
@@ -276,7 +250,7 @@ def store(path: Path, key: dict[str, str], record: dict[str, Any]) -> None:
                 old.unlink()
 
 
-# -- loading (in the agent) ---------------------------------------------------
+# -- reading (in the agent; progload.py loads the record) ---------------------
 
 def read(path: Path, key: dict[str, str]) -> dict[str, Any]:
     """The stored record for this key, or CacheMiss saying why not."""
@@ -301,105 +275,3 @@ def read(path: Path, key: dict[str, str]) -> dict[str, Any]:
     if doc.get("key") != key:
         raise CacheMiss(f"{path}: built for another key")
     return dict(doc)
-
-
-def _create(spec: MapSpec, btf_fd: int) -> int:
-    typed = btf_fd >= 0 and spec.btf_value_type_id
-    return bpf(MAP_CREATE, _MapCreateAttr(
-        map_type=spec.type, key_size=spec.key_size, value_size=spec.value_size,
-        max_entries=spec.max_entries, map_flags=spec.flags,
-        map_name=spec.name.encode()[:15], btf_fd=btf_fd if typed else 0,
-        btf_key_type_id=spec.btf_key_type_id if typed else 0,
-        btf_value_type_id=spec.btf_value_type_id if typed else 0))
-
-
-def _load_btf(blob: bytes) -> int:
-    buf = ctypes.create_string_buffer(blob, len(blob))
-    return bpf(BTF_LOAD, _BtfLoadAttr(btf=ctypes.addressof(buf), btf_size=len(blob)))
-
-
-def _open_maps(specs: list[MapSpec], pin_dir: Path, btf: bytes | None) -> dict[str, int]:
-    """Adopt pinned maps of the same shape, create (and pin) the missing."""
-    fds: dict[str, int] = {}
-    btf_fd = -1
-    try:
-        for spec in specs:
-            path = pin_dir / spec.name
-            if spec.pinned and path.exists():
-                fd = obj_get(str(path))
-                fds[spec.name] = fd
-                if _spec(spec.name, raw_map_info(fd), True).shape() != spec.shape():
-                    raise CacheMiss(f"pinned map {spec.name} has another shape")
-                continue
-            if btf is not None and btf_fd < 0:
-                btf_fd = _load_btf(btf)  # the maps hold it; closed below
-            fds[spec.name] = _create(spec, btf_fd)
-            if spec.pinned:
-                obj_pin(fds[spec.name], str(path))
-    except OSError as exc:
-        for fd in fds.values():
-            os.close(fd)
-        raise CacheMiss(f"maps: {exc}") from exc
-    except CacheMiss:
-        for fd in fds.values():
-            os.close(fd)
-        raise
-    finally:
-        if btf_fd >= 0:
-            os.close(btf_fd)
-    return fds
-
-
-def _prog_load(name: str, insns: bytes, license: bytes, log_level: int = 0,
-               log: Any = None) -> int:
-    buf = ctypes.create_string_buffer(insns, len(insns))
-    lic = ctypes.create_string_buffer(license)
-    return bpf(PROG_LOAD, _ProgLoadAttr(
-        prog_type=SCHED_CLS, insn_cnt=len(insns) // _INSN.size, insns=ctypes.addressof(buf),
-        license=ctypes.addressof(lic), log_level=log_level,
-        log_size=ctypes.sizeof(log) if log is not None else 0,
-        log_buf=ctypes.addressof(log) if log is not None else 0,
-        prog_name=name.encode()[:15]))
-
-
-def load(record: dict[str, Any], programs: tuple[str, ...], pin_dir: Path) -> dict[str, int]:
-    """Program fds by name, their maps created or adopted in pin_dir."""
-    try:
-        specs = [MapSpec(**m) for m in record["maps"]]
-        license = str(record["license"]).encode()
-        btf = base64.b64decode(record["btf"], validate=True) if record["btf"] else None
-        stored = {p: (base64.b64decode(record["programs"][p]["insns"], validate=True),
-                      [(int(i), str(m)) for i, m in record["programs"][p]["maps"]])
-                  for p in programs}
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CacheMiss(f"malformed record ({exc.__class__.__name__}: {exc})") from exc
-    fds = _open_maps(specs, pin_dir, btf)
-    out: dict[str, int] = {}
-    try:
-        for prog, (raw, relocs) in stored.items():
-            insns = bytearray(raw)
-            if not insns or len(insns) % _INSN.size:
-                raise CacheMiss(f"{prog}: {len(insns)} bytes of instructions")
-            for idx, name in relocs:
-                fits = 0 <= idx < len(insns) // _INSN.size - 1 and name in fds
-                code, regs, off, _imm = _INSN.unpack_from(insns, idx * _INSN.size if fits else 0)
-                if not fits or code != LD_IMM64 or regs >> 4 != PSEUDO_MAP_FD:
-                    raise CacheMiss(f"{prog}: relocation at {idx} does not fit")
-                _INSN.pack_into(insns, idx * _INSN.size, code, regs, off, fds[name])
-            try:
-                out[prog] = _prog_load(prog, bytes(insns), license)
-            except OSError as exc:
-                log = ctypes.create_string_buffer(LOG_SIZE)
-                with contextlib.suppress(OSError):
-                    os.close(_prog_load(prog, bytes(insns), license, 1, log))
-                tail = " | ".join(log.value.decode(errors="replace").strip().splitlines()[-2:])
-                raise CacheMiss(f"{prog}: the kernel refused it: {exc.strerror}"
-                                + (f" ({tail})" if tail else "")) from exc
-    except BaseException:
-        for fd in out.values():
-            os.close(fd)
-        raise
-    finally:
-        for fd in fds.values():
-            os.close(fd)  # the programs hold their maps now
-    return out

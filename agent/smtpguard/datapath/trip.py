@@ -5,7 +5,7 @@ The agent arms each interface of a VM it would block after `remaining` more
 attempts: smtp_trip[ifindex] = {n: 0, at: remaining}. The classifier counts
 the interface's new attempts in n, lets the at-th through (it is the one
 that crosses) and ORs the policy's datapath.trip_mark into skb->mark of every
-SMTP SYN after it, which the nftables tables reject (render.py, the smtp
+SMTP SYN after it, which the nftables tables reject (nft_chains.py, the smtp
 chain's first rule after the relays). The agent, woken by that very attempt,
 decides the block as always and disarms; until then nothing more gets out,
 however fast the VM opens connections.

@@ -22,9 +22,10 @@ from smtpguard.detect.machine import (
 from smtpguard.detect.windows import VmWindows, Windows
 from smtpguard.errors import StoreError
 from smtpguard.inventory.vmiface import VmIface
+from smtpguard.policy.classes import Threshold
 from smtpguard.policy.membership import facts_of, place
-from smtpguard.policy.model import Policy, Threshold
-from smtpguard.store import Store
+from smtpguard.policy.model import Policy
+from smtpguard.respond.store import Store
 
 Act = Callable[[Transition, list[str]], None]  # transition, the VM's interfaces
 

@@ -23,7 +23,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from smtpguard.policy.model import Threshold, VmClass
+from smtpguard.policy.classes import Threshold, VmClass
 from smtpguard.policy.units import format_duration
 
 RANK = {"ok": 0, "flagged": 1, "throttled": 2, "blocked": 3}

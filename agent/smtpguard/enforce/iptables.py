@@ -1,7 +1,8 @@
 """The iptables backend: our chains in the filter table of iptables-legacy and
 ip6tables-legacy, through python-iptables (libiptc; iptc_table.py edits a
-table, iptables_render.py says what the rules are), and the VMs' blocks and
-throttles as elements of our ipsets (ipset_state.py).
+table, iptables_render.py says what the rules are, iptables_counts.py reads
+their counts), and the VMs' blocks and throttles as elements of our ipsets
+(ipset_state.py).
 
 A block, throttle or release is an element added or deleted: the rules
 that act on it are in every VM's chain already, so the table is not
@@ -29,6 +30,7 @@ from smtpguard.enforce import iptables_render as R
 from smtpguard.enforce import render
 from smtpguard.enforce.desired import Action, Capabilities, Desired
 from smtpguard.enforce.ipset_state import IpsetState
+from smtpguard.enforce.iptables_counts import hashlimit_fill, rejected
 from smtpguard.enforce.iptables_kernel import (
     PROC,
     TABLE_NAMES,
@@ -43,7 +45,6 @@ from smtpguard.policy.model import Policy
 
 __all__ = ["IptablesEnforcer", "kernel_ready", "legacy_tables_in_use"]  # select.py, tests
 
-HASHLIMIT_PROC = {"ipv4": "ipt_hashlimit", "ipv6": "ip6t_hashlimit"}
 COUNTS_MAX_AGE = 1.0  # seconds a counter reading is reused
 
 
@@ -342,46 +343,14 @@ class IptablesEnforcer:
 
     def _read_counts(self) -> list[BlockedCount]:
         with self._lock:
-            model = self._trusted()
-            sums: dict[tuple[str, str, str, int], int] = {}
-            for fam in R.FAMILIES:
-                ft = self._table(fam)
-                for chain, comments in model[fam].items():
-                    owner = R.owner_of(chain)  # none: the tally's rules say whose
-                    if owner is None and chain != R.TALLY_CHAIN:
-                        continue
-                    counters = ft.counters(chain) if ft.is_chain(chain) else []
-                    if len(counters) != len(comments):
-                        continue  # drifted: the repair pass rebuilds it
-                    for comment, (packets, _bytes) in zip(comments, counters, strict=True):
-                        if not packets:  # nothing rejected: no count (as nftables has none)
-                            continue
-                        parsed = R.parse_comment(comment)
-                        if not parsed:
-                            continue
-                        ifname, tag = (owner, parsed[0]) if owner is not None else \
-                            (R.parse_tally(parsed[0]) or ("", ""))
-                        what = R.counted(tag)
-                        if what and ifname:  # a tag's rules (routed, bridged) add up
-                            key = (fam, what[0], ifname, what[1])
-                            sums[key] = sums.get(key, 0) + packets
-            return [BlockedCount(*k, n) for k, n in sums.items()]
+            return rejected(self._table, self._trusted())
 
     def report(self) -> tuple[list[BlockedCount], dict[tuple[str, str], tuple[int, int]], int]:
         """Blocked counts, the fill of the per-source hashlimit of interfaces
         not seen yet, and no overflow counter: a full hashlimit table drops,
         so an attempt is never let through for lack of room. Read fresh (a
         scrape must not see a stale count)."""
-        counts = self._read_counts()
-        fill: dict[tuple[str, str], tuple[int, int]] = {}
-        lim = R.default_limit(self._policy) if self._policy is not None else None
-        if lim is not None:
-            for fam in R.FAMILIES:
-                path = self.proc / HASHLIMIT_PROC[fam] / lim.name
-                if path.exists():
-                    fill[(fam, "hashlimit_unknown")] = (
-                        len(path.read_text().splitlines()), lim.max)
-        return counts, fill, 0
+        return self._read_counts(), hashlimit_fill(self.proc, self._policy), 0
 
     def forget(self, ifnames: Iterable[str]) -> None:
         """Nothing to do: a vanished VM's chain (and counters) goes with set_vms."""

@@ -43,37 +43,18 @@ from dataclasses import replace
 
 from smtpguard.enforce import ipset_state, render
 from smtpguard.enforce.desired import Action, Desired
-from smtpguard.enforce.iptables_rule import (  # re-exported: callers say R.Rule
-    COMMENT as COMMENT,
-)
-from smtpguard.enforce.iptables_rule import (
-    SRC_MASK as SRC_MASK,
-)
-from smtpguard.enforce.iptables_rule import (
-    Family as Family,
-)
-from smtpguard.enforce.iptables_rule import (
-    Limit as Limit,
-)
-from smtpguard.enforce.iptables_rule import (
-    Rule as Rule,
-)
-from smtpguard.enforce.iptables_rule import (
-    counted as counted,
-)
-from smtpguard.enforce.iptables_rule import (
-    datestop as datestop,
-)
-from smtpguard.enforce.iptables_rule import (
-    parse_comment as parse_comment,
-)
-from smtpguard.enforce.iptables_rule import (
-    parse_tally as parse_tally,
-)
-from smtpguard.enforce.iptables_rule import (
-    tally_rule as tally_rule,
-)
-from smtpguard.policy.model import Ceiling, Policy, VmClass
+from smtpguard.enforce.iptables_rule import COMMENT as COMMENT  # re-exported: callers say R.Rule
+from smtpguard.enforce.iptables_rule import SRC_MASK as SRC_MASK
+from smtpguard.enforce.iptables_rule import Family as Family
+from smtpguard.enforce.iptables_rule import Limit as Limit
+from smtpguard.enforce.iptables_rule import Rule as Rule
+from smtpguard.enforce.iptables_rule import counted as counted
+from smtpguard.enforce.iptables_rule import datestop as datestop
+from smtpguard.enforce.iptables_rule import parse_comment as parse_comment
+from smtpguard.enforce.iptables_rule import parse_tally as parse_tally
+from smtpguard.enforce.iptables_rule import tally_rule as tally_rule
+from smtpguard.policy.classes import Ceiling, VmClass
+from smtpguard.policy.model import Policy
 
 FAMILIES: tuple[Family, ...] = ("ipv4", "ipv6")
 PREFIX = "SMTPG"

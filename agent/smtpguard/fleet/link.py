@@ -20,7 +20,7 @@ from smtpguard.fleet.sync import FleetSync
 from smtpguard.fleet.tenants import TenantBudgets
 from smtpguard.inventory.vmiface import VmIface
 from smtpguard.policy.model import Fleet as FleetPolicy
-from smtpguard.respond import Responder
+from smtpguard.respond.responder import Responder
 
 
 class FleetLink:

@@ -9,7 +9,7 @@ uncovered(). lookup() and uncovered() only read the cache: libvirt's API
 blocks while a domain is starting (its object is locked, also while the qemu
 hook runs), so nothing the agent calls may wait on it.
 One worker thread does every libvirt call in order; libvirt's default event
-loop runs in a thread of its own.
+loop runs in a thread of its own (libvirt_binding.py).
 
 libvirtd may be absent or restart: the worker reconnects with backoff, the
 cache is kept while disconnected (a stopped libvirtd starts no domain, so no
@@ -34,56 +34,11 @@ from typing import Any
 from .. import logs
 from . import domxml
 from .identity import Identity, Uncovered
+from .libvirt_binding import CLOSE_REASONS, EVENT_LOOP, error_text, missing_socket, quietly
 
 HINT = "install Debian's python3-libvirt (the venv sees system site-packages)"
 
 _Task = tuple[Any, ...]
-
-
-class _EventLoop:
-    """libvirt's default event loop, in one daemon thread per process.
-
-    virEventRegisterDefaultImpl must precede the first connection and works
-    once per process; the thread runs while some source uses it."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._registered: Any = None  # the module registered with (tests bring fakes)
-        self._users = 0
-        self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
-
-    def acquire(self, lv: Any) -> None:
-        with self._lock:
-            if self._registered is not lv:
-                lv.virEventRegisterDefaultImpl()
-                self._registered = lv
-            self._users += 1
-            if self._thread is None:
-                self._stopping.clear()
-                self._thread = threading.Thread(
-                    target=self._run, args=(lv,), name="libvirt-events", daemon=True)
-                self._thread.start()
-
-    def release(self, lv: Any) -> None:
-        with self._lock:
-            self._users -= 1
-            if self._users > 0 or self._thread is None:
-                return
-            self._stopping.set()
-            # A zero timeout makes the current iteration return.
-            lv.virEventAddTimeout(0, lambda timer, _opaque: lv.virEventRemoveTimeout(timer),
-                                  None)
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def _run(self, lv: Any) -> None:
-        while not self._stopping.is_set():
-            if lv.virEventRunDefaultImpl() < 0:
-                time.sleep(0.1)
-
-
-_LOOP = _EventLoop()
 
 
 class LibvirtSource:
@@ -137,7 +92,7 @@ class LibvirtSource:
         self._lv = libvirt
         # libvirt prints every error to stderr unless told otherwise; we log.
         libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-        _LOOP.acquire(libvirt)
+        EVENT_LOOP.acquire(libvirt)
         self._worker = threading.Thread(target=self._run, name="libvirt-source", daemon=True)
         self._worker.start()
 
@@ -147,7 +102,7 @@ class LibvirtSource:
         self._tasks.put(("stop",))
         self._worker.join(timeout=10)
         self._worker = None
-        _LOOP.release(self._lv)
+        EVENT_LOOP.release(self._lv)
 
     def available(self) -> bool:
         return self._connected
@@ -191,9 +146,9 @@ class LibvirtSource:
                     if not self._said_unavailable:
                         self._said_unavailable = True
                         self._log.warning("inventory.libvirt_unavailable",
-                                          reason=_reason(exc), retry_in=delay)
+                                          reason=error_text(exc), retry_in=delay)
                     else:
-                        self._log.debug("inventory.libvirt_retry", reason=_reason(exc))
+                        self._log.debug("inventory.libvirt_retry", reason=error_text(exc))
                     if self._wait_stop(delay):
                         break
                     delay = min(delay * 2, self._retry_max)
@@ -224,7 +179,7 @@ class LibvirtSource:
 
     def _connect(self) -> None:
         lv = self._lv
-        missing = _missing_socket(self.uri)
+        missing = missing_socket(self.uri)
         if missing is not None:
             # No daemon to talk to: a stat, not a connection attempt, until
             # its socket appears (libvirt's client sets itself up lazily on
@@ -237,11 +192,11 @@ class LibvirtSource:
         try:
             conn.registerCloseCallback(self._closed, None)
         except lv.libvirtError as exc:
-            self._log.debug("inventory.libvirt_no_close_callback", reason=_reason(exc))
+            self._log.debug("inventory.libvirt_no_close_callback", reason=error_text(exc))
         try:
             conn.setKeepAlive(*self._keepalive)
         except lv.libvirtError as exc:
-            self._log.debug("inventory.libvirt_no_keepalive", reason=_reason(exc))
+            self._log.debug("inventory.libvirt_no_keepalive", reason=error_text(exc))
         events = [("VIR_DOMAIN_EVENT_ID_LIFECYCLE", self._ev_lifecycle),
                   ("VIR_DOMAIN_EVENT_ID_DEVICE_ADDED", self._ev_domain),
                   ("VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED", self._ev_domain),
@@ -269,9 +224,9 @@ class LibvirtSource:
         if conn is None:
             return
         for cb_id in callbacks:
-            _quietly(conn.domainEventDeregisterAny, cb_id)
-        _quietly(conn.unregisterCloseCallback)
-        _quietly(conn.close)
+            quietly(conn.domainEventDeregisterAny, cb_id)
+        quietly(conn.unregisterCloseCallback)
+        quietly(conn.close)
 
     def _handle(self, task: _Task) -> None:
         kind, conn = task[0], task[1]
@@ -307,12 +262,12 @@ class LibvirtSource:
 
     def _failed(self, task: _Task, exc: Any) -> None:
         conn = self._conn
-        if conn is not None and _quietly(conn.isAlive) != 1:
-            self._log.warning("inventory.libvirt_disconnected", reason=_reason(exc))
+        if conn is not None and quietly(conn.isAlive) != 1:
+            self._log.warning("inventory.libvirt_disconnected", reason=error_text(exc))
             self._disconnect()
         else:
             self._log.warning("inventory.libvirt_call_failed", task=task[0],
-                              reason=_reason(exc))
+                              reason=error_text(exc))
 
     def _full_refresh(self, conn: Any) -> bool:
         lv = self._lv
@@ -395,7 +350,7 @@ class LibvirtSource:
     # -- libvirt callbacks (event-loop thread): only enqueue ----------------
 
     def _closed(self, conn: Any, reason: int, _opaque: Any) -> None:
-        self._tasks.put(("lost", conn, _CLOSE_REASONS.get(reason, str(reason))))
+        self._tasks.put(("lost", conn, CLOSE_REASONS.get(reason, str(reason))))
 
     def _ev_lifecycle(self, conn: Any, dom: Any, event: int, _detail: int,
                       _opaque: Any) -> None:
@@ -409,26 +364,6 @@ class LibvirtSource:
         self._tasks.put(("domain", conn, dom))
 
 
-_CLOSE_REASONS = {0: "error", 1: "eof", 2: "keepalive", 3: "client"}
-
-
-SYSTEM_SOCKETS = ("/run/libvirt/libvirt-sock", "/run/libvirt/virtqemud-sock")
-
-
-def _missing_socket(uri: str) -> str | None:
-    """For a local qemu:///system URI, the socket it would use when none of
-    them exists (None: present, or a URI whose transport we do not know)."""
-    import os
-    from urllib.parse import parse_qs, urlsplit
-
-    parts = urlsplit(uri)
-    if parts.scheme != "qemu" or parts.netloc or parts.path != "/system":
-        return None
-    given = parse_qs(parts.query).get("socket")
-    paths = tuple(given) if given else SYSTEM_SOCKETS
-    return None if any(os.path.exists(p) for p in paths) else paths[0]
-
-
 def _mac_matches(ident: Identity, mac: str) -> bool:
     """The tap's MAC (fe:...) or the guest's both say it is this interface."""
     guest = ident.facts.get("mac")
@@ -436,17 +371,3 @@ def _mac_matches(ident: Identity, mac: str) -> bool:
         return True
     mac = mac.lower()
     return mac in (guest, domxml.tap_mac(guest))
-
-
-def _reason(exc: Any) -> str:
-    try:
-        return str(exc.get_error_message() or exc)
-    except Exception:
-        return str(exc)
-
-
-def _quietly(call: Callable[..., Any], *args: Any) -> Any:
-    try:
-        return call(*args)
-    except Exception:
-        return None

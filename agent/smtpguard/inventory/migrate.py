@@ -13,7 +13,7 @@ from smtpguard.errors import SmtpguardError
 from smtpguard.inventory import patterns
 from smtpguard.inventory.vmiface import VmIface
 from smtpguard.policy.model import Interfaces
-from smtpguard.store import Store
+from smtpguard.respond.store import Store
 
 DONE = "vm_ids"  # the store's meta key once migrated
 

@@ -18,9 +18,9 @@ from typing import Any, TextIO
 from prometheus_client.parser import text_string_to_metric_families
 
 from smtpguard import logs
+from smtpguard.daemon.netns import run_in
 from smtpguard.errors import LabError
 from smtpguard.lab import topology
-from smtpguard.netns import run_in
 
 METRICS = "127.0.0.1:9725"
 SG = [sys.executable, "-m", "smtpguard.cli"]

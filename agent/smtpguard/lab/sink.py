@@ -76,7 +76,7 @@ def main() -> None:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if args.netns:
-        from smtpguard.netns import enter
+        from smtpguard.daemon.netns import enter
 
         enter(args.netns)
     asyncio.run(serve([int(p) for p in args.ports.split(",")], args.ready))

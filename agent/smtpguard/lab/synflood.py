@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from smtpguard.daemon.netns import run_in
 from smtpguard.lab import topology
-from smtpguard.netns import run_in
 
 SYN = 0x02
 SPORTS = 50_000  # source ports cycle over 10000..59999, as a busy client's do

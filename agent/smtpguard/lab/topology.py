@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from smtpguard import logs
+from smtpguard.daemon.netns import run_in
 from smtpguard.errors import LabError
-from smtpguard.netns import run_in
 
 LAN4 = ipaddress.ip_network("198.18.0.0/24")
 LAN6 = ipaddress.ip_network("fdac:25::/64")

@@ -85,7 +85,7 @@ def fan_out(netns: str, n: int, rate: float, port: int = 587, first: int = 1000)
     wall-clock time each was sent (for reaction-time measurements)."""
     import socket
 
-    from smtpguard.netns import run_in
+    from smtpguard.daemon.netns import run_in
 
     def run() -> list[float]:
         socks, times = [], []

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from smtpguard.policy.classes import Threshold, VmClass
 from smtpguard.policy.load import LoadedPolicy
 from smtpguard.policy.membership import Placement, VmFacts, place
-from smtpguard.policy.model import Threshold, VmClass
 from smtpguard.policy.units import format_duration
 
 

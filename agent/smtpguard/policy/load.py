@@ -19,7 +19,8 @@ import yaml
 from pydantic import ValidationError
 
 from smtpguard.errors import PolicyError
-from smtpguard.policy.model import AT, Policy
+from smtpguard.policy.fields import AT
+from smtpguard.policy.model import Policy
 
 CONCATENATED = {("relays",), ("members",)}
 

@@ -7,7 +7,8 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
-from smtpguard.policy.model import Member, Policy
+from smtpguard.policy.classes import Member
+from smtpguard.policy.model import Policy
 
 
 @dataclass(frozen=True)

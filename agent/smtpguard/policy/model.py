@@ -6,83 +6,15 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    PlainSerializer,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, field_validator, model_validator
 
-from smtpguard.policy.units import Rate, format_duration, parse_duration, parse_rate
-
-# A ValueError whose message starts with "@a.b: " is reported at that sub-path
-# of the object that raised it (policy/load.py), so cross-field errors point
-# at the field that is wrong, not at the whole object.
-AT = "@"
-
-Duration = Annotated[float, BeforeValidator(parse_duration),
-                     PlainSerializer(format_duration, return_type=str)]
-RateField = Annotated[Rate, BeforeValidator(parse_rate), PlainSerializer(str, return_type=str)]
-Port = Annotated[int, Field(ge=1, le=65535)]
-Metric = Literal["attempts", "destinations", "blocked_attempts", "failed_handshakes"]
-Action = Literal["flag", "throttle", "block"]
-Port25Mode = Literal["block", "limit", "allow", "redirect"]
-Mode = Literal["enforce", "audit"]
-
-_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
-_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-MAX_WINDOW = 86400.0
-MIN_WINDOW = 10.0
-MAX_DEST_WINDOW = 3600.0  # the datapath's destination sketches cover an hour
-
-
-def _network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    if not isinstance(value, str):
-        raise ValueError(f"{value!r} is not an address or CIDR")
-    try:
-        return ipaddress.ip_network(value, strict=True)
-    except ValueError as exc:
-        raise ValueError(f"{value!r} is not an address or CIDR with host bits clear "
-                         f"({exc})") from None
-
-
-def _host(value: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    try:
-        return ipaddress.ip_address(str(value))
-    except ValueError:
-        raise ValueError(f"{value!r} is not an IP address") from None
-
-
-HostAddress = Annotated[ipaddress.IPv4Address | ipaddress.IPv6Address, BeforeValidator(_host),
-                        PlainSerializer(str, return_type=str)]
-
-Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_network),
-                    PlainSerializer(str, return_type=str)]
-
-
-def _mac(value: object) -> str:
-    if not isinstance(value, str) or not _MAC.match(value.lower().replace("-", ":")):
-        raise ValueError(f"{value!r} is not a MAC address like 52:54:00:12:34:56")
-    return value.lower().replace("-", ":")
-
-
-def _name(value: str) -> str:
-    if not _NAME.match(value):
-        raise ValueError(f"{value!r}: names are lower-case letters, digits, _ and -")
-    return value
-
-
-Name = Annotated[str, AfterValidator(_name)]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+# Threshold and VmClass are re-exported: respond/responder.py and tests take them here.
+from smtpguard.policy.classes import Member
+from smtpguard.policy.classes import Threshold as Threshold
+from smtpguard.policy.classes import VmClass as VmClass
+from smtpguard.policy.fields import AT, Duration, Mode, Name, Network, Port, Strict
 
 
 class InterfacePattern(Strict):
@@ -190,124 +122,6 @@ class Inventory(Strict):
     libvirt: Libvirt = Libvirt()
     proxmox: Proxmox = Proxmox()
     ovs: Ovs = Ovs()
-
-
-class Ceiling(Strict):
-    """New connections allowed: a rate and a burst."""
-
-    rate: RateField
-    burst: int = Field(ge=1, le=100_000)
-
-
-class Threshold(Strict):
-    name: Name | None = None
-    metric: Metric
-    window: Duration
-    at_least: int = Field(ge=1, le=10_000_000)
-    action: Action
-    duration: Duration | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> Threshold:
-        if not MIN_WINDOW <= self.window <= MAX_WINDOW:
-            raise ValueError(f"{AT}window: must be between 10s and 1d")
-        if self.metric == "destinations" and self.window > MAX_DEST_WINDOW:
-            raise ValueError(f"{AT}window: destinations are counted over at most 1h")
-        if self.action == "block" and self.duration is None:
-            raise ValueError(f"{AT}duration: a block needs a duration (e.g. 1h)")
-        if self.action == "flag" and self.duration is not None:
-            raise ValueError(f"{AT}duration: a flag has no duration")
-        return self
-
-    @property
-    def label(self) -> str:
-        return self.name or f"{self.metric}_{format_duration(self.window)}"
-
-
-class Escalation(Strict):
-    """Repeat offenders: each new block lasts `factor` times the previous one,
-    up to `max`; offences older than `forget_after` no longer count."""
-
-    factor: float = Field(default=2.0, ge=1.0, le=10.0)
-    max: Duration = 7 * 86400.0
-    forget_after: Duration = 30 * 86400.0
-
-
-DEFAULT_THRESHOLDS = (
-    Threshold(name="fanout", metric="destinations", window=60, at_least=100, action="block",
-              duration=3600),
-    Threshold(name="hammering", metric="blocked_attempts", window=600, at_least=500,
-              action="block", duration=6 * 3600),
-    Threshold(name="burst", metric="attempts", window=60, at_least=300, action="throttle",
-              duration=3600),
-    Threshold(name="volume", metric="attempts", window=60, at_least=60, action="flag"),
-    Threshold(name="blocked_port", metric="blocked_attempts", window=600, at_least=50,
-              action="flag"),
-    Threshold(name="refused", metric="failed_handshakes", window=600, at_least=50,
-              action="flag"),
-)
-
-
-class VmClass(Strict):
-    mode: Mode | None = None  # None: the policy's mode
-    port25: Port25Mode = "block"
-    redirect_to: tuple[HostAddress, ...] = ()  # port25: redirect -> this relay (one per family)
-    limit: Ceiling | None = Ceiling(rate=Rate(20, 60), burst=10)
-    limited_ports: tuple[Port, ...] = (465, 587, 2525)
-    throttle: Ceiling = Ceiling(rate=Rate(5, 60), burst=5)
-    thresholds: tuple[Threshold, ...] = DEFAULT_THRESHOLDS
-    escalation: Escalation = Escalation()
-
-    @model_validator(mode="after")
-    def _check(self) -> VmClass:
-        if 25 in self.limited_ports:
-            raise ValueError(f"{AT}limited_ports: port 25 is governed by port25:, not listed here")
-        if len(set(self.limited_ports)) != len(self.limited_ports):
-            raise ValueError(f"{AT}limited_ports: ports are listed more than once")
-        if self.port25 == "redirect" and not self.redirect_to:
-            raise ValueError(f"{AT}redirect_to: port25: redirect needs the relay to send to")
-        if self.redirect_to and self.port25 != "redirect":
-            raise ValueError(f"{AT}redirect_to: only used with port25: redirect")
-        if len({a.version for a in self.redirect_to}) != len(self.redirect_to):
-            raise ValueError(f"{AT}redirect_to: at most one IPv4 and one IPv6 address")
-        if self.limit is None and (self.port25 == "limit" or self.limited_ports):
-            raise ValueError(f"{AT}limit: port25: limit and limited_ports need a limit")
-        if self.limit and self.throttle.rate.per_second >= self.limit.rate.per_second:
-            raise ValueError(f"{AT}throttle.rate: {self.throttle.rate} must be tighter than "
-                             f"the limit, {self.limit.rate}")
-        labels = [t.label for t in self.thresholds]
-        keys = [(t.metric, t.window, t.at_least, t.action) for t in self.thresholds]
-        for i, t in enumerate(self.thresholds):
-            if labels[i] in labels[:i]:
-                raise ValueError(f"{AT}thresholds.{i}.name: {labels[i]!r} is used twice")
-            if keys[i] in keys[:i]:
-                raise ValueError(f"{AT}thresholds.{i}: repeats thresholds.{keys.index(keys[i])}")
-            if t.action == "block" and t.duration is not None and \
-                    t.duration > self.escalation.max:
-                raise ValueError(f"{AT}thresholds.{i}.duration: longer than escalation.max "
-                                 f"({format_duration(self.escalation.max)})")
-        return self
-
-
-class Member(Strict):
-    """One class-membership rule; every criterion given must match."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-    cls: Name = Field(alias="class")
-    vm: str | None = Field(default=None, min_length=1)
-    interface: str | None = Field(default=None, min_length=1)
-    mac: Annotated[str, BeforeValidator(_mac)] | None = None
-    ip: Network | None = None
-    tenant: str | None = Field(default=None, min_length=1)
-    uuid: Annotated[str, BeforeValidator(lambda v: str(v).lower())] | None = None
-
-    @model_validator(mode="after")
-    def _some_criterion(self) -> Member:
-        if not any((self.vm, self.interface, self.mac, self.ip, self.tenant, self.uuid)):
-            raise ValueError("a rule needs at least one of vm, interface, mac, ip, tenant, "
-                             "uuid (default_class covers everyone else)")
-        return self
 
 
 class Webhook(Strict):

@@ -1,15 +1,11 @@
-"""Prometheus metrics, read from the BPF maps at scrape time."""
+"""The datapath's collector: SMTP counters read from the BPF maps at scrape time."""
 
 from __future__ import annotations
 
-import ipaddress
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -17,103 +13,21 @@ from prometheus_client.core import (
     InfoMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
 from smtpguard import __version__, logs
 from smtpguard.datapath.snapshot import IfaceSnapshot, PortCounts, Snapshot, union
-from smtpguard.enforce.render import REASONS
-from smtpguard.inventory.identity import UNCOVERED_REASONS
 from smtpguard.inventory.vmiface import VmIface
+from smtpguard.observe.metrics import (
+    LOOP_BUCKETS,
+    OUTCOMES,
+    STATES,
+    UNCOVERED,
+    Activity,
+    Health,
+    Totals,
+)
 from smtpguard.policy import Policy
-
-OUTCOMES = ("completed", "reset", "no_answer")
-
-
-@dataclass(frozen=True)
-class Health:
-    policy_generation: int = 1
-    reloads: Mapping[str, int] = field(default_factory=dict)
-    vm_states: Mapping[str, str] = field(default_factory=dict)  # vm -> state
-    actions: Mapping[str, int] = field(default_factory=dict)  # action -> count
-    loop_seconds: tuple[tuple[float, ...], float, int] = ((), 0.0, 0)  # buckets, sum, count
-    last_loop: float = 0.0  # wall clock of the last detection step
-    unattached: int = 0  # VM-facing interfaces the classifier could not be attached to
-    uncovered: Mapping[str, int] = field(default_factory=dict)  # reason -> VMs
-    unenforced: Mapping[str, int] = field(default_factory=dict)  # attachment -> interfaces
-
-
-STATES = ("ok", "flagged", "throttled", "blocked")
-UNCOVERED = UNCOVERED_REASONS  # why a VM's traffic never crosses the host kernel
-LOOP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-
-
-G = TypeVar("G", bound=Hashable)  # what a host total is labelled by
-
-
-class Totals(Generic[G]):
-    """Per-host sums of per-interface kernel counters that never go down
-    within the agent's life: each update adds what every entry gained since
-    the last one, so an entry that goes away (its interface forgotten) keeps
-    what it added, and one that comes back lower (recreated) adds from zero.
-
-    A sum starts at the first update, so a restarted agent's totals start
-    again at zero, which Prometheus reads as the counter reset it is
-    (starting from the kernel's figures instead would count every VM's
-    history again whenever an interface had been forgotten meanwhile). Not
-    thread-safe: the collectors update it under their lock, in read order."""
-
-    def __init__(self) -> None:
-        self._started = False
-        self._last: dict[Hashable, tuple[int, ...]] = {}  # source -> its values then
-        self._sums: dict[G, list[int]] = {}
-
-    def update(self, current: Iterable[tuple[G, Hashable, tuple[int, ...]]],
-               always: Iterable[G] = (), width: int = 1) -> dict[G, list[int]]:
-        """(group, source, values) for every entry now -> group -> sums;
-        the `always` groups are there from the start (at zero), so that the
-        first attempts on a port are an increase Prometheus sees, not the
-        first sample of a new series."""
-        last, seen, sums = self._last, {}, self._sums
-        for group in always:
-            sums.setdefault(group, [0] * width)
-        for group, source, values in current:
-            seen[source] = values
-            was = last.get(source)
-            if was == values:
-                continue  # most entries, most scrapes
-            acc = sums.get(group)
-            if acc is None:
-                acc = sums[group] = [0] * len(values)
-            if was is None:
-                if not self._started:
-                    continue  # the baseline
-                delta: Iterable[int] = values
-            elif any(v < w for v, w in zip(values, was, strict=True)):
-                delta = values  # recreated: all it has is new
-            else:
-                delta = (v - w for v, w in zip(values, was, strict=True))
-            for i, d in enumerate(delta):
-                acc[i] += d
-        self._last = seen
-        self._started = True
-        return {g: list(v) for g, v in sums.items()}
-
-
-class Activity:
-    """Which VMs get per-VM series: those with an SMTP attempt within the
-    window, and those not in state ok, as of the datapath's read. The
-    enforcement collector's scrape comes first (rejections read before
-    attempts); once it has read its counters it calls prepare(), which reads
-    the datapath for this scrape, so both decide from the same read."""
-
-    def __init__(self) -> None:
-        self.exported: frozenset[str] = frozenset()
-        self.ports: tuple[int, ...] = ()  # the policy's SMTP ports
-        self.prepare: Callable[[], None] = lambda: None
-        # VMs the classifier has counted at all: one it never did (its
-        # interface came while no agent ran) still gets its blocked series.
-        self.counted: frozenset[str] = frozenset()
 
 
 class DatapathCollector(Collector):
@@ -418,110 +332,3 @@ class DatapathCollector(Collector):
             size.add_metric([name], cap)
             full.add_metric([name], times)
         yield from (entries, size, full)
-
-
-class EnforcementCollector(Collector):
-    """What nftables rejected, from the counters in our tables. A sample:
-
-        smtpguard_smtp_blocked_attempts_total{vm="web1",interface="vnet3",port="25",
-                                              reason="port25"} 12.0
-        smtpguard_host_smtp_blocked_attempts_total{port="25",reason="port25"} 340.0
-        smtpguard_nft_set_elements{family="bridge",set="seen4"} 12.0
-        smtpguard_nft_set_size{family="bridge",set="seen4"} 131072.0
-        smtpguard_nft_overflow_total 0.0
-
-    Blocked attempts are distinct attempts: a retransmitted SYN is not counted
-    again. Per VM only for the VMs `activity` exports (the datapath's rule,
-    from its read in this scrape; a blocked attempt is an attempt there too);
-    with no activity given, every VM. Nothing is exported when the tables cannot be read.
-    """
-
-    def __init__(self, enforcer: Any, ifaces: Callable[[], Mapping[int, VmIface]],
-                 keeper: Any = None, activity: Activity | None = None) -> None:
-        self._enforcer = enforcer
-        self._ifaces = ifaces
-        self._keeper = keeper
-        self._activity = activity
-        self._lock = threading.Lock()
-        self._totals: Totals[tuple[str, str]] = Totals()
-
-    def collect(self) -> Iterator[Metric]:
-        if self._keeper is not None:
-            repairs = CounterMetricFamily(
-                "smtpguard_enforcement_repairs",
-                "Interfaces whose block/throttle in the kernel differed from their VM's "
-                "record and were put right (missing, unexpected, changed)", labels=["kind"])
-            for kind, n in sorted(self._keeper.repairs.items()):
-                repairs.add_metric([kind], n)
-            yield repairs
-        with self._lock:
-            try:
-                counts, fill, overflow = self._enforcer.report()
-            except Exception:
-                logs.get().debug("metrics.nft_read_failed", exc_info=True)
-                return
-            if self._activity is not None:
-                self._activity.prepare()  # the datapath's read for this scrape, after ours
-            ports = () if self._activity is None else self._activity.ports
-            host = self._totals.update(
-                [((str(c.port), c.reason), (c.family, c.ifname, c.port, c.reason), (c.packets,))
-                 for c in counts], [(str(p), r) for p in ports for r in REASONS])
-        vm_of = {v.ifname: v.vm for v in self._ifaces().values()}
-        exported = None if self._activity is None else self._activity.exported
-        counted = frozenset() if self._activity is None else self._activity.counted
-        blocked = CounterMetricFamily(
-            "smtpguard_smtp_blocked_attempts",
-            "SMTP connection attempts rejected by the enforcement, by reason",
-            labels=["vm", "interface", "port", "reason"])
-        totals: dict[tuple[str, str, str, str], int] = {}
-        for c in counts:
-            vm = vm_of.get(c.ifname, c.ifname)
-            if exported is not None and vm not in exported and vm in counted:
-                continue  # idle (what was never counted as an attempt is shown)
-            key = (vm, c.ifname, str(c.port), c.reason)
-            totals[key] = totals.get(key, 0) + c.packets
-        for key, n in sorted(totals.items()):
-            blocked.add_metric(list(key), n)
-        yield blocked
-        per_host = CounterMetricFamily(
-            "smtpguard_host_smtp_blocked_attempts",
-            "SMTP connection attempts of all VMs on this host rejected by the enforcement, "
-            "by reason, since the agent started", labels=["port", "reason"])
-        for (port, reason), (n,) in sorted(host.items()):
-            per_host.add_metric([port, reason], n)
-        yield per_host
-        elements = GaugeMetricFamily("smtpguard_nft_set_elements",
-                                     "Elements in each sized nftables set of ours",
-                                     labels=["family", "set"])
-        size = GaugeMetricFamily("smtpguard_nft_set_size", "Capacity of each sized set",
-                                 labels=["family", "set"])
-        for (fam, name), (n, cap) in sorted(fill.items()):
-            elements.add_metric([fam, name], n)
-            size.add_metric([fam, name], cap)
-        yield elements
-        yield size
-        over = CounterMetricFamily(
-            "smtpguard_nft_overflow",
-            "Attempts rejected without dedup or per-VM count because a set was full")
-        over.add_metric([], overflow)
-        yield over
-
-
-def parse_addr(addr: str) -> tuple[str, int]:
-    """'127.0.0.1:9725', '[::1]:9725' or ':9725' -> (host, port)."""
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"metrics address {addr!r} is not HOST:PORT")
-    host = host.strip("[]") or "127.0.0.1"
-    ipaddress.ip_address(host)
-    return host, int(port)
-
-
-def serve(addr: str, *collectors: Collector) -> Any:
-    """Start the /metrics endpoint; returns the HTTP server (its port, for :0)."""
-    host, port = parse_addr(addr)
-    registry = CollectorRegistry(auto_describe=False)
-    for collector in collectors:
-        registry.register(collector)
-    server, _thread = start_http_server(port, addr=host, registry=registry)
-    return server

@@ -21,7 +21,7 @@ from typing import Any
 from smtpguard import logs
 from smtpguard.detect.machine import Transition
 from smtpguard.errors import StoreError
-from smtpguard.store import Store
+from smtpguard.respond.store import Store
 
 ACTION = {"flagged": "flag", "throttled": "throttle", "blocked": "block", "ok": "release"}
 Activity = Callable[[str], dict[str, Any]]  # vm -> its activity now

@@ -1,7 +1,7 @@
 """What the control socket's commands do, run on the agent's main loop.
 
 The commands ask the running agent only for what `RunningAgent` lists; the
-agent (agent.py) satisfies it and imports this module, never the reverse.
+agent (daemon/agent.py) satisfies it and imports this module, never the reverse.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from smtpguard.enforce.keeper import Keeper
     from smtpguard.inventory.vmiface import VmIface
     from smtpguard.policy import LoadedPolicy, Policy
-    from smtpguard.respond import Responder
+    from smtpguard.respond.responder import Responder
 
 
 class RunningAgent(Protocol):

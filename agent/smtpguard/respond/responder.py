@@ -11,24 +11,23 @@ from pathlib import Path
 from typing import Any
 
 from smtpguard import logs
-from smtpguard.datapath import recent, trip
-from smtpguard.datapath.maps import SmtpKey
+from smtpguard.datapath import recent
 from smtpguard.datapath.snapshot import read_ports
 from smtpguard.detect.engine import Detector
-from smtpguard.detect.machine import Transition, VmRecord, block_thresholds, trip_budget
+from smtpguard.detect.machine import Transition
 from smtpguard.enforce.desired import Action
 from smtpguard.enforce.keeper import Keeper
 from smtpguard.errors import SmtpguardError
 from smtpguard.fleet.record import FleetRecord
-from smtpguard.incidents import IncidentBook
 from smtpguard.inventory.vmiface import VmIface
-from smtpguard.metrics import LOOP_BUCKETS
-from smtpguard.policy.explain import threshold_text
+from smtpguard.observe.metrics import LOOP_BUCKETS
+from smtpguard.observe.webhook import Webhook
 from smtpguard.policy.load import LoadedPolicy
-from smtpguard.policy.membership import facts_of, place
 from smtpguard.policy.model import Policy, VmClass
-from smtpguard.store import Store
-from smtpguard.webhook import Webhook
+from smtpguard.respond.evidence import Evidence
+from smtpguard.respond.incidents import IncidentBook
+from smtpguard.respond.store import Store
+from smtpguard.respond.tripwire import TripWires
 
 SAMPLE_EVERY = 10.0  # seconds between saves of the counter samples
 PRUNE_EVERY = 3600.0  # seconds between prunings of old incidents
@@ -37,49 +36,11 @@ RETIRE_EVERY = 60.0  # seconds between retirements of idle interfaces' counters
 # newest attempt is this old, and at least the policy's metrics.active_within:
 # past any SYN retransmission of its attempts, and no longer exported per VM.
 RETIRE_AFTER = 600.0
-WINDOWS = (("attempts", 60), ("attempts", 3600), ("blocked_attempts", 600),
-           ("failed_handshakes", 600))  # recorded with each incident
 
 
-def outcomes(per_iface: Mapping[int, Mapping[int, Any]], ifindexes: list[int],
-             rejected: Mapping[int, tuple[int, int]]) -> dict[str, dict[str, int]]:
-    """Per port, what became of a VM's attempts, adding up to them: completed,
-    rejected (by smtpguard itself), reset and unanswered (by the other end),
-    pending (no answer yet, or the client gave up before retrying).
+class Responder(Evidence, TripWires):
+    """Detection over fresh counters, and what follows from its transitions."""
 
-    The datapath sees the wire: smtpguard's own TCP reset answers the SYN like
-    a receiver's would, and a SYN it drops is retried until it counts as
-    unanswered. So rejections (distinct attempts, counted by the enforcement)
-    are taken out of the resets where the path rejects with a reset, and out
-    of the unanswered where it drops."""
-    ports: dict[str, dict[str, int]] = {}
-    for ifindex, per_port in per_iface.items():
-        if ifindex not in ifindexes:
-            continue
-        for port, c in per_port.items():
-            p = ports.setdefault(str(port), dict.fromkeys(
-                ("attempts", "completed", "rejected", "reset", "no_answer", "pending",
-                 "retransmits"), 0))
-            for k in ("attempts", "completed", "reset", "no_answer", "retransmits"):
-                p[k] += getattr(c, k)
-    for port, (by_reset, by_drop) in rejected.items():
-        if str(port) not in ports:
-            continue
-        p = ports[str(port)]
-        p["rejected"] = by_reset + by_drop
-        p["reset"] = max(0, p["reset"] - by_reset)
-        p["no_answer"] = max(0, p["no_answer"] - by_drop)
-    for p in ports.values():
-        # Counters read a moment apart may overshoot: the columns still add up.
-        left = max(0, p["attempts"] - p["completed"])
-        for k in ("rejected", "reset", "no_answer"):
-            p[k] = min(p[k], left)
-            left -= p[k]
-        p["pending"] = left
-    return ports
-
-
-class Responder:
     def __init__(self, state_dir: Path, policy: Policy, stats: Any, dests: Any,
                  keeper: Keeper | None, ifaces: Callable[[], Mapping[int, VmIface]],
                  generation: Callable[[], int], clock: Callable[[], float] = time.monotonic,
@@ -202,75 +163,6 @@ class Responder:
             self.log.error("detect.failed", error=str(exc))
             self.log.debug("detect.failed", exc_info=True)
 
-    def _arm_plan(self) -> list[tuple[str, list[VmIface], VmClass, str]]:
-        """The VMs that have a wire to arm (their class blocks on attempts),
-        with their interfaces, class and mode: placed again only when the
-        interfaces or the policy change (both are replaced, never edited),
-        not on every step (placing 1,000 VMs was most of an idle loop)."""
-        ifaces, pol = self.ifaces(), self.detector.policy
-        if self._plan is None or self._plan[0] is not ifaces or self._plan[1] is not pol:
-            by_vm: dict[str, list[VmIface]] = {}
-            for v in ifaces.values():
-                by_vm.setdefault(v.vm, []).append(v)
-            plan: list[tuple[str, list[VmIface], VmClass, str]] = []
-            for vm, vifs in by_vm.items():
-                name = place(pol, facts_of(vm, vifs)).cls
-                cls = pol.classes[name]
-                if block_thresholds(cls):
-                    plan.append((vm, vifs, cls, pol.mode_of(name)))
-            self._plan = (ifaces, pol, plan)
-            return plan
-        return self._plan[2]
-
-    def _arm(self, read: Mapping[int, Mapping[int, Any]]) -> None:
-        """Each VM's trip wire set to what it may still attempt before a
-        block threshold fires (detect.machine.trip_budget), written only
-        where the kernel's differs: after the detection step, so a VM it
-        just blocked is disarmed and one released is armed again. A wire
-        whose budget and attempts are as the last step left them is not read
-        back (the classifier counts only new attempts)."""
-        det = self.detector
-        now_mono = det.mono_ns() / 1e9
-        planned: set[int] = set()
-        for vm, vifs, cls, mode in self._arm_plan():
-            idx = [v.ifindex for v in vifs]
-
-            def fig(t: Any, since: float, vm: str = vm, idx: list[int] = idx) -> float:
-                return det.figure(vm, idx, t, since, now_mono)
-
-            rec = det.records.get(vm) or VmRecord(vm)
-            budget = trip_budget(rec, cls, mode, fig)
-            for v in vifs:
-                if budget is None:
-                    continue  # disarmed below, as not planned
-                planned.add(v.ifindex)
-                seen = sum(c.attempts for c in read.get(v.ifindex, {}).values())
-                if self._wired.get(v.ifindex) == (budget, seen):
-                    continue  # as armed, and nothing attempted since: most VMs
-                have = trip.left(self.trips, v.ifindex)
-                self._wired[v.ifindex] = (budget, seen)
-                if have == budget:
-                    continue
-                # What the VM attempted since `read` counts against the budget.
-                want = budget - (self._attempts(v.ifindex, read) - seen)
-                if have is None or have != max(want, 0):
-                    trip.arm(self.trips, v.ifindex, want)
-        present = self.ifaces()
-        for ifindex in set(self._wired) - planned:
-            del self._wired[ifindex]
-            if ifindex in present:  # (a gone interface's entry went with it: Datapath.forget)
-                trip.disarm(self.trips, ifindex)
-
-    def _attempts(self, ifindex: int, read: Mapping[int, Mapping[int, Any]]) -> int:
-        """The interface's attempts now, on the ports `read` had for it."""
-        n = 0
-        for port, c in read.get(ifindex, {}).items():
-            try:
-                n += int(self.stats[SmtpKey(ifindex, port)].attempts)
-            except KeyError:
-                n += c.attempts
-        return n
-
     def _retire_idle(self, read: Mapping[int, Mapping[int, Any]]) -> None:
         """Retire the rejection counters of interfaces idle for RETIRE_AFTER
         (and active_within): the listing every step and scrape makes then
@@ -366,74 +258,3 @@ class Responder:
         if self.webhook is not None:
             self.webhook.offer({"event": t.event, "at": t.at, "host": socket.gethostname(),
                                 "policy_generation": self.generation(), **fields})
-
-    # -- evidence ------------------------------------------------------------
-    def _vifs(self, vm: str) -> list[VmIface]:
-        return sorted((v for v in self.ifaces().values() if v.vm == vm),
-                      key=lambda v: v.ifname)
-
-    def class_of(self, vm: str) -> str:
-        vifs = self._vifs(vm)
-        facts = facts_of(vm, vifs)
-        return place(self.detector.policy, facts).cls
-
-    def mode_of(self, vm: str) -> str:
-        return self.detector.policy.mode_of(self.class_of(vm))
-
-    def activity(self, vm: str) -> dict[str, Any]:
-        """What the VM did since it last started afresh: attempts and top
-        destinations (the datapath's per-VM record), counters per port."""
-        idx = [v.ifindex for v in self._vifs(vm)]
-        dests = recent.top_destinations(self.recent, idx, limit=None) \
-            if self.recent is not None and idx else []
-        top = self.detector.policy.incidents.top_destinations
-        ports = outcomes(read_ports(self.stats), idx, self._rejections(vm))
-        return {"at": time.time(), "attempts": sum(d.attempts for d in dests),
-                "destinations": len(dests),
-                "top_destinations": [{"address": d.address, "attempts": d.attempts}
-                                     for d in dests[:top]],
-                "ports": ports}
-
-    def _rejections(self, vm: str) -> dict[int, tuple[int, int]]:
-        """port -> (attempts smtpguard rejected with a TCP reset, and dropped),
-        for the VM's interfaces, from the enforcement's counters."""
-        if self.keeper is None:
-            return {}
-        names = {v.ifname for v in self._vifs(vm)}
-        caps = self.keeper.enforcer.caps
-        out: dict[int, tuple[int, int]] = {}
-        try:
-            counts = self.keeper.enforcer.blocked_counts()
-        except SmtpguardError as exc:
-            self.log.debug("enforce.counts_failed", error=str(exc))
-            return {}
-        for c in counts:
-            if c.ifname not in names:
-                continue
-            reset = caps.reject_bridge if c.family == "bridge" else caps.reject_inet
-            r, d = out.get(c.port, (0, 0))
-            out[c.port] = (r + c.packets, d) if reset else (r, d + c.packets)
-        return out
-
-    def context(self, vm: str, threshold: str | None) -> dict[str, Any]:
-        """The class, mode, rule and policy an incident records."""
-        loaded = self.loaded()
-        pol = loaded.policy
-        cls = self.class_of(vm)
-        rule = None
-        for i, t in enumerate(pol.classes[cls].thresholds):
-            if t.label == threshold:
-                rule = {"class": cls, "threshold": t.label, "text": threshold_text(t),
-                        "where": loaded.where(f"classes.{cls}.thresholds.{i}")}
-        now = time.monotonic_ns() / 1e9
-        windows = {f"{m}_{w // 60 if w < 3600 else w // 3600}{'m' if w < 3600 else 'h'}":
-                   float(self.detector.windows.value(vm, m, w, now)) for m, w in WINDOWS}
-        vifs = self._vifs(vm)
-        return {"class": cls, "mode": pol.mode_of(cls),
-                "name": vifs[0].display if vifs else vm,
-                "uuid": vifs[0].uuid if vifs else None,
-                "tenant": vifs[0].tenant if vifs else None,
-                "interfaces": [v.ifname for v in vifs], "rule": rule,
-                "windows": windows,
-                "policy": {"generation": self.generation(), "digest": loaded.digest,
-                           "files": list(loaded.files) or ["built-in default"]}}
