@@ -8,6 +8,10 @@
 # (so bcc compiles the normal way, no headers fallback), qemu-guest-agent (the
 # tests' way in: no network, no ssh), and the Debian packages scripts/setup.sh
 # installs, so `make install` in the guest finds them and needs no mirror.
+# Also Open vSwitch (openvswitch-switch; Debian's kernel has openvswitch.ko,
+# these hosts' own kernel has not) for the OVS tests (tests/system/test_ovs.py);
+# its units are installed disabled, so a machine boots as before and a test
+# that wants OVS starts it (`systemctl start openvswitch-switch`).
 # Cached in $CACHE/system/<key>/ (key: this script and setup.sh's package
 # list), as a raw ext4 image (mke2fs -d, no loop mount) with the kernel and
 # initrd beside it. Tests boot it through a qcow2 overlay: it stays pristine.
@@ -24,6 +28,7 @@ HOST_PACKAGES=(mmdebstrap qemu-system-x86 qemu-utils e2fsprogs)
 GUEST_PACKAGES=(
 	systemd-sysv udev kmod procps iproute2 initramfs-tools make python3
 	linux-image-cloud-amd64 linux-headers-cloud-amd64 qemu-guest-agent
+	openvswitch-switch
 )
 
 say() { printf 'system-image: %s\n' "$*" >&2; }
@@ -51,7 +56,9 @@ setup_packages() {
 image() {
 	local key dir tmp rootfs pkgs
 	pkgs=$(echo "${GUEST_PACKAGES[*]}" "$(setup_packages)" | xargs -n1 | sort -u | xargs)
-	key=$(printf '%s\n%s\n' "$pkgs" "$(sha256sum "$0")" | sha256sum | cut -c1-12)
+	# This script's text, not its path: make runs it as scripts/system-image.sh,
+	# the tests by its absolute path, and both must find the same image.
+	key=$(printf '%s\n%s\n' "$pkgs" "$(sha256sum <"$0")" | sha256sum | cut -c1-12)
 	dir=$CACHE/$SUITE-$key
 	if [ -e "$dir/.complete" ]; then
 		echo "$dir"
@@ -70,6 +77,7 @@ image() {
 		--customize-hook='printf "/dev/vda / ext4 rw,errors=remount-ro 0 1\n" >"$1/etc/fstab"' \
 		--customize-hook='rm -f "$1/etc/machine-id"; touch "$1/etc/machine-id"' \
 		--customize-hook='chroot "$1" systemctl mask getty@tty1.service' \
+		--customize-hook='chroot "$1" systemctl disable openvswitch-switch.service' \
 		"$SUITE" "$rootfs" >"$tmp/mmdebstrap.log" 2>&1 ||
 		{ tail -40 "$tmp/mmdebstrap.log" >&2; die "mmdebstrap failed"; }
 	say "mmdebstrap: $((SECONDS - t0)) s"

@@ -64,14 +64,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 @pytest.fixture(autouse=True)
 def _diagnostics(request: pytest.FixtureRequest) -> Iterator[None]:
     """When a test on the machine fails, the service's state and journal
-    tail go into the report (CI keeps nothing else of the machine)."""
+    tail go into the report (CI keeps nothing else of the machine), with
+    the output of the test module's DIAGNOSTICS shell commands, if any."""
     yield
     if not request.node.stash.get(_OUTCOME, False) or "machine" not in request.fixturenames:
         return
     m: Machine = request.getfixturevalue("machine")
+    extra = getattr(request.module, "DIAGNOSTICS", "")
     try:
         r = m.sh("systemctl status smtpguard --no-pager -n 0; "
-                 "journalctl -u smtpguard -o cat --no-pager -n 60", timeout=60, check=False)
+                 "journalctl -u smtpguard -o cat --no-pager -n 60"
+                 + (f"; echo --- diagnostics; {extra}" if extra else ""),
+                 timeout=60, check=False)
         print(f"--- the machine's smtpguard.service ---\n{r.out}{r.err}")
     except Exception as exc:  # the machine may be what failed
         print(f"--- no diagnostics from the machine: {exc}; console:\n{m.console_tail()}")
