@@ -40,15 +40,27 @@ Pair = tuple[topology.Lab, AgentProc]
 BACKENDS = ["nftables", "iptables"]
 
 
-@pytest.fixture(params=BACKENDS)
-def enforced(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Pair]:
+def enforced_by(tmp_path: Path, backend: str) -> Iterator[Pair]:
+    """A lab with two bridged VMs and a routed one, its agent enforcing POLICY."""
     require_root()
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
     with lab_with_agent(tmp_path, 2, policy, routed=1, enforce=True,
-                        backend=request.param) as pair:
-        pair[1].wait_event("enforce.applied", backend=request.param)
+                        backend=backend) as pair:
+        pair[1].wait_event("enforce.applied", backend=backend)
         yield pair
+
+
+@pytest.fixture(params=BACKENDS)
+def enforced(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Pair]:
+    yield from enforced_by(tmp_path, request.param)
+
+
+@pytest.fixture
+def ipt_enforced(tmp_path: Path) -> Iterator[Pair]:
+    """The `enforced` lab on iptables alone: for what only iptables has (jumps
+    from the hooks, which share their chains with other tools' rules)."""
+    yield from enforced_by(tmp_path, "iptables")
 
 
 def hv(lab: topology.Lab, *cmd: str, check: bool = True) -> str:
@@ -275,6 +287,35 @@ def test_tables_repaired_when_deleted_behind_our_back(enforced: Pair) -> None:
     assert send(lab, "rvm1", 2, port=25, timeout=2) == {"refused": 2}
 
 
+OTHER_TOOL = "sgt-other-tool"  # the comment of another tool's rule, in the lab's hv only
+
+
+def test_a_jump_moved_below_another_tools_rule_is_put_back(ipt_enforced: Pair) -> None:
+    """Another tool inserts its ACCEPT at the top of FORWARD, above our jump
+    (iptables-legacy -I FORWARD 1): within the repair interval the agent
+    logs enforce.repaired, our jump is FORWARD's first rule again, the other
+    tool's rule stays (it is not ours to delete), and port-25 SYNs from a
+    routed VM are refused again, counted on top of the earlier ones."""
+    lab, agent = ipt_enforced
+
+    def forward() -> list[str]:
+        return [ln for ln in hv(lab, "iptables-legacy", "-S", "FORWARD").splitlines()
+                if ln.startswith("-A FORWARD ")]
+
+    assert "-j SMTPG" in forward()[0], forward()
+    assert send(lab, "rvm1", 2, port=25, timeout=2) == {"refused": 2}
+    hv(lab, "iptables-legacy", "-I", "FORWARD", "1", "-m", "comment", "--comment",
+       OTHER_TOOL, "-j", "ACCEPT")
+    ev = agent.wait_event("enforce.repaired", timeout=60)
+    assert ev["missing"] == ["ipv4"], ev
+    rules = forward()
+    assert "-j SMTPG" in rules[0], rules
+    assert [r for r in rules if OTHER_TOOL in r] == [
+        f'-A FORWARD -m comment --comment {OTHER_TOOL} -j ACCEPT'], rules
+    assert send(lab, "rvm1", 2, port=25, timeout=2) == {"refused": 2}
+    assert agent.counter(BLOCKED, vm="rvm1", port="25", reason="port25") == 4
+
+
 def test_dry_run_prints_the_ruleset_and_cleanup_removes_it(enforced: Pair,
                                                            tmp_path: Path) -> None:
     """--dry-run prints valid input for the backend's own tool; --cleanup
@@ -363,13 +404,9 @@ members:
 
 @pytest.fixture
 def nft_enforced(tmp_path: Path) -> Iterator[Pair]:
-    require_root()
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY)
-    with lab_with_agent(tmp_path, 2, policy, routed=1, enforce=True,
-                        backend="nftables") as pair:
-        pair[1].wait_event("enforce.applied", backend="nftables")
-        yield pair
+    """The `enforced` lab on nftables alone: for what only nftables has
+    (retired counters; iptables counts in its rules' own counters)."""
+    yield from enforced_by(tmp_path, "nftables")
 
 
 def test_retired_counters_keep_their_counts_across_a_restart(nft_enforced: Pair) -> None:

@@ -34,8 +34,11 @@ class Reporting(AgentState):
             return Health(self.generation, dict(self.reloads), states,
                           unattached=len(self.unattached), uncovered=uncovered,
                           unenforced=unenforced)
+        # A VM not here now counts while its record is this host's own (a
+        # stopped VM keeps its block); one adopted from another host's record
+        # (fleet) is held here for its arrival, not one of this host's VMs.
         states.update({rec.vm: rec.state for rec in r.detector.records.values()
-                       if rec.state != "ok" or rec.vm in states})
+                       if rec.vm in states or (rec.state != "ok" and rec.vm not in r.elsewhere)})
         return Health(self.generation, dict(self.reloads), states, dict(r.actions_total),
                       (tuple(r.loop_buckets), r.loop_sum, r.loop_n), r.last_loop,
                       len(self.unattached), uncovered, unenforced)

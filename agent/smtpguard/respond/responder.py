@@ -63,6 +63,7 @@ class Responder(Evidence, TripWires):
         self.detector = Detector(policy, self.store, self.act, self.emit, dests=dests)
         self.webhook: Webhook | None = None
         self.actions_total: dict[str, int] = {}
+        self.elsewhere: dict[str, str] = {}  # vm -> the host whose record was adopted (fleet)
         self.loop_buckets = [0] * len(LOOP_BUCKETS)
         self.loop_sum = 0.0
         self.loop_n = 0
@@ -220,6 +221,12 @@ class Responder(Evidence, TripWires):
         decision than ours (record.py says why that rule), then in the
         kernel as our own would be: a VM that is not here yet gets it on
         the interface it comes on, before its first SYN is let through."""
+        # Where the VM was last decided: a record held here for a VM that
+        # runs elsewhere is not one of this host's VMs (report.health).
+        if fr.host != here:
+            self.elsewhere[fr.vm] = fr.host
+        else:
+            self.elsewhere.pop(fr.vm, None)
         local = self.detector.records.get(fr.vm)
         now = time.time()
         if local is not None and not fr.newer_than(local.since, here):
