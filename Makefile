@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 SG     := $(VENV)/bin/smtpguard
 PYTEST ?= -q
 
-.PHONY: setup run test test-unit test-reliability test-hypervisor test-system lint bench install uninstall clean-lab help
+.PHONY: setup run test deb test-unit test-reliability test-hypervisor test-system lint bench install uninstall clean-lab help
 
 help:
 	@echo "make setup    install Debian packages, kernel headers, the venv (.venv/)"
@@ -16,7 +16,8 @@ help:
 	@echo "make test-system       only the system tier: make install + systemd in a Debian 12 QEMU machine, vagrant up (root; part of make test)"
 	@echo "make lint     ruff and mypy"
 	@echo "make bench    benchmarks beside their baselines, one table (root; BENCH=\"reaction apply\" for some)"
-	@echo "make install  the agent in /opt/smtpguard, the systemd unit, /etc/smtpguard"
+	@echo "make deb      the Debian package: build/deb/smtpguard_<version>_amd64.deb, lintian-checked (root)"
+	@echo "make install  development install from the checkout: /opt/smtpguard, the unit, /etc/smtpguard"
 	@echo "make uninstall  remove them (config and state kept; PURGE=1 removes those too)"
 	@echo "make clean-lab remove a lab left behind by a killed run"
 
@@ -57,6 +58,9 @@ test-unit: setup
 
 clean-lab: setup
 	$(SG) lab down
+
+deb:
+	@scripts/deb.sh
 
 bench: setup
 	$(PY) bench/run.py $(BENCH)

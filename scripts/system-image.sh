@@ -29,6 +29,9 @@ GUEST_PACKAGES=(
 	systemd-sysv udev kmod procps iproute2 initramfs-tools make python3
 	linux-image-cloud-amd64 linux-headers-cloud-amd64 qemu-guest-agent
 	openvswitch-switch
+	# What the Debian package depends on beyond setup.sh's list (debian/control):
+	# `apt install ./smtpguard_*.deb` in the machine has no mirror to reach.
+	python3-yaml ipset
 )
 
 say() { printf 'system-image: %s\n' "$*" >&2; }

@@ -1,3 +1,3 @@
 """smtpguard: outbound-SMTP abuse guard for hypervisors."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -22,6 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import package  # noqa: E402
 from machine import CACHE, NOTES, PREFIX, ROOT, TIMINGS, Machine, checkout_disk, timing  # noqa: E402
 
 _OUTCOME = pytest.StashKey[bool]()
@@ -38,12 +39,30 @@ def image() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="session")
+def debs() -> Iterator[Path]:
+    """This checkout's Debian package (`make deb`, lintian included) and the
+    build an upgrade starts from (package.py), in one directory."""
+    out = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-debs-"))
+    try:
+        t0 = time.monotonic()
+        deb = package.build(out)
+        timing("make deb (dpkg-buildpackage and lintian, on the host)", time.monotonic() - t0)
+        package.lowered(deb, out)
+        yield out
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
-def machine(image: Path) -> Iterator[Machine]:
+def machine(image: Path, request: pytest.FixtureRequest) -> Iterator[Machine]:
+    """The machine; with the Debian packages on its checkout disk (/mnt/src/debs)
+    when the test module sets PACKAGES = True."""
+    debs = request.getfixturevalue("debs") if getattr(request.module, "PACKAGES", False) else None
     work = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-"))
     try:
         t0 = time.monotonic()
-        src = checkout_disk(CACHE / "wheels", work / "src.img")
+        src = checkout_disk(CACHE / "wheels", work / "src.img", debs)
         timing("checkout disk", time.monotonic() - t0)
         with Machine.boot(image, work, src) as m:
             timing(f"boot to the guest agent ({m.accel})", m.boot_seconds)

@@ -47,9 +47,10 @@ def note(text: str) -> None:
     NOTES.append(text)
 
 
-def checkout_disk(wheels: Path, out: Path) -> Path:
+def checkout_disk(wheels: Path, out: Path, debs: Path | None = None) -> Path:
     """An ext4 image of this checkout's files (tracked and untracked, not
-    ignored: what a clone plus the work in progress holds) and the wheelhouse."""
+    ignored: what a clone plus the work in progress holds), the wheelhouse,
+    and the Debian packages in debs/ when given."""
     staging = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-src-"))
     try:
         files = subprocess.run(
@@ -64,6 +65,8 @@ def checkout_disk(wheels: Path, out: Path) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, target)
         shutil.copytree(wheels, staging / "wheels")
+        if debs is not None:
+            shutil.copytree(debs, staging / "debs")
         subprocess.run(["mke2fs", "-q", "-t", "ext4", "-L", "smtpguard-src", "-d",
                         str(staging), str(out), "1G"], check=True)
     finally:

@@ -1,9 +1,11 @@
 """smtpguard installed and run as the README's operator guide says, under
 systemd as PID 1, on Debian 12's own kernel (with its headers package), in a
-QEMU machine: `make install`, `systemctl enable --now smtpguard`, then what
-the unit promises (READY=1, the watchdog, Restart=on-failure, reload, stop
-leaving enforcement, SMTPGUARD_STOP_CLEANUP), the journal's fields, the
-hardening with every feature, and the figure the README gives for it.
+QEMU machine: `apt install ./smtpguard_*.deb`, then what the unit promises
+(READY=1, the watchdog, Restart=on-failure, reload, stop leaving
+enforcement, SMTPGUARD_STOP_CLEANUP), the journal's fields, the hardening
+with every feature, the figure the README gives for it, and the package's
+own promises: an upgrade while a VM hammers port 25 lets nothing through
+and keeps blocks, offences and the edited policy; a purge leaves nothing.
 
 The tests run in order on one machine, as one operator session; lab VMs are
 namespaces plugged into the machine's own bridge (guestlab.py), so the agent
@@ -21,14 +23,21 @@ from typing import Any
 import pytest
 from machine import ROOT, Machine, note, timing
 
+from smtpguard import __version__
+
 # TCG runs the machine ~10x slower than the host: an image build, a boot and
 # `make install` can take minutes on a cold cache.
 pytestmark = pytest.mark.timeout(1800)
 
-SG = "/opt/smtpguard/venv/bin/smtpguard"
-PY = "/opt/smtpguard/venv/bin/python"
-LAB = f"{PY} /root/smtpguard/tests/system/guestlab.py"
+PACKAGES = True  # conftest: the .debs on the machine's checkout disk
+SG = "/usr/bin/smtpguard"
+PY = "/usr/lib/smtpguard/venv/bin/python"
+# The lab runs from a copy of the package's venv (made after the install), so
+# that it goes on sending while an upgrade replaces the package's files.
+LAB = "/root/labvenv/bin/python /root/smtpguard/tests/system/guestlab.py"
 POLICY = "/etc/smtpguard/policy.yaml"
+DEBS = "/mnt/src/debs"
+VERSION = __version__
 
 
 # -- helpers --------------------------------------------------------------
@@ -90,48 +99,60 @@ def our_filters(m: Machine, dev: str) -> int:
 
 
 # -- the operator's path --------------------------------------------------
-def test_make_install_as_the_readme_says(machine: Machine) -> None:
+def test_apt_install_the_package_as_the_readme_says(machine: Machine) -> None:
+    """The build an upgrade starts from (package.py: this build, version
+    lowered), installed as the README says: apt pulls nothing (this machine
+    has no mirror: the dependencies are in the image), the postinst stores
+    the classifier for Debian's own kernel, and the service is enabled and
+    started, READY=1 before apt returns."""
     m = machine
     m.sh("cp -a /mnt/src/smtpguard /root/smtpguard")
-    # This machine has no network: its pip takes the wheels from the shared
-    # disk; its Debian packages are in the image already (setup finds them).
-    m.write("/etc/pip.conf", "[global]\nno-index = true\nfind-links = /mnt/src/wheels\n")
-    r, seconds = m.timed("cd /root/smtpguard && make install 2>&1", timeout=1200)
-    timing("make install (in the machine)", seconds)
-    assert "installed in /: systemctl enable --now smtpguard" in r.out, r.out
-    assert "installing" not in r.out.replace("install: installed", ""), r.out
+    r, seconds = m.timed(f"cd {DEBS} && DEBIAN_FRONTEND=noninteractive "
+                         f"apt-get install -y ./smtpguard_{VERSION}~prev_amd64.deb 2>&1",
+                         timeout=1200)
+    timing("apt install ./smtpguard_*.deb (in the machine)", seconds)
+    assert "0 newly installed" not in r.out and "smtpguard" in r.out, r.out
+    assert m.sh("dpkg-query -W -f '${Status} ${Version}' smtpguard").out == \
+        f"install ok installed {VERSION}~prev"
+    assert m.sh(f"{SG} version").out.strip() == f"smtpguard {VERSION}"
+    u = unit(m)
+    assert (u["ActiveState"], u["SubState"]) == ("active", "running"), u
+    assert m.sh("systemctl is-enabled smtpguard").out.strip() == "enabled"
+    # The postinst compiled the classifier for this kernel and stored it: the
+    # first start loaded it with bpf(2), no bcc, no compile.
+    loaded = events(m, "bpf.loaded")[0]
+    assert (loaded["SMTPGUARD_SOURCE"], loaded["SMTPGUARD_COMPILED"]) == ("cache", "false"), \
+        loaded
     # Debian's own kernel: its headers package, not the fallback link.
     krel = m.sh("uname -r").out.strip()
     assert re.fullmatch(r"6\.1\.\d+-\d+-cloud-amd64", krel), krel
     build = m.sh(f"readlink -f /lib/modules/{krel}/build").out.strip()
     assert build == f"/usr/src/linux-headers-{krel}", build
-    assert m.sh(f"dpkg-query -W -f '${{Status}}' linux-headers-{krel}").out == \
-        "install ok installed"
-    assert m.sh("systemd-analyze verify /etc/systemd/system/smtpguard.service 2>&1").out == ""
+    assert m.sh("systemd-analyze verify smtpguard.service 2>&1").out == ""
     assert m.sh(f"stat -c '%a %U' {POLICY} /var/lib/smtpguard").out.split("\n")[:2] == \
         ["600 root", "700 root"]
+    assert m.sh("dpkg-query -W -f '${Conffiles}' smtpguard").out.split()[::2] == \
+        ["/etc/default/smtpguard", "/etc/libvirt/hooks/qemu.d/smtpguard", POLICY]
+    m.sh("test -s /usr/share/man/man8/smtpguard.8.gz && "
+         "test -s /usr/share/man/man5/smtpguard-policy.5.gz")
+    m.sh("cp -a /usr/lib/smtpguard/venv /root/labvenv")
 
 
-def test_enable_now_returns_once_classifier_tables_and_socket_are_up(machine: Machine) -> None:
+def test_restart_returns_once_classifier_tables_and_socket_are_up(machine: Machine) -> None:
     m = machine
     m.sh(f"{LAB} up --vms 2")
+    wait("the lab VMs attached", lambda: our_filters(m, "veth-sgsys2") > 0, 60)
     # Everything checked in the same command, the moment systemctl returns:
     # Type=notify makes it wait for READY=1.
     r, seconds = m.timed(
-        "systemctl enable --now smtpguard && "
+        "systemctl restart smtpguard && "
         "tc filter show dev veth-sgsys1 ingress && nft list tables && "
         "test -S /run/smtpguard/control.sock && echo socket-up", timeout=600)
-    timing("systemctl enable --now (first start: the build make install stored)", seconds)
+    timing("systemctl restart (the pinned build)", seconds)
     assert "smtpg_" in r.out and "socket-up" in r.out, r.out
     assert "table bridge smtpguard" in r.out and "table inet smtpguard" in r.out, r.out
     u = unit(m)
     assert (u["ActiveState"], u["SubState"]) == ("active", "running"), u
-    assert m.sh("systemctl is-enabled smtpguard").out.strip() == "enabled"
-    # make install compiled the classifier for this kernel and stored it: the
-    # first start loads it with bpf(2), no bcc, no compile.
-    loaded = events(m, "bpf.loaded")[-1]
-    assert (loaded["SMTPGUARD_SOURCE"], loaded["SMTPGUARD_COMPILED"]) == ("cache", "false"), \
-        loaded
     status = json.loads(m.sh(f"{SG} status --json").out)
     assert {v["vm"] for v in status} >= {"vm1", "vm2"}, status
 
@@ -306,3 +327,107 @@ def test_security_figure_is_the_one_the_readme_gives(machine: Machine) -> None:
     assert said, "the README states no systemd-analyze security figure"
     assert (got[1], got[2]) == (said[1], said[2]), (got.group(0), said.group(0))
     note(f"systemd-analyze security (systemd {version}): exposure level {got[1]} {got[2]}")
+
+
+# -- the package's lifecycle ----------------------------------------------
+def history(m: Machine, vm: str) -> list[dict[str, Any]]:
+    """The VM's transitions in the state store (the offences), over the socket."""
+    code = ("import json; from pathlib import Path; from smtpguard.api.control import request; "
+            "print(json.dumps(request(Path('/run/smtpguard/control.sock'), "
+            f"{{'cmd': 'history', 'vm': '{vm}'}})))")
+    transitions: list[dict[str, Any]] = json.loads(m.sh(f"{PY} -c \"{code}\"").out)["transitions"]
+    return transitions
+
+
+def vm_row(m: Machine, vm: str) -> dict[str, Any]:
+    row: dict[str, Any] = next(r for r in json.loads(m.sh(f"{SG} status --json").out)
+                               if r["vm"] == vm)
+    return row
+
+
+def test_upgrade_while_vms_hammer_lets_nothing_through(machine: Machine) -> None:
+    """From the previous build to this one while vm1 hammers port 25 and the
+    blocked vm2 port 587: not one connection completes, vm2 keeps its block
+    and its offences, the operator's edited policy is kept (dpkg does not
+    ask: the package's own copy did not change), and the restart does not
+    clean up even where SMTPGUARD_STOP_CLEANUP=yes asks a stop to."""
+    m = machine
+    m.sh(f"{SG} block vm2 --for 1h --reason 'before the upgrade'")
+    m.sh(f"echo '# edited by the abuse desk' >>{POLICY} && systemctl reload smtpguard")
+    m.sh("sed -i 's/^SMTPGUARD_STOP_CLEANUP=.*/SMTPGUARD_STOP_CLEANUP=yes/' /etc/default/smtpguard")
+    policy = m.sh(f"sha256sum {POLICY}").out
+    before, offences = vm_row(m, "vm2"), history(m, "vm2")
+    assert before["state"] == "blocked" and offences, (before, offences)
+    old_pid = unit(m)["MainPID"]
+    m.sh("rm -f /run/sgsys-stop; setsid sh -c 'while [ ! -e /run/sgsys-stop ]; do "
+         f"printf \"%s 1 \" $(date +%s.%N); {LAB} send 1 --connections 10 --port 25 --timeout 1; "
+         f"printf \"%s 2 \" $(date +%s.%N); {LAB} send 2 --connections 10 --port 587 --timeout 1; "
+         "done' </dev/null >/run/sgsys-hammer.txt 2>&1 & echo $! >/run/sgsys-hammer.pid")
+    wait("the hammer's first round", lambda: m.sh("grep -c ' 2 {' /run/sgsys-hammer.txt",
+                                                  check=False).out.strip() not in ("", "0"), 120)
+    r, seconds = m.timed(f"cd {DEBS} && DEBIAN_FRONTEND=noninteractive "
+                         f"apt-get install -y ./smtpguard_{VERSION}_amd64.deb 2>&1", timeout=1200)
+    timing("apt install: the upgrade, the agent restarted", seconds)
+    assert f"Unpacking smtpguard ({VERSION}) over ({VERSION}~prev)" in r.out, r.out
+    rounds = int(m.sh("grep -c ' 2 {' /run/sgsys-hammer.txt").out)
+    wait("two more rounds after the upgrade", lambda: int(m.sh(
+        "grep -c ' 2 {' /run/sgsys-hammer.txt").out) >= rounds + 2, 120)
+    m.sh("touch /run/sgsys-stop; while kill -0 $(cat /run/sgsys-hammer.pid) 2>/dev/null; "
+         "do sleep 0.2; done")
+    sent: dict[str, dict[str, int]] = {"1": {}, "2": {}}
+    stamps = []
+    for line in m.sh("cat /run/sgsys-hammer.txt").out.splitlines():
+        stamp, vm, result = line.split(" ", 2)
+        stamps.append(float(stamp))
+        for outcome, n in json.loads(result).items():
+            sent[vm][outcome] = sent[vm].get(outcome, 0) + n
+    assert sent["1"].get("completed", 0) == 0 and sent["2"].get("completed", 0) == 0, sent
+    u = unit(m)
+    assert (u["ActiveState"], u["SubState"]) == ("active", "running") and u["MainPID"] != old_pid
+    started = float(m.sh("systemctl show smtpguard -p ExecMainStartTimestamp --timestamp=unix "
+                         "--value").out.strip().lstrip("@"))
+    assert min(stamps) < started < max(stamps), (min(stamps), started, max(stamps))
+    note(f"upgrade under the hammer: vm1 port 25 {sent['1']}, blocked vm2 port 587 "
+         f"{sent['2']}; {len(stamps)} rounds, the new agent started at +"
+         f"{started - min(stamps):.1f} s")
+    assert m.sh("dpkg-query -W -f '${Status} ${Version}' smtpguard").out == \
+        f"install ok installed {VERSION}"
+    after = vm_row(m, "vm2")
+    assert (after["state"], after["until"], after["reason"]) == \
+        (before["state"], before["until"], before["reason"]), (before, after)
+    assert history(m, "vm2")[:len(offences)] == offences
+    assert m.sh(f"sha256sum {POLICY}").out == policy
+    assert m.sh(f"ls {POLICY}.dpkg-* /run/smtpguard.upgrading 2>/dev/null | wc -l").out.strip() \
+        == "0"
+    assert events(m, "bpf.loaded")[-1]["SMTPGUARD_COMPILED"] == "false"  # the postinst's build
+    assert send(m, 1, 3, 25).get("completed", 0) == 0
+    m.sh("sed -i 's/^SMTPGUARD_STOP_CLEANUP=.*/SMTPGUARD_STOP_CLEANUP=no/' /etc/default/smtpguard")
+
+
+def test_remove_leaves_enforcement_and_state(machine: Machine) -> None:
+    m = machine
+    r = m.sh("DEBIAN_FRONTEND=noninteractive apt-get remove -y smtpguard 2>&1")
+    assert "enforcement stays in the kernel" in r.out, r.out
+    assert m.sh("dpkg-query -W -f '${Status}' smtpguard").out == "deinstall ok config-files"
+    assert our_filters(m, "veth-sgsys1") > 0
+    assert "table bridge smtpguard" in m.sh("nft list tables").out
+    assert m.sh("test -e /var/lib/smtpguard && test -e /etc/smtpguard/policy.yaml && "
+                "test ! -e /usr/bin/smtpguard && echo kept").out.strip() == "kept"
+    assert send(m, 1, 3, 25).get("completed", 0) == 0
+
+
+def test_purge_leaves_nothing(machine: Machine) -> None:
+    m = machine
+    m.sh("DEBIAN_FRONTEND=noninteractive apt-get purge -y smtpguard 2>&1")
+    assert m.sh("dpkg-query -W -f '${Status}' smtpguard 2>&1", check=False).out != \
+        "deinstall ok config-files"
+    filters = m.sh("for d in $(ls /sys/class/net); do tc filter show dev $d ingress; "
+                   "tc filter show dev $d egress; done 2>/dev/null").out
+    assert "smtpg_" not in filters, filters
+    assert "smtpguard" not in m.sh("nft list tables").out
+    assert "SMTPG" not in m.sh("iptables-legacy-save; ip6tables-legacy-save; ipset list -n").out
+    left = m.sh("ls -d /sys/fs/bpf/smtpguard /var/lib/smtpguard /etc/smtpguard "
+                "/etc/default/smtpguard /etc/libvirt/hooks/qemu.d/smtpguard /usr/lib/smtpguard "
+                "/run/smtpguard /lib/systemd/system/smtpguard.service 2>/dev/null", check=False)
+    assert left.out == "", left.out
+    assert send(m, 1, 3, 25) == {"completed": 3}  # nothing enforcing any more

@@ -15,6 +15,8 @@ import pytest
 from machine import timing
 from vagrantkit import DemoRun, VagrantVM, have_tools
 
+from smtpguard import __version__
+
 pytestmark = [pytest.mark.privileged, pytest.mark.timeout(3600)]
 
 
@@ -76,7 +78,7 @@ def test_boots_debian_with_systemd_and_is_provisioned_offline(vm: VagrantVM) -> 
     krel = lines[2]
     assert krel.endswith("-cloud-amd64"), out.out
     assert lines[3] == f"/usr/src/linux-headers-{krel}", out.out
-    assert "0.1.0" in lines[4], out.out
+    assert lines[4] == f"smtpguard {__version__}", out.out
     assert "global.no-index='true'" in out.out, out.out
     assert "imports-ok" in out.out, out.out
     # The management network is isolated: no route beyond it.

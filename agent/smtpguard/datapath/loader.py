@@ -48,10 +48,12 @@ WAKE_RING = "smtp_wake_ring"
 
 
 def default_bpf_dir() -> Path:
-    """bpf/ of the checkout, or the copy installed next to the package."""
+    """bpf/ of the checkout, the copy `make install` puts beside the venv
+    (/opt/smtpguard/bpf), or the Debian package's (/usr/share/smtpguard/bpf)."""
     here = Path(__file__).resolve()
-    installed = Path(sys.prefix).parent / "bpf"  # /opt/smtpguard/bpf beside the venv
-    for cand in (here.parents[3] / "bpf", here.parents[1] / "bpf", installed):
+    installed = Path(sys.prefix).parent / "bpf"
+    packaged = Path("/usr/share/smtpguard/bpf")
+    for cand in (here.parents[3] / "bpf", here.parents[1] / "bpf", installed, packaged):
         if (cand / BPF_SOURCE).exists():
             return cand
     raise BpfLoadError(f"cannot find {BPF_SOURCE} near {here}")
