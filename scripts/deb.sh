@@ -31,7 +31,10 @@ tools() {
 }
 
 # The pins: what pip resolves for the agent alone, in a venv without
-# system packages (so a Debian-provided module never hides a dependency).
+# system packages (so a Debian-provided module never hides a dependency),
+# less what the package takes from Debian (debian/control: python3-yaml).
+DEBIAN_PROVIDED='^(pyyaml)=='
+
 lock() {
 	local tmp
 	tmp=$(mktemp -d)
@@ -41,7 +44,8 @@ lock() {
 		grep -v '^WARNING: Location' >&2 || true
 	{
 		sed -n '1,3p' "$ROOT/debian/requirements.txt"
-		"$tmp/venv/bin/pip" freeze --exclude-editable | grep -v '^smtpguard[ =@]'
+		"$tmp/venv/bin/pip" freeze --exclude-editable | grep -v '^smtpguard[ =@]' |
+			grep -v -i -E "$DEBIAN_PROVIDED"
 	} >"$tmp/requirements.txt"
 	mv "$tmp/requirements.txt" "$ROOT/debian/requirements.txt"
 	say "debian/requirements.txt: $(grep -c '==' "$ROOT/debian/requirements.txt") pins"

@@ -10,7 +10,8 @@ from smtpguard import __version__, logs
 from smtpguard.cli import hook, lab, operator, policy, run
 from smtpguard.errors import SmtpguardError
 
-EPILOG = "Docs: README.md and docs/. Every command exits non-zero with a one-line error on failure."
+EPILOG = ("Docs: man smtpguard, man smtpguard-policy; README.md and docs/. "
+          "Every command exits non-zero with a one-line error on failure.")
 
 
 def _parser() -> argparse.ArgumentParser:
