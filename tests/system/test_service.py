@@ -406,19 +406,32 @@ def test_upgrade_while_vms_hammer_lets_nothing_through(machine: Machine) -> None
 
 
 def test_remove_leaves_enforcement_and_state(machine: Machine) -> None:
+    """On the iptables backend (so that the purge after it has chains and
+    ipsets to remove): apt remove stops the agent and leaves all of it."""
     m = machine
+    edit_policy(m, "p['enforcement'] = {'backend': 'iptables'}")
+    m.sh("sysctl -qw net.bridge.bridge-nf-call-iptables=1 net.bridge.bridge-nf-call-ip6tables=1"
+         " && systemctl restart smtpguard")
+    assert events(m, "enforce.backend")[-1]["SMTPGUARD_BACKEND"] == "iptables"
     r = m.sh("DEBIAN_FRONTEND=noninteractive apt-get remove -y smtpguard 2>&1")
     assert "enforcement stays in the kernel" in r.out, r.out
     assert m.sh("dpkg-query -W -f '${Status}' smtpguard").out == "deinstall ok config-files"
     assert our_filters(m, "veth-sgsys1") > 0
-    assert "table bridge smtpguard" in m.sh("nft list tables").out
+    assert "SMTPG" in m.sh("iptables-legacy-save").out
+    assert "SMTPG-BLOCK4" in m.sh("ipset list -n").out  # vm2's block
     assert m.sh("test -e /var/lib/smtpguard && test -e /etc/smtpguard/policy.yaml && "
                 "test ! -e /usr/bin/smtpguard && echo kept").out.strip() == "kept"
     assert send(m, 1, 3, 25).get("completed", 0) == 0
+    assert send(m, 2, 3, 587).get("completed", 0) == 0
 
 
 def test_purge_leaves_nothing(machine: Machine) -> None:
+    """Everything goes: the iptables backend's chains, rules and ipsets, the
+    tc filters, the pins, state and configuration, and nftables tables (put
+    here by hand, as an agent on nftables would have left them)."""
     m = machine
+    m.sh("nft add table bridge smtpguard && nft add table inet smtpguard && "
+         "nft add table netdev smtpguard")
     m.sh("DEBIAN_FRONTEND=noninteractive apt-get purge -y smtpguard 2>&1")
     assert m.sh("dpkg-query -W -f '${Status}' smtpguard 2>&1", check=False).out != \
         "deinstall ok config-files"
@@ -427,8 +440,11 @@ def test_purge_leaves_nothing(machine: Machine) -> None:
     assert "smtpg_" not in filters, filters
     assert "smtpguard" not in m.sh("nft list tables").out
     assert "SMTPG" not in m.sh("iptables-legacy-save; ip6tables-legacy-save; ipset list -n").out
+    assert "FORWARD" in m.sh("iptables-legacy-save").out  # the table stays, without us
     left = m.sh("ls -d /sys/fs/bpf/smtpguard /var/lib/smtpguard /etc/smtpguard "
                 "/etc/default/smtpguard /etc/libvirt/hooks/qemu.d/smtpguard /usr/lib/smtpguard "
                 "/run/smtpguard /lib/systemd/system/smtpguard.service 2>/dev/null", check=False)
     assert left.out == "", left.out
     assert send(m, 1, 3, 25) == {"completed": 3}  # nothing enforcing any more
+    assert send(m, 2, 3, 587) == {"completed": 3}
+    m.sh("sysctl -qw net.bridge.bridge-nf-call-iptables=0 net.bridge.bridge-nf-call-ip6tables=0")
