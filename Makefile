@@ -13,7 +13,7 @@ help:
 	@echo "make test     lint, then unit, BPF, integration, short reliability, hypervisor and system tests (root)"
 	@echo "make test-reliability  the long reliability suite: 100 kills, 500-interface churn (root)"
 	@echo "make test-hypervisor   only the real-hypervisor tier: libvirtd + QEMU guests (root; part of make test)"
-	@echo "make test-system       only the system tier: make install + systemd in a Debian 12 QEMU machine, vagrant up (root; part of make test)"
+	@echo "make test-system       only the system tier: the Debian package (install, upgrade, purge) and make install under systemd in a Debian 12 QEMU machine, vagrant up (root; part of make test)"
 	@echo "make lint     ruff and mypy"
 	@echo "make bench    benchmarks beside their baselines, one table (root; BENCH=\"reaction apply\" for some)"
 	@echo "make deb      the Debian package: build/deb/smtpguard_<version>_amd64.deb, lintian-checked (root)"
