@@ -2,7 +2,7 @@
 # Build the Debian package (what `make deb` runs), as root on Debian 12:
 #   scripts/deb.sh            build/deb/smtpguard_<version>_amd64.deb, then lintian
 #   scripts/deb.sh --lock     rewrite debian/requirements.txt from pyproject.toml
-# Installs its build tools first (debhelper, dh-virtualenv, lintian). Builds
+# A build installs its tools first (debhelper, dh-virtualenv, lintian). Builds
 # from a copy of the checkout's files (tracked and untracked, not ignored), so
 # the work tree gets no build products; pip reaches PyPI (or the host's pip
 # configuration) for the pinned wheels. Fails on any lintian error; the
@@ -30,6 +30,9 @@ tools() {
 		{ cat /tmp/smtpguard-deb-apt.log >&2; die "apt-get install ${missing[*]} failed"; }
 }
 
+WORK=  # the scratch directory, removed however the script ends
+trap '[ -z "$WORK" ] || rm -rf "$WORK"' EXIT
+
 # The pins: what pip resolves for the agent alone, in a venv without
 # system packages (so a Debian-provided module never hides a dependency),
 # less what the package takes from Debian (debian/control: python3-yaml).
@@ -37,8 +40,8 @@ DEBIAN_PROVIDED='^(pyyaml)=='
 
 lock() {
 	local tmp
-	tmp=$(mktemp -d)
-	trap 'rm -rf "$tmp"' RETURN
+	WORK=$(mktemp -d)
+	tmp=$WORK
 	/usr/bin/python3 -m venv "$tmp/venv"
 	"$tmp/venv/bin/pip" install -q --disable-pip-version-check "$ROOT" 2>&1 |
 		grep -v '^WARNING: Location' >&2 || true
@@ -50,9 +53,6 @@ lock() {
 	mv "$tmp/requirements.txt" "$ROOT/debian/requirements.txt"
 	say "debian/requirements.txt: $(grep -c '==' "$ROOT/debian/requirements.txt") pins"
 }
-
-WORK=
-trap '[ -z "$WORK" ] || rm -rf "$WORK"' EXIT
 
 build() {
 	local version deb
@@ -72,14 +72,14 @@ build() {
 	mkdir -p "$OUT"
 	mv "$work/$deb" "$OUT/$deb"
 	say "lintian $deb"
-	lintian --fail-on error --suppress-tags-from-file /dev/null "$OUT/$deb" >&2 ||
+	lintian --fail-on error "$OUT/$deb" >&2 ||
 		die "lintian reports errors"
 	echo "$OUT/$deb"
 }
 
-tools
 if [ "${1:-}" = "--lock" ]; then
 	lock
 else
+	tools
 	build
 fi

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -46,9 +47,4 @@ def lowered(deb: Path, out: Path) -> Path:
                         str(target)], check=True, capture_output=True)
         return target
     finally:
-        subprocess.run(["rm", "-rf", str(work)], check=False)
-
-
-def version_of(deb: Path) -> str:
-    return subprocess.run(["dpkg-deb", "-f", str(deb), "Version"], capture_output=True,
-                          text=True, check=True).stdout.strip()
+        shutil.rmtree(work, ignore_errors=True)

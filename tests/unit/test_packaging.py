@@ -69,3 +69,22 @@ def test_the_system_image_holds_every_dependency() -> None:
     words = set(re.findall(r"[a-z0-9][a-z0-9.+-]+", script + setup))
     missing = [d for d in depends() if d not in words]
     assert not missing, f"the system image lacks {missing} (scripts/system-image.sh)"
+
+
+def test_the_purge_removes_what_the_agent_names() -> None:
+    """The postrm cleans up in shell (the agent is gone by then): it must name
+    the filters, tables, chains, comments, ipsets and pins the agent makes."""
+    from smtpguard.datapath import attach
+    from smtpguard.defaults import DEFAULT_PIN_DIR
+    from smtpguard.enforce import ipset_state, nft_chains
+    from smtpguard.enforce.iptables_render import PREFIX
+    from smtpguard.enforce.iptables_rule import COMMENT
+
+    postrm = (DEBIAN / "smtpguard.postrm").read_text()
+    assert f"grep -q ' {attach.NAME_PREFIX}'" in postrm
+    assert f"pref {attach.PRIO} handle {attach.HANDLE:#x} bpf" in postrm
+    assert f'[ "$name" = {nft_chains.TABLE} ]' in postrm
+    assert f"-e {PREFIX} -e '\"{COMMENT} '" in postrm
+    assert all(s.startswith(PREFIX) for s in ipset_state.all_names())
+    assert f"for set in {' '.join(sorted(ipset_state.all_names()))}; do" in postrm
+    assert f"rm -rf {DEFAULT_PIN_DIR.parent} " in postrm
