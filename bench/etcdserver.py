@@ -118,8 +118,12 @@ class EtcdServer:
 
     def fill(self, prefix: str, n: int, value: str) -> None:
         """n records under prefix, 100 puts a transaction."""
-        for i in range(0, n, 100):
+        self.put_many([(f"{prefix}/vm{j}", value) for j in range(n)])
+
+    def put_many(self, items: list[tuple[str, str]]) -> None:
+        """These keys and values, 100 puts a transaction."""
+        for i in range(0, len(items), 100):
             self._post("/kv/txn", {"success": [
-                {"request_put": {"key": base64.b64encode(f"{prefix}/vm{j}".encode()).decode(),
-                                 "value": base64.b64encode(value.encode()).decode()}}
-                for j in range(i, min(n, i + 100))]})
+                {"request_put": {"key": base64.b64encode(k.encode()).decode(),
+                                 "value": base64.b64encode(v.encode()).decode()}}
+                for k, v in items[i:i + 100]]})

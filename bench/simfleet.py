@@ -1,6 +1,8 @@
-"""The simulated fleet of bench/fleet.py: n real FleetSync agents in this
-process under one key prefix, their steady load of re-publications, and the
-migrations whose arrival at every other host is timed."""
+"""The simulated fleet of bench/fleet.py in the design before issue 27 (every
+host watches the fleet's whole prefix, on the JSON gateway): n real FleetSync
+agents in this process under one key prefix, their steady load of
+re-publications, and the migrations whose arrival at every other host is
+timed."""
 
 from __future__ import annotations
 
@@ -47,8 +49,11 @@ class SimFleet:
         self.hosts = [f"host{i:04d}" for i in range(n)]
         self.watch: dict[str, float] = {}  # migration VM -> its blocked record's since
         self.seen: dict[str, dict[str, float]] = {}  # migration VM -> host -> when seen
+        # Today's design before issue 27: every host watches the whole prefix
+        # on the JSON gateway (FleetSync's "prefix" watch, the fallback now).
         self.syncs = [FleetSync(FleetPolicy(endpoints=(etcd.url,), prefix=self.prefix, host=h),
-                                self._incoming(h), [], host=h) for h in self.hosts]
+                                self._incoming(h), [], host=h, watch="prefix")
+                      for h in self.hosts]
         self.by_host = dict(zip(self.hosts, self.syncs, strict=True))
         self._stop = threading.Event()
         self.loaded = 0

@@ -7,6 +7,11 @@ their etcd over a management network:
 
 Nothing else is routed: the agents reach etcd and nothing more. The agents
 see sgfl0 as a host link (no interface pattern matches it).
+
+EtcdKit(prefix, loopback=True) is etcd on 127.0.0.1 (unused ports) for tests
+whose hosts are FleetSync instances in the test's own process: etcd's gRPC
+client keeps process-wide threads, made in the namespace of the first use, so
+they must all reach etcd from the namespace the test runs in.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ import base64
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +35,25 @@ ADDR = "198.18.254.1"
 URL = f"http://{ADDR}:2379"
 
 
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
 class EtcdKit:
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, loopback: bool = False) -> None:
+        self.loopback = loopback
         self.ns = f"{prefix}-etcd"
+        if loopback:
+            client, peer = _free_ports(2)
+            self.url, self.peer = f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
+        else:
+            self.url, self.peer = URL, f"http://{ADDR}:2380"
         self.prefix = f"/sgt/{prefix}"  # the fleet's key prefix for this run
         self.data = Path(tempfile.mkdtemp(prefix=f"{prefix}-etcd-"))
         self.proc: subprocess.Popen[bytes] | None = None
@@ -39,6 +62,9 @@ class EtcdKit:
     def up(self) -> None:
         from pyroute2 import IPRoute, netns
 
+        if self.loopback:
+            self.start()
+            return
         netns.create(self.ns)
         with IPRoute(netns=self.ns) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
@@ -50,13 +76,14 @@ class EtcdKit:
 
     def start(self) -> None:
         log = open(self.data / "etcd.log", "ab")  # noqa: SIM115 - the child's
+        where = [] if self.loopback else ["ip", "netns", "exec", self.ns]
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns, "etcd", "--name", "sgt",
+            [*where, "etcd", "--name", "sgt",
              "--data-dir", str(self.data / "member"),
-             "--listen-client-urls", URL, "--advertise-client-urls", URL,
-             "--listen-peer-urls", f"http://{ADDR}:2380",
-             "--initial-advertise-peer-urls", f"http://{ADDR}:2380",
-             "--initial-cluster", f"sgt=http://{ADDR}:2380"],
+             "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+             "--listen-peer-urls", self.peer,
+             "--initial-advertise-peer-urls", self.peer,
+             "--initial-cluster", f"sgt={self.peer}"],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         log.close()
         deadline = time.monotonic() + 30
@@ -83,7 +110,7 @@ class EtcdKit:
         from pyroute2 import netns
 
         self.stop()
-        if self.ns in netns.listnetns():
+        if not self.loopback and self.ns in netns.listnetns():
             netns.remove(self.ns)
         shutil.rmtree(self.data, ignore_errors=True)
 
@@ -107,17 +134,23 @@ class EtcdKit:
 
     # -- reading it, as an operator with etcdctl would --------------------
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        import urllib.request
 
         def call() -> dict[str, Any]:
-            req = urllib.request.Request(f"{URL}/v3{path}", json.dumps(body).encode(),
+            req = urllib.request.Request(f"{self.url}/v3{path}", json.dumps(body).encode(),
                                          {"Content-Type": "application/json"})
             with urllib.request.urlopen(req, timeout=5) as r:
                 reply: dict[str, Any] = json.loads(r.read())
                 return reply
 
-        result: dict[str, Any] = run_in(self.ns, call)
+        result: dict[str, Any] = call() if self.loopback else run_in(self.ns, call)
         return result
+
+    def metrics(self) -> str:
+        """etcd's own /metrics."""
+        def fetch() -> str:
+            with urllib.request.urlopen(f"{self.url}/metrics", timeout=5) as r:
+                return str(r.read().decode())
+        return fetch() if self.loopback else str(run_in(self.ns, fetch))
 
     def get(self, key: str) -> dict[str, Any] | None:
         reply = self._post("/kv/range", {"key": base64.b64encode(key.encode()).decode()})

@@ -13,6 +13,7 @@ from smtpguard.datapath import attach, linkdump
 from smtpguard.datapath.attachment import Attachment, attachment, swapped
 from smtpguard.datapath.interfaces import LinkEvent, dump_links
 from smtpguard.errors import AttachError, SmtpguardError
+from smtpguard.inventory.hook import START_OPS, domxml_uuid
 from smtpguard.policy.membership import facts_of, place
 
 FILTER_CHECK = 10.0  # how often the filters enforcement depends on are checked
@@ -22,6 +23,9 @@ class Links(AgentState):
     """Link events in, attachments and the interfaces map out."""
 
     def _enforce_vms(self) -> None:
+        if self.fleet is not None:
+            # A VM new here: its fleet record read and held before its interface is.
+            self.fleet.arrive(v.vm for v in self.ifaces.values())
         if self.keeper is None:
             return
         try:
@@ -35,6 +39,10 @@ class Links(AgentState):
         """libvirt's hook (on the main loop): name the domain's taps now and
         put its state on them before the hook returns and QEMU starts."""
         taps = self.hook.announce(op, xml)
+        if self.fleet is not None and op in START_OPS:
+            # Incoming migration (`migrate`, before its taps exist), `prepare`,
+            # `start`: the VM's record is read now, before QEMU runs.
+            self.fleet.arrive([domxml_uuid(xml)] if domxml_uuid(xml) else [], expect=True)
         self._drain_links()
         present = {link.name: link for link in linkdump.dump()}
         for t in taps:

@@ -25,23 +25,25 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from smtpguard import logs
-from smtpguard.fleet.etcd import Etcd, EtcdCompacted, EtcdError, Kv
+from smtpguard.fleet.etcd import Etcd, EtcdError, Kv
+from smtpguard.fleet.interest import Interest
+from smtpguard.fleet.prefixwatch import PrefixWatches
 from smtpguard.fleet.record import FleetRecord
 from smtpguard.policy.model import Fleet as FleetPolicy
 
 POLL = 0.5  # seconds between passes (publish, keep alive; read only while no watch streams)
 BACKOFF_MAX = 5.0
-WATCH_IDLE = 30.0  # a watch stream with nothing for this long is resumed (a partition shows)
 
 
-class FleetSync:
+class FleetSync(PrefixWatches):
     def __init__(self, cfg: FleetPolicy, incoming: Callable[[FleetRecord], None],
                  own: list[FleetRecord], host: str | None = None, poll: float = POLL,
                  etcd: Etcd | None = None,
-                 policy: Callable[[list[tuple[str, str]], int], None] | None = None) -> None:
+                 policy: Callable[[list[tuple[str, str]], int], None] | None = None,
+                 watch: str = "interest") -> None:
         self.cfg = cfg
         self.host = host or cfg.host or socket.gethostname()
         self.incoming = incoming
@@ -79,8 +81,20 @@ class FleetSync:
         self._policy_dirty = True
         self._policy_rev = 0  # the store's revision at the last policy read
         self._read_lock = threading.Lock()  # records and revisions, from both threads
-        self._watchers = [threading.Thread(target=self._watch_records, name="fleet-watch",
-                                           daemon=True)]
+        # "interest": the keys of this host's VMs and tenants, on etcd's gRPC
+        # API (interest.py); "prefix": the whole prefix on the JSON gateway,
+        # every change of the fleet (the design before, kept as the fallback
+        # where aetcd/grpcio are missing).
+        self.interest: Interest | None = None
+        self._watchers: list[threading.Thread] = []
+        self.tenant_received: dict[str, int] = {}  # tenant -> counts received from others
+        if watch == "interest":
+            from smtpguard.fleet.etcdgrpc import GrpcEtcd
+
+            self.interest = Interest(GrpcEtcd(cfg), self._on_kv, self.log)
+        else:
+            self._watchers.append(threading.Thread(target=self._watch_records,
+                                                   name="fleet-watch", daemon=True))
         if cfg.policy_prefix is not None and policy is not None:
             self._watchers.append(threading.Thread(target=self._watch_policy,
                                                    name="fleet-watch-policy", daemon=True))
@@ -93,6 +107,8 @@ class FleetSync:
         self._thread.start()
         for w in self._watchers:
             w.start()
+        if self.interest is not None:
+            self.interest.start()
 
     def stop(self) -> None:
         """Leases are left to run out: the records must outlive a restart."""
@@ -102,6 +118,51 @@ class FleetSync:
         self._thread.join(5)
         for w in self._watchers:
             w.join(5)
+        if self.interest is not None:
+            self.interest.stop()
+
+    @property
+    def streaming(self) -> bool:
+        """Changes come in on the watches now (none is being re-established)."""
+        return self.interest.streaming if self.interest is not None else self.watching
+
+    def want(self, vms: Iterable[str], tenants: Iterable[str] = ()) -> None:
+        """What this host must hear: these VMs' records (they run here, or it
+        holds a decision for them) and these tenants' counts."""
+        if self.interest is None:
+            return  # the prefix's watch brings everything
+        self.interest.set("vms", {self.key(vm): False for vm in vms})
+        self.interest.set("tenants", {f"{self.cfg.prefix}/tenants/{t}/": True
+                                      for t in tenants})
+
+    def fetch(self, vm: str, timeout: float) -> FleetRecord | None:
+        """A VM's record read now (it arrives here: before its first SYN), or
+        None (none in etcd, etcd away, or the prefix's watch brought it)."""
+        if self.interest is None or not self.etcd.up:
+            return None
+        key = self.key(vm)
+        kvs = self.interest.read_now(key, timeout)
+        if not kvs:
+            return None
+        kv = kvs[0]
+        with self._read_lock:
+            if kv.mod_revision < self.seen.get(key, 0):
+                return None  # a later one came on the watch meanwhile
+            self.seen[key] = kv.mod_revision
+        try:
+            return FleetRecord.from_json(kv.value)
+        except (ValueError, TypeError) as exc:
+            self.log.warning("fleet.bad_record", key=kv.key, error=str(exc))
+            return None
+
+    def _on_kv(self, kv: Kv) -> None:
+        """A key read or watched for this host's interest."""
+        with self._read_lock:
+            if kv.key.startswith(f"{self.cfg.prefix}/vms/"):
+                if kv.mod_revision > self.seen.get(kv.key, 0):
+                    self._take(kv)
+            elif kv.key.startswith(f"{self.cfg.prefix}/tenants/"):
+                self._tenant(kv)
 
     def publish(self, rec: FleetRecord) -> None:
         with self._lock:
@@ -150,9 +211,15 @@ class FleetSync:
     def _connect(self) -> None:
         lease = self.etcd.grant(self.cfg.record_ttl)
         self.host_lease = self.etcd.grant(self.cfg.host_ttl)
-        self.etcd.put(f"{self.cfg.prefix}/hosts/{self.host}",
-                      json.dumps({"host": self.host, "since": time.time()}), self.host_lease)
-        rev, kvs = self.etcd.range(f"{self.cfg.prefix}/vms/")
+        rev = self.etcd.put(f"{self.cfg.prefix}/hosts/{self.host}",
+                            json.dumps({"host": self.host, "since": time.time()}),
+                            self.host_lease)
+        # The whole prefix only without interest (then every record comes in
+        # anyway); with it, each key is read when it is first watched, and a
+        # record of ours meets the fleet's at its compare-and-swap.
+        kvs: list[Kv] = []
+        if self.interest is None:
+            rev, kvs = self.etcd.range(f"{self.cfg.prefix}/vms/")
         known: dict[str, FleetRecord] = {}
         for kv in kvs:
             rec = self._take(kv)
@@ -219,7 +286,8 @@ class FleetSync:
                 continue
             self.seen[key] = now.mod_revision if now is not None else 0
             other = FleetRecord.from_json(now.value) if now is not None else None
-            if other is not None and other.newer_than(rec.since, rec.host):
+            if other is not None and (other.newer_than(rec.since, rec.host)
+                                      or other == rec):
                 self._done(rec)  # a later decision was made elsewhere: it stands
                 with self._lock:
                     if self.own.get(rec.vm) == rec:
@@ -254,6 +322,8 @@ class FleetSync:
             return
         with self._lock:
             self.tenants.setdefault(tenant, {})[host] = counts
+            if host != self.host:
+                self.tenant_received[tenant] = self.tenant_received.get(tenant, 0) + 1
 
     def _read_tenants(self) -> None:
         rev, kvs = self.etcd.range(f"{self.cfg.prefix}/tenants/", self.tenant_rev + 1)
@@ -285,8 +355,8 @@ class FleetSync:
         if self.cfg.policy_prefix is not None and self.policy is not None and (
                 self._policy_dirty or not self.policy_watching):
             self._read_policy()
-        if self.watching and not self._resync:
-            return
+        if self.interest is not None or (self.watching and not self._resync):
+            return  # interest.py resumes its watches itself
         with self._read_lock:
             if self._resync:
                 self._resync = False
@@ -298,66 +368,3 @@ class FleetSync:
                 if kv.mod_revision > self.seen.get(kv.key, 0):
                     self._take(kv)
             self.rev = max(self.rev, rev)
-
-    # -- the watches -------------------------------------------------------------
-    def _watch_records(self) -> None:
-        """Records and tenant counts as they change, from the revision after
-        the last one read (the first read is _connect's)."""
-        def created() -> None:
-            self.watching = True
-
-        def events(rev: int, evs: list[tuple[str, Kv]]) -> None:
-            with self._read_lock:
-                for kind, kv in evs:
-                    if kind != "PUT":
-                        continue  # a record or count gone with its lease: nothing to undo
-                    if kv.key.startswith(vms):
-                        if kv.mod_revision > self.seen.get(kv.key, 0):
-                            self._take(kv)
-                    elif kv.key.startswith(tenants):
-                        self._tenant(kv)
-                self.rev = max(self.rev, rev)
-                self.tenant_rev = max(self.tenant_rev, rev)
-
-        vms, tenants = f"{self.cfg.prefix}/vms/", f"{self.cfg.prefix}/tenants/"
-        self._watch(f"{self.cfg.prefix}/", lambda: self.rev, created, events, "watching")
-
-    def _watch_policy(self) -> None:
-        def created() -> None:
-            self.policy_watching = True
-
-        def events(rev: int, evs: list[tuple[str, Kv]]) -> None:
-            self._policy_rev = max(self._policy_rev, rev)
-            self._policy_dirty = True
-            self._wake.set()
-
-        assert self.cfg.policy_prefix is not None
-        self._watch(self.cfg.policy_prefix + "/", lambda: self._policy_rev, created, events,
-                    "policy_watching")
-
-    def _watch(self, prefix: str, rev: Callable[[], int], created: Callable[[], None],
-               events: Callable[[int, list[tuple[str, Kv]]], None], flag: str) -> None:
-        backoff = 0.5
-        while not self._stop.is_set():
-            if not self.lease or not rev():
-                self._stop.wait(0.1)  # not connected yet: _connect reads first
-                continue
-            try:
-                self.etcd.watch(prefix, rev() + 1, events, created, self._stop, WATCH_IDLE)
-                backoff = 0.5
-            except EtcdCompacted as exc:
-                self.log.warning("fleet.watch_compacted", prefix=prefix, error=str(exc))
-                with self._read_lock:
-                    self._resync = True
-                self._policy_dirty = True
-            except EtcdError as exc:
-                self.log.debug("fleet.watch_ended", prefix=prefix, error=str(exc))
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
-            except Exception as exc:  # a bug here must not end the thread
-                self.log.error("fleet.watch_failed", error=str(exc))
-                self.log.debug("fleet.watch_failed", exc_info=True)
-                self._stop.wait(BACKOFF_MAX)
-            finally:
-                setattr(self, flag, False)
-                self._wake.set()  # the loop polls until the watch is back

@@ -3,9 +3,11 @@ fleet.tenant_budget): new SMTP connections that all of a tenant's VMs open,
 on every host, within a window.
 
 Each host counts its own VMs of each tenant (the detector's windows) and
-publishes that count every `share_every` (one small write per tenant with
-traffic, per host: a bounded write rate), under its presence lease, so a dead
-host's counts go with it. Every host adds up the fresh counts; past the
+publishes that count every `share_every` while it is not 0 (one small write
+per tenant with traffic, per host: a bounded write rate), under its presence
+lease, so a dead host's counts go with it. A host watches only the counts of
+the tenants it hosts (FleetLink's interest), so a count reaches the tenant's
+other hosts, not the fleet. Every host adds up the fresh counts; past the
 budget, each of the tenant's VMs on this host is throttled (or flagged), and
 the reason names the figure, the hosts and the VMs, so each VM's incident
 tells the whole story. An operator's release (immunity) is respected.
@@ -33,6 +35,7 @@ class TenantBudgets:
         self.detector = detector
         self.log = logs.get()
         self._next = 0.0
+        self._active: set[str] = set()  # tenants whose last count here was not 0
 
     def step(self, ifaces: Mapping[int, VmIface]) -> None:
         """On the agent's loop; acts at most every share_every."""
@@ -50,7 +53,15 @@ class TenantBudgets:
         for tenant, vms in local.items():
             mine = sum(self.detector.windows.value(vm, "attempts", b.window, mono_now)
                        for vm in vms)
-            self.sync.share_tenant(tenant, {"attempts": mine, "vms": sorted(vms), "at": now})
+            # Only a tenant with activity here is published (and once more
+            # when it ends): a quiet tenant costs its hosts nothing.
+            if mine or tenant in self._active:
+                self.sync.share_tenant(tenant, {"attempts": mine, "vms": sorted(vms),
+                                                "at": now})
+            if mine:
+                self._active.add(tenant)
+            else:
+                self._active.discard(tenant)
             total, hosts, all_vms = mine, [self.sync.host], set(vms)
             for host, c in self.sync.tenant_counts(tenant).items():
                 at = c.get("at")

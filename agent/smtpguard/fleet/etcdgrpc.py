@@ -1,0 +1,208 @@
+"""etcd's gRPC API for the fleet's interest (aetcd, on grpcio): many watches
+multiplexed on one stream (a host watches each of its VMs' keys and its
+tenants' prefixes; the JSON gateway would open an HTTP stream per watch) and
+the reads that start them. aetcd is asyncio; the fleet is threads: one event
+loop thread per process runs every client's coroutines, and the calls here
+wait for them. Every failure is EtcdError (EtcdCompacted for a compacted
+start revision), as in etcd.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from smtpguard.fleet.etcd import EtcdCompacted, EtcdError, Kv, prefix_end
+from smtpguard.policy.model import Fleet as FleetPolicy
+
+T = TypeVar("T")
+# A partition shows within ~15 s (gRPC's own keepalive; etcd accepts a ping
+# every 5 s at the least, --grpc-keepalive-min-time).
+CHANNEL = {"grpc.keepalive_time_ms": 10_000, "grpc.keepalive_timeout_ms": 5_000,
+           "grpc.keepalive_permit_without_calls": 1}
+
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_lock = threading.Lock()
+
+
+def _shared_loop() -> asyncio.AbstractEventLoop:
+    """The process's one event loop for etcd's gRPC clients, on its thread."""
+    global _loop
+    with _loop_lock:
+        if _loop is None:
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="fleet-grpc", daemon=True).start()
+            _loop = loop
+        return _loop
+
+
+def _client_class() -> Any:
+    """aetcd's Client, opening a TLS channel when the policy gives one (aetcd
+    itself only opens plain ones)."""
+    import aetcd
+    import grpc
+    from aetcd import rpc, watcher
+
+    class Client(aetcd.Client):  # type: ignore[misc]
+        creds: Any = None
+
+        async def connect(self) -> None:
+            if self.creds is None:
+                return await super().connect()  # type: ignore[no-any-return]
+            if self._connected.is_set():
+                return None
+            target = f"{self._host}:{self._port}"
+            self.channel = grpc.aio.secure_channel(target, self.creds,
+                                                   options=list(self._options.items()))
+            self.kvstub = rpc.KVStub(self.channel)
+            self.leasestub = rpc.LeaseStub(self.channel)
+            self.clusterstub = rpc.ClusterStub(self.channel)
+            self.maintenancestub = rpc.MaintenanceStub(self.channel)
+            self._watcher = watcher.Watcher(rpc.WatchStub(self.channel),
+                                            timeout=self._timeout, metadata=self.metadata)
+            self._connected.set()
+            return None
+
+    return Client
+
+
+class GrpcEtcd:
+    """One etcd client on the gRPC API: reads, and watches on one stream."""
+
+    def __init__(self, cfg: FleetPolicy) -> None:
+        self.cfg = cfg
+        self.loop = _shared_loop()
+        self.current = 0
+        self.up = False
+        self._client: Any = None
+
+    def _new_client(self) -> Any:
+        url = urlsplit(self.cfg.endpoints[self.current % len(self.cfg.endpoints)])
+        client = _client_class()(host=url.hostname or "localhost", port=url.port or 2379,
+                                 timeout=self.cfg.timeout, options=CHANNEL)
+        tls = self.cfg.tls
+        if url.scheme == "https" or tls is not None:
+            import grpc
+
+            def read(p: str | None) -> bytes | None:
+                if p is None:
+                    return None
+                with open(p, "rb") as f:
+                    return f.read()
+
+            client.creds = grpc.ssl_channel_credentials(
+                read(tls.ca if tls else None), read(tls.key if tls else None),
+                read(tls.cert if tls else None))
+        return client
+
+    def _call(self, make: Callable[[Any], Coroutine[Any, Any, T]], what: str,
+              timeout: float | None = None) -> T:
+        async def run() -> T:
+            if self._client is None:
+                self._client = self._new_client()
+            return await make(self._client)
+
+        fut = asyncio.run_coroutine_threadsafe(run(), self.loop)
+        try:
+            result = fut.result(timeout if timeout is not None else self.cfg.timeout + 1)
+        except EtcdError:
+            self.up = False
+            raise
+        except concurrent.futures.TimeoutError as exc:
+            fut.cancel()
+            self.up = False
+            raise EtcdError(f"etcd {what}: timed out") from exc
+        except Exception as exc:  # aetcd's and grpc's own, alike
+            self.up = False
+            self._rotate()
+            raise EtcdError(f"etcd {what}: {exc!r}") from exc
+        self.up = True
+        return result
+
+    def _rotate(self) -> None:
+        """The next endpoint for the next call (this one failed)."""
+        if len(self.cfg.endpoints) > 1:
+            old, self._client = self._client, None
+            self.current += 1
+            if old is not None:
+                asyncio.run_coroutine_threadsafe(old.close(), self.loop)
+
+    def read(self, key: str, prefix: bool = False, timeout: float | None = None
+             ) -> tuple[int, list[Kv]]:
+        """(the store's revision, the key, or every key under the prefix)."""
+        end = prefix_end(key).encode() if prefix else key.encode() + b"\0"
+
+        async def go(c: Any) -> tuple[int, list[Kv]]:
+            r = await c.get_range(key.encode(), end)
+            return int(r.header.revision), [_kv(kv) for kv in r.kvs]
+
+        return self._call(go, "read", timeout)
+
+    def watch(self, key: str, prefix: bool, start_revision: int,
+              on_event: Callable[[str, Kv], None],
+              on_end: Callable[[EtcdError], None]) -> Any:
+        """Every change to the key (or under the prefix) from start_revision
+        on, on the client's one stream: on_event(PUT or DELETE, kv) on the loop's
+        thread, then on_end once the watch ends (EtcdCompacted when its start
+        revision is gone; the stream's failure; not called when cancelled).
+        Returns a handle for cancel()."""
+        from aetcd.exceptions import RevisionCompactedError
+
+        async def go(c: Any) -> Any:
+            end = prefix_end(key).encode() if prefix else None
+            w = await c.watch(key.encode(), range_end=end, start_revision=start_revision)
+
+            async def pump() -> None:
+                try:
+                    async for ev in w:
+                        on_event(str(ev.kind), _kv(ev.kv))
+                except RevisionCompactedError as exc:
+                    on_end(EtcdCompacted(int(exc.compacted_revision)))
+                    return
+                except asyncio.CancelledError:
+                    return
+                except Exception as exc:
+                    on_end(EtcdError(f"etcd watch ended: {exc!r}"))
+                    return
+                if not cancelled.is_set():
+                    on_end(EtcdError("etcd watch: the stream ended"))
+
+            cancelled = asyncio.Event()
+            task = asyncio.get_running_loop().create_task(pump())
+            return (w, task, cancelled)
+
+        return self._call(go, "watch")
+
+    def cancel(self, handle: Any) -> None:
+        w, task, cancelled = handle
+
+        async def go(_c: Any) -> None:
+            cancelled.set()
+            try:
+                await w.cancel()
+            finally:
+                task.cancel()
+
+        try:
+            self._call(go, "cancel")
+        except EtcdError:
+            pass  # the stream is gone already, and the watch with it
+
+    def close(self) -> None:
+        """End the stream and the channel (every watch ends, on_end not called
+        for those cancelled first)."""
+        client, self._client = self._client, None
+        if client is not None:
+            fut = asyncio.run_coroutine_threadsafe(client.close(), self.loop)
+            try:
+                fut.result(5)
+            except Exception:
+                fut.cancel()
+
+
+def _kv(kv: Any) -> Kv:
+    return Kv(bytes(kv.key).decode(), bytes(kv.value), int(kv.mod_revision), int(kv.lease))
