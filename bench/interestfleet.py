@@ -3,8 +3,8 @@ watches only the records of its VMs and the counts of its tenants, on etcd's
 gRPC API (FleetSync's "interest" watch), and reads an arriving VM's record
 when it arrives.
 
-n real FleetSync agents (their threads, the real clients: gRPC for the
-watches and the arrival reads, the JSON gateway for writes and leases),
+n real FleetSync agents (their threads, the real client: etcd's gRPC API
+for the watches, the arrival reads, the writes and the leases),
 spread over PROCESSES processes (one Python process cannot keep 1,000 agents'
 leases alive: its threads share one GIL), each host VMS VMs; tenants spread
 over TENANT_HOSTS hosts each (VM j

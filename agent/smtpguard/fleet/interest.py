@@ -14,6 +14,7 @@ happened meanwhile; one whose revision was compacted away is read again.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,18 +23,23 @@ from smtpguard.fleet.etcd import EtcdCompacted, EtcdError, Kv
 from smtpguard.fleet.etcdgrpc import GrpcEtcd
 
 BACKOFF_MAX = 5.0
+HOLD = 60.0  # seconds an arrival's read is kept for the watch the agent asks next
 
 
 class Interest:
     def __init__(self, grpc: GrpcEtcd, on_kv: Callable[[Kv], None],
-                 log: Any = None) -> None:
+                 log: Any = None, on_delete: Callable[[Kv], None] | None = None,
+                 on_read: Callable[[str], None] | None = None) -> None:
         self.grpc = grpc
         self.on_kv = on_kv  # each PUT read or watched, on the reader's thread
+        self.on_delete = on_delete  # each DELETE watched (a lease's end, a removal)
+        self.on_read = on_read  # a key read whole (first watched, or compacted)
         self.log = log or logs.get()
         self.groups: dict[str, dict[str, bool]] = {}
         self.upto: dict[str, int] = {}  # key -> the revision it is known complete at
         self.active: dict[str, Any] = {}  # key -> its watch's handle
         self._live: dict[str, object] = {}  # key -> the token of its watch now
+        self._held: dict[str, float] = {}  # key read on arrival -> kept until (monotonic)
         self.reads = 0  # keys read (arrivals, first watches, compactions)
         self.events = 0  # changes delivered on the watches (this host's own included)
         self._lock = threading.RLock()
@@ -81,6 +87,9 @@ class Interest:
             self.reads += 1
             if key not in self.active:
                 self.upto[key] = max(self.upto.get(key, 0), rev)
+                # Not wanted yet (the agent asks for its watch next): kept
+                # from the pruning of keys no longer wanted meanwhile.
+                self._held[key] = time.monotonic() + HOLD
         return kvs
 
     # -- the thread ------------------------------------------------------------
@@ -115,7 +124,9 @@ class Interest:
             for k in [k for k in self.active if k not in want]:
                 drop.append(self.active.pop(k))
                 self._live.pop(k, None)
-            for k in [k for k in self.upto if k not in want]:
+            now = time.monotonic()
+            self._held = {k: t for k, t in self._held.items() if t > now and k not in want}
+            for k in [k for k in self.upto if k not in want and k not in self._held]:
                 del self.upto[k]
             todo = [(k, p) for k, p in want.items() if k not in self.active]
         for h in drop:
@@ -131,6 +142,8 @@ class Interest:
                     self.reads += 1
                 for kv in kvs:
                     self.on_kv(kv)
+                if self.on_read is not None:
+                    self.on_read(key)
                 start = rev
                 with self._lock:
                     self.upto[key] = max(self.upto.get(key, 0), rev)
@@ -154,8 +167,10 @@ class Interest:
                     return  # a cancelled watch's last events
                 self.upto[key] = max(self.upto.get(key, 0), kv.mod_revision)
                 self.events += 1
-            if kind == "PUT":  # gone with its lease: nothing to undo
+            if kind == "PUT":
                 self.on_kv(kv)
+            elif self.on_delete is not None:
+                self.on_delete(kv)
         return event
 
     def _ended(self, key: str, tok: object) -> Callable[[EtcdError], None]:

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from smtpguard.fleet.etcd import Etcd, EtcdCompacted, EtcdError, Kv
+from smtpguard.fleet.etcd import EtcdCompacted, EtcdError, Kv
 from smtpguard.policy.model import Fleet as FleetPolicy
 
 BACKOFF_MAX = 5.0
@@ -19,7 +19,7 @@ WATCH_IDLE = 30.0  # a watch stream with nothing for this long is resumed (a par
 
 class PrefixWatches:
     cfg: FleetPolicy
-    etcd: Etcd
+    etcd: Any  # etcd.Etcd (the gateway) here; FleetSync may hold a GrpcEtcd
     log: Any
     rev: int
     tenant_rev: int

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 
 from smtpguard import logs
 from smtpguard.fleet.etcd import Etcd, EtcdError, Kv
+from smtpguard.fleet.etcdgrpc import GrpcEtcd
 from smtpguard.fleet.interest import Interest
 from smtpguard.fleet.prefixwatch import PrefixWatches
 from smtpguard.fleet.record import FleetRecord
@@ -51,7 +52,6 @@ class FleetSync(PrefixWatches):
         # then each one published): written again whenever etcd lost them.
         self.own: dict[str, FleetRecord] = {r.vm: r for r in own}
         self.poll = poll
-        self.etcd = etcd or Etcd(cfg)
         self.log = logs.get(fleet_host=self.host)
         self.pending: dict[str, FleetRecord] = {}
         self.seen: dict[str, int] = {}  # key -> the mod_revision we last saw
@@ -61,6 +61,7 @@ class FleetSync(PrefixWatches):
         self.published = 0
         self.received = 0
         self._next_keepalive = 0.0
+        self._next_record_keepalive = 0.0
         # Tenant budgets: what this host counts per tenant (to publish), and
         # what every host last published, tenant -> host -> {attempts, vms, at}.
         self.tenant_out: dict[str, dict[str, object]] = {}
@@ -85,19 +86,26 @@ class FleetSync(PrefixWatches):
         # API (interest.py); "prefix": the whole prefix on the JSON gateway,
         # every change of the fleet (the design before, kept as the fallback
         # where aetcd/grpcio are missing).
+        # Everything (writes, leases, reads, watches) on one client: the gRPC
+        # one with interest, the gateway's in the fallback.
         self.interest: Interest | None = None
         self._watchers: list[threading.Thread] = []
         self.tenant_received: dict[str, int] = {}  # tenant -> counts received from others
+        self.etcd: Etcd | GrpcEtcd
         if watch == "interest":
-            from smtpguard.fleet.etcdgrpc import GrpcEtcd
-
-            self.interest = Interest(GrpcEtcd(cfg), self._on_kv, self.log)
+            grpc = etcd if isinstance(etcd, GrpcEtcd) else GrpcEtcd(cfg)
+            self.etcd = grpc
+            self.interest = Interest(grpc, self._on_kv, self.log, on_delete=self._on_delete,
+                                     on_read=self._on_read)
+            if cfg.policy_prefix is not None and policy is not None:
+                self.interest.set("policy", {cfg.policy_prefix + "/": True})
         else:
+            self.etcd = etcd or Etcd(cfg)
             self._watchers.append(threading.Thread(target=self._watch_records,
                                                    name="fleet-watch", daemon=True))
-        if cfg.policy_prefix is not None and policy is not None:
-            self._watchers.append(threading.Thread(target=self._watch_policy,
-                                                   name="fleet-watch-policy", daemon=True))
+            if cfg.policy_prefix is not None and policy is not None:
+                self._watchers.append(threading.Thread(target=self._watch_policy,
+                                                       name="fleet-watch-policy", daemon=True))
 
     def key(self, vm: str) -> str:
         return f"{self.cfg.prefix}/vms/{vm}"
@@ -157,12 +165,32 @@ class FleetSync(PrefixWatches):
 
     def _on_kv(self, kv: Kv) -> None:
         """A key read or watched for this host's interest."""
+        if self._is_policy(kv.key):
+            self._policy_changed()
+            return
         with self._read_lock:
             if kv.key.startswith(f"{self.cfg.prefix}/vms/"):
                 if kv.mod_revision > self.seen.get(kv.key, 0):
                     self._take(kv)
             elif kv.key.startswith(f"{self.cfg.prefix}/tenants/"):
                 self._tenant(kv)
+
+    def _on_delete(self, kv: Kv) -> None:
+        """A key gone (a record or count with its lease: nothing to undo; a
+        policy document removed: read the documents again)."""
+        if self._is_policy(kv.key):
+            self._policy_changed()
+
+    def _on_read(self, key: str) -> None:
+        if self._is_policy(key):
+            self._policy_changed()  # read whole: a removal may be among what it missed
+
+    def _is_policy(self, key: str) -> bool:
+        return self.cfg.policy_prefix is not None and key.startswith(self.cfg.policy_prefix + "/")
+
+    def _policy_changed(self) -> None:
+        self._policy_dirty = True
+        self._wake.set()
 
     def publish(self, rec: FleetRecord) -> None:
         with self._lock:
@@ -238,6 +266,7 @@ class FleetSync(PrefixWatches):
         self.rev = rev
         self.lease = lease
         self._next_keepalive = time.monotonic() + self.cfg.host_ttl / 3
+        self._next_record_keepalive = time.monotonic() + self.cfg.record_ttl / 3
         self.log.info("fleet.connected", revision=rev, records=len(kvs),
                       queued=self.queued(), prefix=self.cfg.prefix)
 
@@ -255,12 +284,24 @@ class FleetSync(PrefixWatches):
         return rec
 
     def _keepalive(self) -> None:
-        if time.monotonic() < self._next_keepalive:
-            return
-        if not self.etcd.keepalive(self.host_lease):
-            self.host_lease = self.etcd.grant(self.cfg.host_ttl)
-            self.etcd.put(f"{self.cfg.prefix}/hosts/{self.host}",
-                          json.dumps({"host": self.host, "since": time.time()}), self.host_lease)
+        """The presence lease every host_ttl/3; the records' (a day by default)
+        every record_ttl/3, and whenever the presence lease was gone (etcd
+        lost its leases, or we were away that long): at 10,000 hosts a
+        keepalive of both every 10 s would be 2,000 requests a second."""
+        now = time.monotonic()
+        records_due = now >= self._next_record_keepalive
+        if now >= self._next_keepalive:
+            if not self.etcd.keepalive(self.host_lease):
+                records_due = True
+                self.host_lease = self.etcd.grant(self.cfg.host_ttl)
+                self.etcd.put(f"{self.cfg.prefix}/hosts/{self.host}",
+                              json.dumps({"host": self.host, "since": time.time()}),
+                              self.host_lease)
+            self._next_keepalive = time.monotonic() + self.cfg.host_ttl / 3
+        if records_due:
+            self._keepalive_records()
+
+    def _keepalive_records(self) -> None:
         if not self.etcd.keepalive(self.lease):
             # Gone with our records (etcd lost it while we were away): they
             # are written again, from what this host holds.
@@ -270,7 +311,7 @@ class FleetSync(PrefixWatches):
                 for rec in self.own.values():
                     self.pending.setdefault(rec.vm, rec)
             self.log.warning("fleet.lease_renewed", queued=self.queued())
-        self._next_keepalive = time.monotonic() + self.cfg.host_ttl / 3
+        self._next_record_keepalive = time.monotonic() + self.cfg.record_ttl / 3
 
     def _publish(self) -> None:
         with self._lock:
@@ -352,8 +393,9 @@ class FleetSync(PrefixWatches):
     def _read(self) -> None:
         """What the watches would have brought, read instead while they do not
         stream (and everything after a compaction)."""
+        watched = self.interest.streaming if self.interest is not None else self.policy_watching
         if self.cfg.policy_prefix is not None and self.policy is not None and (
-                self._policy_dirty or not self.policy_watching):
+                self._policy_dirty or not watched):
             self._read_policy()
         if self.interest is not None or (self.watching and not self._resync):
             return  # interest.py resumes its watches itself
