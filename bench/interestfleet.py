@@ -4,27 +4,38 @@ gRPC API (FleetSync's "interest" watch), and reads an arriving VM's record
 when it arrives.
 
 n real FleetSync agents (their threads, the real client: etcd's gRPC API
-for the watches, the arrival reads, the writes and the leases),
-spread over PROCESSES processes (one Python process cannot keep 1,000 agents'
-leases alive: its threads share one GIL), each host VMS VMs; tenants spread
-over TENANT_HOSTS hosts each (VM j
-of host i belongs to tenant t<i // TENANT_HOSTS>-<j>: a tenant has one VM on
-each of TENANT_HOSTS hosts). Load: one VM state change a host every REPUBLISH
-seconds, and ACTIVE tenants a host with mail traffic, whose count each host
-publishes every SHARE seconds (a quiet tenant publishes nothing). The records
-are laid down in etcd before the agents start (100 a transaction), as a fleet
-that ran before has them.
+for the watches, the arrival reads, the writes and the leases), spread over
+PROCESSES processes (one Python process cannot keep 1,000 agents' leases
+alive: its threads share one GIL), each host VMS VMs; tenants spread over
+TENANT_HOSTS hosts each (VM j of host i belongs to tenant t<i // TENANT_HOSTS>-<j>:
+a tenant has one VM on each of TENANT_HOSTS hosts). Load: one VM state change
+a host every REPUBLISH seconds; ACTIVE tenants a host with steady mail
+traffic (a new connection every 5 s on each of its hosts: LEVEL in the
+hour's window, 14,400 over its 20 hosts, against a budget of BUDGET), whose
+count each host looks at every SHARE seconds and publishes by the agent's
+own rule (fleet.tenants.due). The records, and the counts as last published
+(at random times within the refresh), are laid down in etcd before the
+agents start, as a fleet that ran before has them.
 
-A migration: host A blocks a VM it runs (its record written); the VM moves
-to host B, which never ran it: the clock starts when B "sees its interface"
-and stops when B's arrival read has the block (FleetLink.arrive's read, the
-step before the interface is enforced). Then A's operator releases it: the
-clock runs until B has the release on its watch (A still watches the VM: it
-holds a decision for it).
+Three phases, one after the other, on the same agents:
+- idle: the load paused; etcd's cost of the agents being there (their
+  streams, keepalives, gRPC pings);
+- load: the load above, and the migrations. A migration: host A blocks a VM
+  it runs (its record written); the VM moves to host B, which never ran it:
+  the clock starts when B "sees its interface" and stops when B's arrival
+  read has the block (FleetLink.arrive's read, the step before the interface
+  is enforced). Then A's operator releases it: the clock runs until B has
+  the release on its watch (A still watches the VM: it holds a decision for
+  it);
+- rate: every host's load times RATE (VM changes, count looks, and the count
+  refresh shortened alike), so that etcd handles the writes and deliveries
+  of RATE times as many hosts (etcd's cost per write falls as the rate
+  grows: a linear projection from the load phase overstates it).
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import random
 import sys
@@ -36,20 +47,33 @@ from typing import Any
 from etcdserver import EtcdServer
 from smtpguard.fleet.record import FleetRecord
 from smtpguard.fleet.sync import FleetSync
+from smtpguard.fleet.tenants import REFRESH, STALE, due
 from smtpguard.policy.model import Fleet as FleetPolicy
 
 VMS = 50
 TENANT_HOSTS = 20
 ACTIVE = 1  # tenants with mail traffic, per host
 SHARE = 5.0  # tenant_budget.share_every's default
+LEVEL = 720  # an active tenant's count on a host: a connection every 5 s, an hour's window
+BUDGET = 50_000  # its budget an hour (its TENANT_HOSTS hosts together: 14,400)
 REPUBLISH = 5.0
 MIGRATIONS = 20
 WARMUP = 3.0
+IDLE = 8.0  # seconds of the idle phase
+RATE = 10  # the rate phase: each host's load times this
+RATE_SECONDS = 10.0
 TIMEOUT = 10.0
 
 
 def tenant(i: int, j: int) -> str:
     return f"t{i // TENANT_HOSTS}-{j}"
+
+
+def seeded(i: int, j: int, now: float) -> tuple[int, float]:
+    """Host i's count for its active tenant j as last published, and when
+    (within the refresh): the same in every process."""
+    rng = random.Random(i * 1000 + j)
+    return LEVEL + rng.randint(-20, 20), now - rng.uniform(0, REFRESH * SHARE)
 
 
 PROCESSES = 4  # the agents' processes, this one included (it runs the migrations)
@@ -70,6 +94,16 @@ class Slice:
         self.by_host = dict(zip(self.hosts, self.syncs, strict=True))
         self._stop = threading.Event()
         self._loader = threading.Thread(target=self._load, name="bench-load", daemon=True)
+        self.running = threading.Event()  # the load runs (paused in the idle phase)
+        self.scale = 1.0  # the load's rate, times
+        self.shared = 0  # counts published
+        # (host, tenant) -> [its count now, as last published, when]
+        self.counts: dict[tuple[str, str], list[float]] = {}
+        now = time.time()
+        for h in self.hosts:
+            for j in range(ACTIVE):
+                mine, at = seeded(int(h[4:]), j, now)
+                self.counts[(h, tenant(int(h[4:]), j))] = [mine, mine, at]
 
     def _incoming(self, rec: FleetRecord) -> None:
         if rec.reason == "bench: released" and rec.vm not in self.release_seen:
@@ -92,28 +126,71 @@ class Slice:
         return time.monotonic() - t0
 
     def go(self) -> None:
+        """The load starts, every count last published at a random time
+        within the refresh (steady state: refreshes spread evenly)."""
+        now = time.time()
+        for c in self.counts.values():
+            c[2] = now - random.uniform(0, REFRESH * SHARE)
+        self.running.set()
         self._loader.start()
 
+    def control(self, cmd: Any) -> None:
+        """("go",), ("pause",), ("resume",), ("scale", k)."""
+        if cmd[0] == "go":
+            self.go()
+        elif cmd[0] == "pause":
+            self.running.clear()
+        elif cmd[0] == "resume":
+            self.running.set()
+        elif cmd[0] == "scale":
+            self.scale = float(cmd[1])
+
     def _load(self) -> None:
-        """A VM state change every REPUBLISH s a host; ACTIVE tenants' counts
-        a host every SHARE s; spread evenly over this slice's hosts."""
+        """A VM state change every REPUBLISH s a host; a look at each active
+        tenant's count every SHARE s a host; spread evenly over this slice's
+        hosts, times `scale`."""
         m = len(self.hosts)
-        every = 1.0 / (m / REPUBLISH + m * ACTIVE / SHARE)
-        ratio = (m / REPUBLISH) / (m / REPUBLISH + m * ACTIVE / SHARE)
+        pairs = list(self.counts)
+        per_s = m / REPUBLISH + len(pairs) / SHARE
+        ratio = (m / REPUBLISH) / per_s
         nxt = time.monotonic()
         i = 0
         while not self._stop.is_set():
-            h = self.hosts[random.randrange(m)]
+            if not self.running.is_set():
+                self.running.wait(0.2)
+                nxt = time.monotonic()
+                continue
             if random.random() < ratio:
+                h = self.hosts[random.randrange(m)]
                 vm = self.vms[h][(i // m) % VMS]
                 self.by_host[h].publish(FleetRecord(vm, h, since=time.time(),
                                                     reason=f"load {i}"))
             else:
-                self.by_host[h].share_tenant(self.tenants(h)[(i // m) % ACTIVE],
-                                             {"attempts": i % 40, "vms": [h], "at": time.time()})
+                self._look(*pairs[random.randrange(len(pairs))])
             i += 1
-            nxt += every
+            nxt += 1.0 / (per_s * self.scale)
             self._stop.wait(max(0.0, nxt - time.monotonic()))
+
+    def _look(self, h: str, t: str) -> None:
+        """One look at host h's count for tenant t, as TenantBudgets.step does:
+        the count moves by one (a connection in, one out of the window), and
+        goes out by the agent's rule."""
+        c = self.counts[(h, t)]
+        c[0] = max(0, c[0] + random.choice((-1, 0, 1)))
+        now = time.time()
+        sync = self.by_host[h]
+        total, hosts = int(c[0]), 1
+        for host, other in sync.tenant_counts(t).items():
+            at = other.get("at")
+            if host != h and isinstance(at, (int, float)) and at >= now - STALE * SHARE:
+                n = other.get("attempts")
+                total += int(n) if isinstance(n, (int, float)) else 0
+                hosts += 1
+        if due(int(c[0]), int(c[1]), total, hosts, BUDGET, now - c[2],
+               REFRESH * SHARE / self.scale):
+            sync.share_tenant(t, {"attempts": int(c[0]), "vms": [f"{h}-vm0"], "at": now})
+            c[1], c[2] = c[0], now
+            self.shared += 1
 
     def sample(self) -> dict[str, float]:
         return {
@@ -123,11 +200,13 @@ class Slice:
             "errors": sum(sum(s.etcd.errors.values()) for s in self.syncs),
             "cpu": time.process_time(),
             "watches": sum(len(s.interest.active) for s in self.syncs if s.interest),
+            "shared": self.shared,
         }
 
     def stop(self) -> None:
         self._stop.set()
-        self._loader.join(5)
+        if self._loader.is_alive():
+            self._loader.join(5)
         for s in self.syncs:
             s.stop()
 
@@ -140,12 +219,15 @@ def serve(url: str, prefix: str, n: int, i0: int, i1: int, conn: Any) -> None:
     sl = Slice(url, prefix, n, i0, i1)
     try:
         conn.send(("ready", sl.start()))
-        sl.go()
         while True:
             cmd = conn.recv()
             if cmd == "stop":
                 break
-            conn.send(sl.sample())
+            if cmd == "sample":
+                conn.send(sl.sample())
+            else:
+                sl.control(cmd)
+                conn.send("ok")
     finally:
         sl.stop()
 
@@ -153,9 +235,9 @@ def serve(url: str, prefix: str, n: int, i0: int, i1: int, conn: Any) -> None:
 class Sample:
     def __init__(self, etcd: EtcdServer, parts: list[dict[str, float]]) -> None:
         self.t = time.monotonic()
+        self.etcd_cpu = etcd.cpu()  # first: etcd's /metrics page costs it CPU
         self.rev = etcd.revision()
         self.calls = etcd.calls()
-        self.etcd_cpu = etcd.cpu()
         total = {k: sum(p[k] for p in parts) for k in parts[0]}
         self.our_cpu = total["cpu"]
         self.events = total["events"]
@@ -163,6 +245,7 @@ class Sample:
         self.counts = total["counts"]
         self.errors = total["errors"]
         self.watches = total["watches"]
+        self.shared = total["shared"]
 
 
 class InterestFleet:
@@ -177,6 +260,13 @@ class InterestFleet:
         self.slices = list(zip(cuts[:-1], cuts[1:], strict=True))
         self.main: Slice | None = None
         self.workers: list[tuple[Any, Any]] = []
+
+    def _control(self, cmd: tuple[Any, ...]) -> None:
+        assert self.main is not None
+        self.main.control(cmd)
+        for _, conn in self.workers:
+            conn.send(cmd)
+            assert conn.recv() == "ok"
 
     def _sample(self) -> Sample:
         assert self.main is not None
@@ -193,6 +283,13 @@ class InterestFleet:
         self.etcd.put_many([(f"{self.prefix}/vms/{h}-vm{j}",
                              FleetRecord(f"{h}-vm{j}", h, since=now).to_json())
                             for h in self.hosts for j in range(VMS)])
+        counts = []
+        for i, h in enumerate(self.hosts):
+            for j in range(ACTIVE):
+                mine, at = seeded(i, j, now)
+                counts.append((f"{self.prefix}/tenants/{tenant(i, j)}/{h}",
+                               json.dumps({"attempts": mine, "vms": [f"{h}-vm0"], "at": at})))
+        self.etcd.put_many(counts)
         t0 = time.monotonic()
         ctx = mp.get_context("spawn")  # grpc does not survive a fork
         for i0, i1 in self.slices[:-1]:
@@ -208,8 +305,7 @@ class InterestFleet:
                 raise RuntimeError(f"a worker (pid {proc.pid}) was not watching in 300 s")
             what, _ = conn.recv()
             assert what == "ready", what
-        for s in [self.main]:
-            s.go()
+        self._control(("go",))  # every slice's load at once
         return time.monotonic() - t0
 
     def migrate(self, k: int) -> tuple[float, float | None]:
@@ -255,10 +351,20 @@ class InterestFleet:
             if proc.is_alive():
                 proc.kill()
 
+    def _phase(self, seconds: float) -> tuple[Sample, Sample]:
+        before = self._sample()
+        time.sleep(seconds)
+        return before, self._sample()
+
     def run(self) -> dict[str, Any]:
         try:
             connect = self.start()
             time.sleep(WARMUP)
+            self._control(("pause",))
+            time.sleep(1.0)  # what was under way lands
+            idle = self._phase(IDLE)
+            self._control(("resume",))
+            time.sleep(1.0)
             before = self._sample()
             arrivals: list[float] = []
             releases: list[float] = []
@@ -272,20 +378,26 @@ class InterestFleet:
                     releases.append(rel)
                 time.sleep(random.uniform(0.2, 0.7))
             after = self._sample()
+            self._control(("scale", RATE))
+            time.sleep(2.0)
+            rate = self._phase(RATE_SECONDS)
+            self._control(("scale", 1))
         finally:
             self.stop()
-        dt = after.t - before.t
-        ranges = after.calls.get("Range", 0) - before.calls.get("Range", 0)
-        return {
-            "n": self.n, "connect": connect, "seconds": dt,
-            "writes": (after.rev - before.rev) / dt,
-            "deliveries": (after.events - before.events) / dt,
-            "received": (after.received - before.received) / dt,
-            "counts": (after.counts - before.counts) / dt,
-            "ranges": ranges / dt,
-            "etcd_cpu": (after.etcd_cpu - before.etcd_cpu) / dt,
-            "our_cpu": (after.our_cpu - before.our_cpu) / dt,
-            "arrivals": arrivals, "releases": releases, "missing": missing,
-            "errors": after.errors - before.errors,
-            "watches": int(after.watches),
-        }
+        out = {"n": self.n, "connect": connect, "arrivals": arrivals,
+               "releases": releases, "missing": missing,
+               "errors": after.errors - before.errors, "watches": int(after.watches),
+               "ranges": (after.calls.get("Range", 0) - before.calls.get("Range", 0))
+               / (after.t - before.t)}
+        for name, (a, b) in {"idle": idle, "load": (before, after), "rate": rate}.items():
+            dt = b.t - a.t
+            out[name] = {
+                "seconds": dt,
+                "writes": (b.rev - a.rev) / dt,
+                "deliveries": (b.events - a.events) / dt,
+                "counts": (b.counts - a.counts) / dt,
+                "shared": (b.shared - a.shared) / dt,
+                "etcd_cpu": (b.etcd_cpu - a.etcd_cpu) / dt,
+                "our_cpu": (b.our_cpu - a.our_cpu) / dt,
+            }
+        return out

@@ -3,14 +3,23 @@ fleet.tenant_budget): new SMTP connections that all of a tenant's VMs open,
 on every host, within a window.
 
 Each host counts its own VMs of each tenant (the detector's windows) and
-publishes that count every `share_every` while it is not 0 (one small write
-per tenant with traffic, per host: a bounded write rate), under its presence
-lease, so a dead host's counts go with it. A host watches only the counts of
-the tenants it hosts (FleetLink's interest), so a count reaches the tenant's
-other hosts, not the fleet. Every host adds up the fresh counts; past the
-budget, each of the tenant's VMs on this host is throttled (or flagged), and
-the reason names the figure, the hosts and the VMs, so each VM's incident
-tells the whole story. An operator's release (immunity) is respected.
+looks at the count every `share_every`. It publishes the count (one small
+write, under its presence lease, so a dead host's counts go with it) when
+the tenant first has traffic here, when the count has moved since it last
+went out by a share of what is left of the budget (`step`: half the
+headroom, split over the tenant's hosts; 1 near the budget), once every
+REFRESH share_every while it is not 0, and once as 0 when the traffic or
+the tenant's last VM here is gone. Far below the budget a host with steady
+traffic writes once a minute (share_every 5 s), not every 5 s; near it,
+every change goes out. Whenever the tenant's real total reaches the budget,
+at least one host's sum does (what the hosts have not published is less than
+half the smallest headroom any of them sees), and each host that sees it
+acts. A host watches only the counts of the tenants it hosts (FleetLink's
+interest), so a count reaches the tenant's other hosts, not the fleet. Every
+host adds up the fresh counts; past the budget, each of the tenant's VMs on
+this host is throttled (or flagged), and the reason names the figure, the
+hosts and the VMs, so each VM's incident tells the whole story. An
+operator's release (immunity) is respected.
 """
 
 from __future__ import annotations
@@ -25,7 +34,26 @@ from smtpguard.inventory.vmiface import VmIface
 from smtpguard.policy.model import TenantBudget
 from smtpguard.policy.units import format_duration
 
-STALE = 3  # a host's count older than this many share_every is not added
+REFRESH = 12  # an unchanged count goes out again after this many share_every
+STALE = 3 * REFRESH  # a host's count older than this many share_every is not added
+
+
+def step(at_most: int, total: int, hosts: int) -> int:
+    """How far a host's count may move before it goes out: half of what is
+    left of the budget, split over the tenant's hosts (1 near or past it)."""
+    return max(1, (at_most - total) // (2 * max(hosts, 1)))
+
+
+def due(mine: int, sent: int | None, total: int, hosts: int, at_most: int,
+        age: float, refresh: float) -> bool:
+    """Whether this host's count for a tenant goes out now: `sent` is the
+    count it last published (None: never), `age` the seconds since, `total`
+    and `hosts` the tenant's sum and hosts as this host sees them."""
+    if sent is None:
+        return mine > 0  # its first traffic here
+    if mine == sent:
+        return mine > 0 and age >= refresh  # fresh, for the others' sums
+    return mine == 0 or age >= refresh or abs(mine - sent) >= step(at_most, total, hosts)
 
 
 class TenantBudgets:
@@ -35,7 +63,8 @@ class TenantBudgets:
         self.detector = detector
         self.log = logs.get()
         self._next = 0.0
-        self._active: set[str] = set()  # tenants whose last count here was not 0
+        self._sent: dict[str, tuple[int, float]] = {}  # tenant -> (count published, when)
+        self.shared = 0  # counts published
 
     def step(self, ifaces: Mapping[int, VmIface]) -> None:
         """On the agent's loop; acts at most every share_every."""
@@ -50,18 +79,13 @@ class TenantBudgets:
         for v in ifaces.values():
             if v.tenant:
                 local.setdefault(v.tenant, {}).setdefault(v.vm, []).append(v.ifname)
+        for tenant in [t for t in self._sent if t not in local]:
+            # The tenant's last VM here went: its count goes out as 0, once.
+            if self._sent.pop(tenant)[0]:
+                self._share(tenant, 0, [], now)
         for tenant, vms in local.items():
             mine = sum(self.detector.windows.value(vm, "attempts", b.window, mono_now)
                        for vm in vms)
-            # Only a tenant with activity here is published (and once more
-            # when it ends): a quiet tenant costs its hosts nothing.
-            if mine or tenant in self._active:
-                self.sync.share_tenant(tenant, {"attempts": mine, "vms": sorted(vms),
-                                                "at": now})
-            if mine:
-                self._active.add(tenant)
-            else:
-                self._active.discard(tenant)
             total, hosts, all_vms = mine, [self.sync.host], set(vms)
             for host, c in self.sync.tenant_counts(tenant).items():
                 at = c.get("at")
@@ -73,8 +97,17 @@ class TenantBudgets:
                 hosts.append(host)
                 vlist = c.get("vms")
                 all_vms |= set(vlist) if isinstance(vlist, list) else set()
+            sent, when = self._sent.get(tenant, (None, 0.0))
+            if due(mine, sent, total, len(hosts), b.at_most, now - when,
+                   REFRESH * b.share_every):
+                self._share(tenant, mine, sorted(vms), now)
             if total >= b.at_most:
                 self._act(tenant, vms, total, sorted(hosts), sorted(all_vms), now)
+
+    def _share(self, tenant: str, mine: int, vms: list[str], now: float) -> None:
+        self.sync.share_tenant(tenant, {"attempts": mine, "vms": vms, "at": now})
+        self._sent[tenant] = (mine, now)
+        self.shared += 1
 
     def _act(self, tenant: str, vms: dict[str, list[str]], total: int, hosts: list[str],
              all_vms: list[str], now: float) -> None:

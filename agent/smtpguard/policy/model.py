@@ -176,7 +176,7 @@ class TenantBudget(Strict):
     at_most: int = Field(ge=1)
     action: Literal["throttle", "flag"] = "throttle"
     duration: Duration = 3600.0
-    share_every: Duration = 5.0  # how often a host publishes its counts (the write rate)
+    share_every: Duration = 5.0  # how often a host looks at its counts (fleet/tenants.py)
 
 
 class FleetTls(Strict):
