@@ -8,6 +8,7 @@ exactly the records of its VMs."""
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -44,10 +45,15 @@ class Host:
     records of `vms` (the VMs it runs) and the counts of `tenants`."""
 
     def __init__(self, kit: EtcdKit, name: str, vms: tuple[str, ...] = (),
-                 tenants: tuple[str, ...] = ()) -> None:
+                 tenants: tuple[str, ...] = (), watch: str = "interest",
+                 policy_prefix: str | None = None) -> None:
         self.got: list[FleetRecord] = []
-        cfg = FleetPolicy(endpoints=(kit.url,), prefix=kit.prefix, host=name)
-        self.sync = FleetSync(cfg, self.got.append, [], host=name)
+        self.docs: list[tuple[list[tuple[str, str]], int]] = []  # the policy's, as handed on
+        cfg = FleetPolicy(endpoints=(kit.url,), prefix=kit.prefix, host=name,
+                          policy_prefix=policy_prefix)
+        self.sync = FleetSync(cfg, self.got.append, [], host=name, watch=watch,
+                              policy=(lambda d, r: self.docs.append((d, r)))
+                              if policy_prefix else None)
         self.sync.want(vms, tenants)
         self.sync.start()
 
@@ -224,3 +230,42 @@ def test_after_a_restart_and_a_compaction_each_host_has_exactly_its_records(
     finally:
         for h in (w, a, b):
             h.sync.stop()
+
+
+def test_the_policy_prefix_is_one_more_watch_on_the_stream(kit: EtcdKit) -> None:
+    """fleet.policy_prefix on the interest stream: a document put, changed or
+    deleted (etcdctl's way) is handed on with the others, at its revision."""
+    pp = f"{kit.prefix}/policy"
+    h = Host(kit, "hostP", policy_prefix=pp)
+    try:
+        wait(lambda: h.sync.streaming and h.docs)
+        assert h.docs[-1][0] == []
+        rev1 = kit.put(f"{pp}/10-a.yaml", "classes: {}")
+        wait(lambda: h.docs[-1][1] == rev1)
+        rev2 = kit.put(f"{pp}/20-b.yaml", "version: 1")
+        wait(lambda: h.docs[-1][1] == rev2)
+        assert [n for n, _ in h.docs[-1][0]] == [f"etcd:{pp}/10-a.yaml", f"etcd:{pp}/20-b.yaml"]
+        kit._post("/kv/deleterange", {"key": base64.b64encode(f"{pp}/10-a.yaml".encode())
+                                      .decode()})
+        wait(lambda: [n for n, _ in h.docs[-1][0]] == [f"etcd:{pp}/20-b.yaml"])
+        assert h.sync.etcd.errors == {}
+    finally:
+        h.sync.stop()
+
+
+def test_without_the_grpc_client_the_gateways_prefix_watch_still_serves(
+        kit: EtcdKit) -> None:
+    """The fallback (no aetcd): the JSON gateway's watch of the whole prefix;
+    every change of the fleet arrives, the VMs a host runs among them."""
+    a = Host(kit, "hostA")
+    b = Host(kit, "hostB", vms=("vm1",), watch="prefix")
+    try:
+        wait(lambda: a.sync.lease and b.sync.streaming)
+        assert b.sync.interest is None
+        a.sync.publish(FleetRecord("vm1", "hostA", state="blocked", since=time.time()))
+        a.sync.publish(FleetRecord("vm9", "hostA", state="flagged", since=time.time()))
+        b.has("vm1", state="blocked")
+        b.has("vm9", state="flagged")  # not one it runs: the broadcast it falls back to
+    finally:
+        a.sync.stop()
+        b.sync.stop()
