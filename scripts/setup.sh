@@ -103,13 +103,14 @@ venv() {
 		die "the venv cannot import bcc/nftables (Debian python3-bpfcc, python3-nftables)"
 }
 
-# Prometheus, etcd, Open vSwitch and Vagrant for the tests only. The
+# Prometheus, etcd, Open vSwitch, Vagrant and openssl for the tests only. The
 # Prometheus, etcd and Open vSwitch packages would start servers (:9090, :2379,
 # ovsdb-server and ovs-vswitchd), so service starts are refused while they
 # install; the tests start their own on loopback or a private socket.
 test_packages() {
 	local missing=() p
 	installed vagrant || apt_install vagrant
+	installed openssl || apt_install openssl # the fleet's TLS test makes its certificates
 	for p in prometheus etcd-server openvswitch-switch; do installed "$p" || missing+=("$p"); done
 	[ "${#missing[@]}" -gt 0 ] || return 0
 	need_root "installing ${missing[*]}"
