@@ -9,14 +9,16 @@ in the other hosts' (the agent applies those on its own loop).
 Writes are compare-and-swap on the key's mod_revision: a host only replaces
 the record it last saw, so two hosts that decided about one VM while apart
 (a partition, etcd down) are resolved by record.FleetRecord's rule, never by
-who reconnects first. Changes come in on a watch of the prefix (and one of
-fleet.policy_prefix), resumed from the last revision seen whenever the stream
-ends (etcd restarted, a partition, WATCH_IDLE seconds without a change): etcd
-replays what happened since, and a full read follows only when that revision
-was compacted. While no watch streams, the thread polls the range from the
-last revision instead, as a revisioned read survives what a stream does not.
-While etcd is unreachable nothing here blocks the agent: decisions wait in
-`pending` (one per VM, the latest) and go out when it is back.
+who reconnects first. Changes come in on the watches of what concerns this
+host (interest.py, on etcd's gRPC API: the keys of its VMs, the prefixes of
+its tenants and of fleet.policy_prefix, all on one stream), each resumed
+from the last revision it knew whenever the stream ends, and read again
+when that revision was compacted; the writes and leases go on the same gRPC
+client. Without aetcd (watch="prefix", prefixwatch.py) the design before
+stays: one watch of the whole prefix on the JSON gateway, polled from the
+last revision while it does not stream. While etcd is unreachable nothing
+here blocks the agent: decisions wait in `pending` (one per VM, the latest)
+and go out when it is back.
 """
 
 from __future__ import annotations
@@ -83,11 +85,9 @@ class FleetSync(PrefixWatches):
         self._policy_rev = 0  # the store's revision at the last policy read
         self._read_lock = threading.Lock()  # records and revisions, from both threads
         # "interest": the keys of this host's VMs and tenants, on etcd's gRPC
-        # API (interest.py); "prefix": the whole prefix on the JSON gateway,
-        # every change of the fleet (the design before, kept as the fallback
-        # where aetcd/grpcio are missing).
-        # Everything (writes, leases, reads, watches) on one client: the gRPC
-        # one with interest, the gateway's in the fallback.
+        # API (interest.py), with the writes, leases and reads on the same
+        # client; "prefix": the whole prefix on the JSON gateway, every change
+        # of the fleet (the design before, the fallback without aetcd).
         self.interest: Interest | None = None
         self._watchers: list[threading.Thread] = []
         self.tenant_received: dict[str, int] = {}  # tenant -> counts received from others
