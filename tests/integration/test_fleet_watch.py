@@ -269,3 +269,30 @@ def test_without_the_grpc_client_the_gateways_prefix_watch_still_serves(
     finally:
         a.sync.stop()
         b.sync.stop()
+
+
+def test_leases_lost_in_etcd_are_granted_again_and_the_records_rewritten(
+        kit: EtcdKit) -> None:
+    """Both of a host's leases revoked in etcd (as a restore from an old backup
+    or an operator's mistake would lose them): its records and presence go with
+    them; at its next keepalive (on the gRPC stream) the host takes new leases
+    and writes what it holds again."""
+    cfg = FleetPolicy(endpoints=(kit.url,), prefix=kit.prefix, host="hostL", host_ttl=3.0)
+    sync = FleetSync(cfg, lambda r: None, [], host="hostL")
+    try:
+        sync.start()
+        wait(lambda: sync.lease)
+        sync.publish(FleetRecord("vm1", "hostL", state="blocked", since=time.time(),
+                                 reason="spam"))
+        wait(lambda: kit.get(f"{kit.prefix}/vms/vm1"))
+        old = (sync.lease, sync.host_lease)
+        for lease in old:
+            kit._post("/lease/revoke", {"ID": lease})
+        assert kit.get(f"{kit.prefix}/vms/vm1") is None
+        wait(lambda: (sync.lease, sync.host_lease) != old and sync.lease not in old
+             and sync.host_lease not in old)
+        rec = wait(lambda: kit.get(f"{kit.prefix}/vms/vm1"))
+        assert rec["state"] == "blocked" and rec["reason"] == "spam"
+        assert wait(lambda: kit.get(f"{kit.prefix}/hosts/hostL"))
+    finally:
+        sync.stop()
