@@ -25,9 +25,14 @@ from smtpguard.policy.model import Fleet as FleetPolicy
 
 T = TypeVar("T")
 # A partition shows within ~15 s (gRPC's own keepalive; etcd accepts a ping
-# every 5 s at the least, --grpc-keepalive-min-time).
+# every 5 s at the least, --grpc-keepalive-min-time). A lost connection is
+# tried again at most 5 s apart, as the fleet thread retries: gRPC's own
+# backoff grows to 2 min, so after a minute's outage the channel stayed
+# away for another 15 to 40 s after etcd was back.
 CHANNEL = {"grpc.keepalive_time_ms": 10_000, "grpc.keepalive_timeout_ms": 5_000,
-           "grpc.keepalive_permit_without_calls": 1}
+           "grpc.keepalive_permit_without_calls": 1,
+           "grpc.initial_reconnect_backoff_ms": 500, "grpc.min_reconnect_backoff_ms": 500,
+           "grpc.max_reconnect_backoff_ms": 5_000}
 
 _loop: asyncio.AbstractEventLoop | None = None
 _loop_lock = threading.Lock()
