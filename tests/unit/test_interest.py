@@ -102,8 +102,8 @@ class FakeEtcd:
         if self.down:
             raise EtcdError(f"etcd {what}: connection refused")
 
-    def read(self, key: str, prefix: bool = False, timeout: float | None = None
-             ) -> tuple[int, list[Kv]]:
+    def read(self, key: str, prefix: bool = False, timeout: float | None = None,
+             wait: bool = False) -> tuple[int, list[Kv]]:
         self._call("read")
         if key in self.failing:
             raise EtcdError("etcd read: timed out")

@@ -26,13 +26,14 @@ from smtpguard.policy.model import Fleet as FleetPolicy
 T = TypeVar("T")
 # A partition shows within ~15 s (gRPC's own keepalive; etcd accepts a ping
 # every 5 s at the least, --grpc-keepalive-min-time). A lost connection is
-# tried again at most 5 s apart, as the fleet thread retries: gRPC's own
-# backoff grows to 2 min, so after a minute's outage the channel stayed
-# away for another 15 to 40 s after etcd was back.
+# tried again at most a second apart: gRPC's own backoff grows to 2 min, so
+# after a minute's outage the channel stayed away for another 15 to 40 s
+# after etcd was back, and a VM arriving then was not read (a refused
+# connection costs etcd nothing; a fleet reconnects within a second of it).
 CHANNEL = {"grpc.keepalive_time_ms": 10_000, "grpc.keepalive_timeout_ms": 5_000,
            "grpc.keepalive_permit_without_calls": 1,
            "grpc.initial_reconnect_backoff_ms": 500, "grpc.min_reconnect_backoff_ms": 500,
-           "grpc.max_reconnect_backoff_ms": 5_000}
+           "grpc.max_reconnect_backoff_ms": 1_000}
 
 _loop: asyncio.AbstractEventLoop | None = None
 _loop_lock = threading.Lock()
@@ -147,13 +148,19 @@ class GrpcEtcd:
             if old is not None:
                 asyncio.run_coroutine_threadsafe(old.close(), self.loop)
 
-    def read(self, key: str, prefix: bool = False, timeout: float | None = None
-             ) -> tuple[int, list[Kv]]:
-        """(the store's revision, the key, or every key under the prefix)."""
+    def read(self, key: str, prefix: bool = False, timeout: float | None = None,
+             wait: bool = False) -> tuple[int, list[Kv]]:
+        """(the store's revision, the key, or every key under the prefix).
+        wait: while the channel is reconnecting, wait for it (within the
+        timeout) rather than fail at once."""
+        from aetcd import rpc
+
         end = prefix_end(key).encode() if prefix else key.encode() + b"\0"
+        deadline = timeout if timeout is not None else self.cfg.timeout
 
         async def go(c: Any) -> tuple[int, list[Kv]]:
-            r = await c.get_range(key.encode(), end)
+            r = await c.kvstub.Range(rpc.RangeRequest(key=key.encode(), range_end=end),
+                                     timeout=deadline, wait_for_ready=wait)
             return int(r.header.revision), [_kv(kv) for kv in r.kvs]
 
         return self._call(go, "read", timeout)

@@ -82,7 +82,7 @@ class Interest:
 
     def read_now(self, key: str, timeout: float) -> list[Kv]:
         """The key read now (an arriving VM's record); its watch starts after."""
-        rev, kvs = self.grpc.read(key, timeout=timeout)
+        rev, kvs = self.grpc.read(key, timeout=timeout, wait=True)
         with self._lock:
             self.reads += 1
             if key not in self.active:

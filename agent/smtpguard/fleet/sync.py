@@ -39,6 +39,7 @@ from smtpguard.policy.model import Fleet as FleetPolicy
 
 POLL = 0.5  # seconds between passes (publish, keep alive; read only while no watch streams)
 BACKOFF_MAX = 5.0
+FETCH_RETRY = 1.0  # seconds without an arrival read after one failed
 
 
 class FleetSync(PrefixWatches):
@@ -64,6 +65,7 @@ class FleetSync(PrefixWatches):
         self.received = 0
         self._next_keepalive = 0.0
         self._next_record_keepalive = 0.0
+        self._fetch_retry = 0.0  # no arrival read before (monotonic): one just failed
         # Tenant budgets: what this host counts per tenant (to publish), and
         # what every host last published, tenant -> host -> {attempts, vms, at}.
         self.tenant_out: dict[str, dict[str, object]] = {}
@@ -145,11 +147,20 @@ class FleetSync(PrefixWatches):
 
     def fetch(self, vm: str, timeout: float) -> FleetRecord | None:
         """A VM's record read now (it arrives here: before its first SYN), or
-        None (none in etcd, etcd away, or the prefix's watch brought it)."""
-        if self.interest is None or not self.etcd.up:
+        None (none in etcd, or the prefix's watch brought it). Tried also
+        while etcd seemed away (it may just be back), but after a failure
+        not again for FETCH_RETRY seconds: VMs arriving during an outage do
+        not each wait out the timeout on the agent's loop. EtcdError: not read."""
+        if self.interest is None:
             return None
+        if time.monotonic() < self._fetch_retry:
+            raise EtcdError("etcd read: unreachable a moment ago")
         key = self.key(vm)
-        kvs = self.interest.read_now(key, timeout)
+        try:
+            kvs = self.interest.read_now(key, timeout)
+        except EtcdError:
+            self._fetch_retry = time.monotonic() + FETCH_RETRY
+            raise
         if not kvs:
             return None
         kv = kvs[0]
