@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
-import signal
 import ssl
 import subprocess
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fleetkit import _free_ports
+from fleetkit import _free_ports, stop_process, wait
 
 from conftest import require_root, unique
 from smtpguard.fleet.record import FleetRecord
@@ -126,13 +125,7 @@ class TlsEtcd:
             return False
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
         self.proc = None
 
     def log(self) -> str:
@@ -159,16 +152,6 @@ class Host:
             return rec if ok else None
         rec: FleetRecord = wait(last, timeout)
         return rec
-
-
-def wait(fn: Callable[[], Any], timeout: float = 15) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = fn()
-        if v:
-            return v
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 @pytest.fixture

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from fleetkit import EtcdKit
+from fleetkit import EtcdKit, wait
 
 from conftest import require_root, unique
 from smtpguard.fleet.record import FleetRecord
@@ -67,16 +67,6 @@ class Host:
             ok = rec is not None and all(getattr(rec, k) == v for k, v in want.items())
             return rec if ok else None
         return wait(last, timeout)
-
-
-def wait(fn: Callable[[], Any], timeout: float = 15) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = fn()
-        if v:
-            return v
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def test_changes_arrive_on_the_watch_and_idle_hosts_send_no_reads(kit: EtcdKit) -> None:
