@@ -389,7 +389,11 @@ class FleetSync(PrefixWatches):
         mod_revision among them (or the store's, after a deletion)."""
         assert self.cfg.policy_prefix is not None and self.policy is not None
         self._policy_dirty = False  # before the read: an event during it reads again
-        rev, kvs = self.etcd.range(self.cfg.policy_prefix + "/")
+        try:
+            rev, kvs = self.etcd.range(self.cfg.policy_prefix + "/")
+        except EtcdError:
+            self._policy_dirty = True  # the next pass reads again
+            raise
         self._policy_rev = max(self._policy_rev, rev)
         seen = tuple(sorted((kv.key, kv.mod_revision) for kv in kvs))
         if seen == self._policy_seen:
@@ -404,7 +408,10 @@ class FleetSync(PrefixWatches):
     def _read(self) -> None:
         """What the watches would have brought, read instead while they do not
         stream (and everything after a compaction)."""
-        watched = self.interest.streaming if self.interest is not None else self.policy_watching
+        # With interest the policy prefix's watch replays what it missed (and a
+        # compaction reads it whole, _on_read): read only when told. The
+        # gateway's watch: also while it does not stream.
+        watched = self.interest is not None or self.policy_watching
         if self.cfg.policy_prefix is not None and self.policy is not None and (
                 self._policy_dirty or not watched):
             self._read_policy()
